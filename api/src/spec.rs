@@ -1,0 +1,559 @@
+//! `BalancedService` spec: what a user asks for.
+//!
+//! Every field carries a doc comment: they become the CRD's descriptions and so the
+//! `kubectl explain balancedservice.spec...` text. Defaults live in `#[serde(default)]`
+//! functions so the API server (through the generated schema) and the operator (through
+//! serde) agree on them.
+
+use k8s_openapi::api::core::v1::{PodTemplateSpec, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use crate::status::BalancedServiceStatus;
+
+/// A Service whose rollouts lose no request and whose load is balanced per request.
+///
+/// The operator turns it into the app Deployment (with drain-gated termination), a
+/// headless backends Service, the bundled endpoint-aware proxy, the front Service that
+/// clients use, and PodDisruptionBudgets.
+// Each printcolumn(...) repeats the same keys, which clippy mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "ballast.dev",
+    version = "v1alpha1",
+    kind = "BalancedService",
+    plural = "balancedservices",
+    namespaced,
+    shortname = "bsvc",
+    category = "ballast",
+    status = "BalancedServiceStatus",
+    derive = "PartialEq",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.ready",
+        description = "Available app pods / desired"
+    ),
+    printcolumn(
+        name = "Up-To-Date",
+        type_ = "integer",
+        json_path = ".status.updatedReplicas",
+        description = "App pods running the newest revision"
+    ),
+    printcolumn(
+        name = "Revision",
+        type_ = "string",
+        json_path = ".status.updateRevision",
+        description = "Revision being rolled out (equal to the current one when settled)"
+    ),
+    printcolumn(
+        name = "Balance",
+        type_ = "string",
+        json_path = ".status.balance.maxOverMean",
+        description = "Busiest pod's request rate over the mean (1.00 is perfect)"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Summary of the Available/Progressing/Degraded conditions"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BalancedServiceSpec {
+    /// Desired number of app pods. Also the target of `kubectl scale` and of a
+    /// HorizontalPodAutoscaler (scale subresource).
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub replicas: i32,
+
+    /// The app's pod template: your containers, volumes and pod settings, as in a
+    /// Deployment. ballast adds probes (when a container has none), the drain gate
+    /// (preStop hook), a readiness gate and labels; everything else is kept as written.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "has(self.spec) && size(self.spec.containers) > 0",
+            "message": "template.spec.containers must list at least one container",
+        },
+    ]))]
+    pub template: PodTemplateSpec,
+
+    /// Ports the app serves. Each becomes a port of the front Service `<name>` (served by
+    /// the proxies) and of the headless backends Service `<name>-backends`.
+    #[schemars(length(min = 1, max = 16))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.all(p, self.filter(q, q.name == p.name).size() == 1)",
+            "message": "port names must be unique",
+        },
+        {
+            "rule": "self.all(p, self.filter(q, q.port == p.port).size() == 1)",
+            "message": "port numbers must be unique",
+        },
+    ]))]
+    pub ports: Vec<BalancedPort>,
+
+    /// How to probe the app when a container declares no probes of its own: ballast then
+    /// generates a fast readiness probe and a startup probe covering slow starts.
+    #[serde(default)]
+    pub probes: ProbeSpec,
+
+    /// How a new revision replaces the old one.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+
+    /// Voluntary-disruption budget for the app pods (node drains, cluster upgrades).
+    #[serde(default)]
+    pub disruption: DisruptionSpec,
+
+    /// How the proxies spread requests over the app pods.
+    #[serde(default)]
+    pub balancing: BalancingSpec,
+
+    /// The bundled proxy that clients reach through the front Service.
+    #[serde(default)]
+    pub proxy: ProxySpec,
+}
+
+/// One port the app serves.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BalancedPort {
+    /// Port name (an IANA service name: lowercase letters, digits and '-', at most 15
+    /// characters). The proxies pick the backend port by this name.
+    #[schemars(
+        length(min = 1, max = 15),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+
+    /// Port number clients use on the front Service.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// Container port (number or container port name) the app listens on.
+    /// Defaults to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "string(self).matches('^[0-9]+$') ? (int(string(self)) >= 1 && int(string(self)) <= 65535) : string(self).matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+            "message": "targetPort must be a number from 1 to 65535 or a port name",
+        },
+    ]))]
+    pub target_port: Option<IntOrString>,
+
+    /// Protocol spoken on this port: `http` (HTTP/1.1, upgraded to WebSocket when asked),
+    /// `h2c` (HTTP/2 without TLS) or `grpc`. The proxies talk to the pods in this protocol.
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
+}
+
+/// Application protocol of a port.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 (and upgrades such as WebSocket).
+    #[default]
+    Http,
+    /// HTTP/2 over cleartext with prior knowledge.
+    H2c,
+    /// gRPC (HTTP/2 with trailers).
+    Grpc,
+}
+
+/// Probe settings used to generate probes for containers that declare none.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProbeSpec {
+    /// HTTP path answered with a 2xx/3xx status when the app can serve traffic.
+    /// Ignored for gRPC ports, which use the standard gRPC health-checking protocol.
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/"))]
+    pub path: String,
+
+    /// Container port (number or name) to probe. Defaults to the first entry of `ports`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "string(self).matches('^[0-9]+$') ? (int(string(self)) >= 1 && int(string(self)) <= 65535) : string(self).matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+            "message": "port must be a number from 1 to 65535 or a port name",
+        },
+    ]))]
+    pub port: Option<IntOrString>,
+
+    /// `HTTP` or `HTTPS`.
+    pub scheme: ProbeScheme,
+
+    /// Seconds between readiness probes. Short, so a pod is routable soon after it is
+    /// ready and rollouts move quickly.
+    #[schemars(range(min = 1, max = 60))]
+    pub period_seconds: i32,
+
+    /// Seconds after which a probe counts as failed.
+    #[schemars(range(min = 1, max = 60))]
+    pub timeout_seconds: i32,
+
+    /// Consecutive failed readiness probes before the pod is marked unready.
+    #[schemars(range(min = 1, max = 30))]
+    pub failure_threshold: i32,
+
+    /// Longest time, in seconds, the app may take to start. Covered by a startup probe so
+    /// the readiness probe can stay fast without killing slow starters.
+    #[schemars(range(min = 1, max = 3600))]
+    pub startup_budget_seconds: i32,
+}
+
+/// Scheme of an HTTP probe.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ProbeScheme {
+    /// Plain HTTP.
+    #[default]
+    Http,
+    /// HTTPS, certificate not verified (as kubelet does).
+    Https,
+}
+
+/// How a new revision replaces the old one.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!(string(self.maxSurge) in ['0', '0%'] && string(self.maxUnavailable) in ['0', '0%'])",
+        "message": "maxSurge and maxUnavailable cannot both be zero: the rollout could never make progress",
+    },
+    {
+        "rule": "self.progressDeadlineSeconds > self.minReadySeconds",
+        "message": "progressDeadlineSeconds must be greater than minReadySeconds",
+    },
+]))]
+pub struct RolloutSpec {
+    /// Pods created above `replicas` during a rollout: a number or a percentage ("25%").
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "string(self).matches('^[0-9]+%?$')",
+            "message": "maxSurge must be a non-negative number or a percentage such as '25%'",
+        },
+    ]))]
+    pub max_surge: IntOrString,
+
+    /// Pods that may be unavailable during a rollout: a number or a percentage. The default
+    /// 0 keeps full capacity: an old pod goes only once its replacement is routable.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "string(self).matches('^[0-9]+%?$')",
+            "message": "maxUnavailable must be a non-negative number or a percentage such as '10%'",
+        },
+    ]))]
+    pub max_unavailable: IntOrString,
+
+    /// Seconds a new pod must be ready before it counts as available.
+    #[schemars(range(min = 0, max = 3600))]
+    pub min_ready_seconds: i32,
+
+    /// Seconds a rollout may go without progress before it is reported as failed
+    /// (`Degraded`, reason `ProgressDeadlineExceeded`).
+    #[schemars(range(min = 1, max = 86400))]
+    pub progress_deadline_seconds: i32,
+
+    /// Longest time, in seconds, a terminating pod waits for the proxies to report no
+    /// request or connection in flight to it. Open streams still there are then closed
+    /// and counted as forced terminations.
+    #[schemars(range(min = 1, max = 3600))]
+    pub drain_timeout_seconds: i32,
+
+    /// Seconds the app gets after SIGTERM to exit once drained. The pod's
+    /// `terminationGracePeriodSeconds` is `drainTimeoutSeconds + shutdownGraceSeconds`.
+    #[schemars(range(min = 0, max = 3600))]
+    pub shutdown_grace_seconds: i32,
+
+    /// Seconds over which a new pod's share of requests ramps from 10% to 100% (slow
+    /// start, for caches and JITs). 0 disables the ramp.
+    #[schemars(range(min = 0, max = 3600))]
+    pub warmup_seconds: i32,
+
+    /// When to pause a rollout that is going badly. Unset thresholds never pause.
+    pub pause_when: PauseThresholds,
+}
+
+/// Thresholds that pause a bad rollout (`Progressing=False`, reason `RolloutPaused`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PauseThresholds {
+    /// Pause once this many pods of the rollout had to be stopped with requests or
+    /// connections still open (drain timeout reached).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub forced_drains: Option<i32>,
+
+    /// Pause once the share of the new revision's requests that failed (5xx or connection
+    /// failure, as the proxies saw them) exceeds this ratio, e.g. 0.05 for 5%.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub error_ratio: Option<f64>,
+
+    /// Requests the new revision must have served before `errorRatio` is judged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub min_requests: Option<i32>,
+
+    /// Roll back to the previous pod template when a rollout is paused.
+    pub rollback: bool,
+}
+
+/// Voluntary-disruption budget for the app pods. Set at most one of the two fields;
+/// with neither, `maxUnavailable: 1` applies.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!(has(self.minAvailable) && has(self.maxUnavailable))",
+        "message": "set either minAvailable or maxUnavailable, not both",
+    },
+]))]
+pub struct DisruptionSpec {
+    /// Pods that must stay available during voluntary disruptions (number or percentage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "string(self).matches('^[0-9]+%?$')",
+            "message": "minAvailable must be a non-negative number or a percentage",
+        },
+    ]))]
+    pub min_available: Option<IntOrString>,
+
+    /// Pods that may be unavailable during voluntary disruptions (number or percentage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "string(self).matches('^[0-9]+%?$')",
+            "message": "maxUnavailable must be a non-negative number or a percentage",
+        },
+    ]))]
+    pub max_unavailable: Option<IntOrString>,
+}
+
+/// How the proxies spread requests over the app pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct BalancingSpec {
+    /// `p2c-ewma` (power of two choices over peak-EWMA latency x in-flight requests: the
+    /// default, steers around slow pods), `least-request`, or `round-robin`.
+    pub algorithm: Algorithm,
+
+    /// When and how often a failed request is tried again on another pod.
+    pub retries: RetrySpec,
+
+    /// Connection and response timeouts towards the pods.
+    pub timeouts: TimeoutSpec,
+
+    /// Temporarily stop sending to a pod that keeps failing.
+    pub outlier_detection: OutlierDetectionSpec,
+}
+
+/// Load-balancing algorithm.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    /// Power of two choices, cost = peak-EWMA latency x (in-flight + 1).
+    #[default]
+    P2cEwma,
+    /// Power of two choices, cost = in-flight requests.
+    LeastRequest,
+    /// Each pod in turn.
+    RoundRobin,
+}
+
+/// Retries. Only requests that are safe to replay are retried: the connection failed or
+/// closed before any response byte, and the request has no body or a small buffered one.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RetrySpec {
+    /// Total attempts per request, the first included (1 disables retries).
+    #[schemars(range(min = 1, max = 5))]
+    pub attempts: i32,
+
+    /// Retries allowed as a percentage of recent requests, so retries cannot multiply
+    /// load during an outage.
+    #[schemars(range(min = 0, max = 100))]
+    pub budget_percent: i32,
+
+    /// Retries per second always allowed, whatever the budget.
+    #[schemars(range(min = 0, max = 10000))]
+    pub min_per_second: i32,
+}
+
+/// Timeouts towards the pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TimeoutSpec {
+    /// Milliseconds to establish a connection to a pod before trying another.
+    #[schemars(range(min = 10, max = 60000))]
+    pub connect_millis: i32,
+
+    /// Seconds to wait for a response's head (streaming bodies are not cut). 0 waits
+    /// forever. Answered with 504 when exceeded.
+    #[schemars(range(min = 0, max = 86400))]
+    pub response_seconds: i32,
+
+    /// Seconds an unused pooled connection is kept. Keep it below the app's own
+    /// keep-alive timeout so the app never closes a connection the proxy is about to use.
+    #[schemars(range(min = 1, max = 3600))]
+    pub idle_seconds: i32,
+}
+
+/// Outlier detection: eject a pod after consecutive failures, for a growing time.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OutlierDetectionSpec {
+    /// Consecutive connect failures or 5xx answers that eject a pod. 0 disables ejection.
+    #[schemars(range(min = 0, max = 1000))]
+    pub consecutive_failures: i32,
+
+    /// Seconds of the first ejection; each further ejection of the same pod lasts this
+    /// times the number of ejections so far.
+    #[schemars(range(min = 1, max = 3600))]
+    pub base_ejection_seconds: i32,
+
+    /// Longest ejection in seconds.
+    #[schemars(range(min = 1, max = 86400))]
+    pub max_ejection_seconds: i32,
+
+    /// Most pods ejected at once, as a percentage of all pods.
+    #[schemars(range(min = 0, max = 50))]
+    pub max_ejected_percent: i32,
+}
+
+/// The bundled proxy.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProxySpec {
+    /// Proxy pods. Two or more keep the front Service up while a proxy restarts.
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: i32,
+
+    /// CPU and memory for each proxy container.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// The front Service `<name>` that clients and gateways use.
+    pub service: FrontServiceSpec,
+
+    /// Port of the proxies' admin listener (`/ready`, `/metrics`, `/endpoints`, `/drain`).
+    /// Never exposed on the front Service.
+    #[schemars(range(min = 1, max = 65535))]
+    pub admin_port: i32,
+}
+
+/// The front Service.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FrontServiceSpec {
+    /// `ClusterIP`, `NodePort` or `LoadBalancer`.
+    #[serde(rename = "type")]
+    pub type_: ServiceType,
+
+    /// Annotations for the front Service (cloud load-balancer settings, NEGs, ...).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Type of the front Service.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceType {
+    /// Reachable inside the cluster only.
+    #[default]
+    ClusterIP,
+    /// Also on a port of every node.
+    NodePort,
+    /// Through the cloud provider's load balancer.
+    LoadBalancer,
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+impl Default for ProbeSpec {
+    fn default() -> Self {
+        Self {
+            path: "/".to_owned(),
+            port: None,
+            scheme: ProbeScheme::Http,
+            period_seconds: 2,
+            timeout_seconds: 1,
+            failure_threshold: 2,
+            startup_budget_seconds: 300,
+        }
+    }
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            max_surge: IntOrString::String("25%".to_owned()),
+            max_unavailable: IntOrString::Int(0),
+            min_ready_seconds: 0,
+            progress_deadline_seconds: 600,
+            drain_timeout_seconds: 30,
+            shutdown_grace_seconds: 15,
+            warmup_seconds: 10,
+            pause_when: PauseThresholds::default(),
+        }
+    }
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            budget_percent: 20,
+            min_per_second: 10,
+        }
+    }
+}
+
+impl Default for TimeoutSpec {
+    fn default() -> Self {
+        Self {
+            connect_millis: 1000,
+            response_seconds: 60,
+            idle_seconds: 30,
+        }
+    }
+}
+
+impl Default for OutlierDetectionSpec {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_seconds: 30,
+            max_ejection_seconds: 300,
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        Self {
+            replicas: 2,
+            resources: None,
+            service: FrontServiceSpec::default(),
+            admin_port: 9901,
+        }
+    }
+}

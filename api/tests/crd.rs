@@ -1,0 +1,463 @@
+//! The generated CRD: committed copy up to date, structural, samples valid, and every CEL
+//! rule proven to accept a good object and reject a bad one — all without an API server.
+
+mod support;
+
+use ballast_api::BalancedService;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use support::openapi::{structural_violations, value_violations};
+
+const CRD_FILE: &str = "crds/balancedservices.ballast.dev.yaml";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn crd_json() -> Value {
+    serde_json::to_value(ballast_api::crd()).expect("CRD serializes")
+}
+
+fn openapi_schema() -> Value {
+    crd_json()["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+fn samples() -> Vec<(String, Value)> {
+    let dir = repo_root().join("config/samples");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("config/samples exists") {
+        let path = entry.expect("readable dir entry").path();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if !name.ends_with(".yaml") || name == "kustomization.yaml" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("sample readable");
+        for doc in serde_norway::Deserializer::from_str(&text) {
+            let value: Value = serde::Deserialize::deserialize(doc).expect("sample is YAML");
+            if value["kind"] == "BalancedService" {
+                out.push((name.clone(), value));
+            }
+        }
+    }
+    assert!(
+        out.len() >= 2,
+        "expected the HTTP and the gRPC sample, found {}",
+        out.len()
+    );
+    out
+}
+
+/// Schema, CEL and serde checks, as the API server and then the operator would apply
+/// them. Returns every problem found.
+fn admission_problems(object: &Value) -> Vec<String> {
+    let schema = openapi_schema();
+    let defaulted = kube_cel::apply_defaults(&schema, object);
+    let mut problems = value_violations(&schema, &defaulted);
+    if let Err(errors) = kube_cel::validate(&schema, &defaulted, None) {
+        problems.extend(
+            errors
+                .iter()
+                .map(|e| format!("CEL {}: {}", e.field_path, e.message)),
+        );
+    }
+    if problems.is_empty()
+        && let Err(e) = serde_json::from_value::<BalancedService>(defaulted)
+    {
+        problems.push(format!("operator cannot read it: {e}"));
+    }
+    problems
+}
+
+fn cel_failures(object: &Value) -> Vec<String> {
+    let schema = openapi_schema();
+    let defaulted = kube_cel::apply_defaults(&schema, object);
+    match kube_cel::validate(&schema, &defaulted, None) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors.iter().map(|e| e.rule.clone()).collect(),
+    }
+}
+
+#[test]
+fn committed_crd_matches_the_types() {
+    let generated = ballast_api::crd_yaml().expect("CRD renders as YAML");
+    let committed = std::fs::read_to_string(repo_root().join(CRD_FILE)).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "{CRD_FILE} is out of date; regenerate it with\n  \
+         cargo run -p ballast-operator -- crd > {CRD_FILE}"
+    );
+}
+
+#[test]
+fn crd_names_subresources_and_columns() {
+    let crd = crd_json();
+    let spec = &crd["spec"];
+    assert_eq!(spec["group"], "ballast.dev");
+    assert_eq!(spec["scope"], "Namespaced");
+    assert_eq!(spec["names"]["shortNames"], json!(["bsvc"]));
+    assert_eq!(spec["names"]["categories"], json!(["ballast"]));
+    let version = &spec["versions"][0];
+    assert_eq!(version["name"], "v1alpha1");
+    assert_eq!(version["subresources"]["status"], json!({}));
+    assert_eq!(
+        version["subresources"]["scale"]["specReplicasPath"],
+        ".spec.replicas"
+    );
+    assert_eq!(
+        version["subresources"]["scale"]["labelSelectorPath"],
+        ".status.selector"
+    );
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .expect("printer columns")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        columns,
+        ["Ready", "Up-To-Date", "Revision", "Balance", "Phase", "Age"]
+    );
+}
+
+#[test]
+fn crd_schema_is_structural() {
+    let violations = structural_violations(&openapi_schema());
+    assert!(
+        violations.is_empty(),
+        "not structural:\n{}",
+        violations.join("\n")
+    );
+}
+
+#[test]
+fn structural_check_catches_a_typeless_property() {
+    let mut schema = openapi_schema();
+    schema["properties"]["spec"]["properties"]["sneaky"] = json!({"description": "no type"});
+    let violations = structural_violations(&schema);
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert!(
+        violations[0].starts_with(".spec.sneaky: no type"),
+        "{violations:?}"
+    );
+}
+
+#[test]
+fn structural_check_catches_junctor_misuse_and_bad_int_or_string() {
+    let mut schema = openapi_schema();
+    let props = &mut schema["properties"]["spec"]["properties"];
+    props["replicas"]["anyOf"] = json!([{"type": "integer", "default": 3}]);
+    props["ports"]["items"]["properties"]["targetPort"]["type"] = json!("string");
+    props["proxy"]["x-kubernetes-preserve-unknown-fields"] = json!(false);
+    let violations = structural_violations(&schema);
+    let expected = [
+        ".spec.replicas.anyOf[0]: \"type\" is not allowed",
+        ".spec.replicas.anyOf[0]: \"default\" is not allowed",
+        ".spec.ports[].targetPort: type \"string\" together with x-kubernetes-int-or-string",
+        ".spec.proxy: x-kubernetes-preserve-unknown-fields must be true or unset",
+    ];
+    for want in expected {
+        assert!(
+            violations.iter().any(|v| v.starts_with(want)),
+            "missing {want:?} in {violations:?}"
+        );
+    }
+}
+
+#[test]
+fn samples_validate_against_the_crd() {
+    for (file, sample) in samples() {
+        let problems = admission_problems(&sample);
+        assert!(problems.is_empty(), "{file}: {}", problems.join("\n"));
+    }
+}
+
+#[test]
+fn schema_check_rejects_what_the_api_server_would() {
+    let (_, base) = samples().into_iter().next().expect("a sample");
+    let cases = [
+        (
+            "/spec/replicas",
+            json!(-1),
+            ".spec.replicas: -1 is below the minimum",
+        ),
+        (
+            "/spec/replicas",
+            json!("two"),
+            ".spec.replicas: expected integer",
+        ),
+        (
+            "/spec/balancing/algorithm",
+            json!("random"),
+            ".spec.balancing.algorithm: \"random\" is not one of",
+        ),
+        (
+            "/spec/ports/0/name",
+            json!("HTTP"),
+            ".spec.ports[0].name: \"HTTP\" does not match",
+        ),
+        (
+            "/spec/rollout/drainTimeoutSecs",
+            json!(5),
+            ".spec.rollout.drainTimeoutSecs: unknown field",
+        ),
+        ("/spec/ports", json!([]), ".spec.ports: fewer than minItems"),
+    ];
+    for (pointer, value, want) in cases {
+        let mut object = base.clone();
+        set(&mut object, pointer, value);
+        let problems = admission_problems(&object);
+        assert!(
+            problems.iter().any(|p| p.starts_with(want)),
+            "{pointer}: want {want:?}, got {problems:?}"
+        );
+    }
+}
+
+/// A change to the sample: the JSON pointer it sets and the value.
+type Change = (&'static str, fn() -> Value);
+
+/// One CEL rule, changes that satisfy it and changes that break it.
+struct RuleCase {
+    rule_contains: &'static str,
+    passing: &'static [Change],
+    failing: &'static [Change],
+}
+
+const INT_OR_STRING_PORT: &str = "string(self).matches('^[0-9]+$') ? (int(string(self)) >= 1";
+const INT_OR_STRING_PERCENT: &str = "string(self).matches('^[0-9]+%?$')";
+
+fn rule_cases() -> Vec<RuleCase> {
+    vec![
+        RuleCase {
+            rule_contains: "size(self.spec.containers) > 0",
+            passing: &[],
+            failing: &[("/spec/template/spec/containers", || json!([]))],
+        },
+        RuleCase {
+            rule_contains: "q.name == p.name",
+            passing: &[(
+                "/spec/ports",
+                || json!([{"name": "a", "port": 80}, {"name": "b", "port": 81}]),
+            )],
+            failing: &[(
+                "/spec/ports",
+                || json!([{"name": "a", "port": 80}, {"name": "a", "port": 81}]),
+            )],
+        },
+        RuleCase {
+            rule_contains: "q.port == p.port",
+            passing: &[(
+                "/spec/ports",
+                || json!([{"name": "a", "port": 80}, {"name": "b", "port": 81}]),
+            )],
+            failing: &[(
+                "/spec/ports",
+                || json!([{"name": "a", "port": 80}, {"name": "b", "port": 80}]),
+            )],
+        },
+        RuleCase {
+            rule_contains: INT_OR_STRING_PORT,
+            passing: &[
+                ("/spec/ports/0/targetPort", || json!(8080)),
+                ("/spec/ports/0/targetPort", || json!("http")),
+                ("/spec/probes/port", || json!(8081)),
+                ("/spec/probes/port", || json!("health")),
+            ],
+            failing: &[
+                ("/spec/ports/0/targetPort", || json!(70000)),
+                ("/spec/ports/0/targetPort", || json!("Not_A_Name")),
+                ("/spec/probes/port", || json!(0)),
+                ("/spec/probes/port", || json!("-bad")),
+            ],
+        },
+        RuleCase {
+            rule_contains: "string(self.maxSurge) in ['0', '0%']",
+            passing: &[
+                (
+                    "/spec/rollout",
+                    || json!({"maxSurge": 0, "maxUnavailable": 1}),
+                ),
+                (
+                    "/spec/rollout",
+                    || json!({"maxSurge": "0%", "maxUnavailable": "10%"}),
+                ),
+            ],
+            failing: &[
+                (
+                    "/spec/rollout",
+                    || json!({"maxSurge": 0, "maxUnavailable": 0}),
+                ),
+                (
+                    "/spec/rollout",
+                    || json!({"maxSurge": "0%", "maxUnavailable": 0}),
+                ),
+                ("/spec/rollout", || json!({"maxSurge": 0})),
+            ],
+        },
+        RuleCase {
+            rule_contains: "self.progressDeadlineSeconds > self.minReadySeconds",
+            passing: &[(
+                "/spec/rollout",
+                || json!({"minReadySeconds": 30, "progressDeadlineSeconds": 31}),
+            )],
+            failing: &[("/spec/rollout", || json!({"minReadySeconds": 600}))],
+        },
+        RuleCase {
+            rule_contains: INT_OR_STRING_PERCENT,
+            passing: &[
+                ("/spec/rollout/maxSurge", || json!("50%")),
+                ("/spec/rollout/maxUnavailable", || json!(2)),
+                ("/spec/disruption", || json!({"minAvailable": "50%"})),
+                ("/spec/disruption", || json!({"maxUnavailable": 2})),
+            ],
+            failing: &[
+                ("/spec/rollout/maxSurge", || json!("50 %")),
+                ("/spec/rollout/maxUnavailable", || json!(-1)),
+                ("/spec/disruption", || json!({"minAvailable": "half"})),
+                ("/spec/disruption", || json!({"maxUnavailable": -2})),
+            ],
+        },
+        RuleCase {
+            rule_contains: "!(has(self.minAvailable) && has(self.maxUnavailable))",
+            passing: &[("/spec/disruption", || json!({"minAvailable": 1}))],
+            failing: &[(
+                "/spec/disruption",
+                || json!({"minAvailable": 1, "maxUnavailable": 1}),
+            )],
+        },
+    ]
+}
+
+#[test]
+fn every_cel_rule_accepts_a_good_object_and_rejects_a_bad_one() {
+    let (_, base) = samples().into_iter().next().expect("a sample");
+    assert_eq!(
+        cel_failures(&base),
+        Vec::<String>::new(),
+        "the sample itself must pass"
+    );
+    let cases = rule_cases();
+
+    let mut rules = Vec::new();
+    collect_rules(&openapi_schema(), &mut rules);
+    for rule in &rules {
+        assert!(
+            cases.iter().any(|c| rule.contains(c.rule_contains)),
+            "CEL rule without a test case: {rule}"
+        );
+    }
+
+    for case in &cases {
+        assert!(
+            rules.iter().any(|r| r.contains(case.rule_contains)),
+            "no such rule: {}",
+            case.rule_contains
+        );
+        for (pointer, value) in case.passing {
+            let mut object = base.clone();
+            set(&mut object, pointer, value());
+            let failed = cel_failures(&object);
+            assert!(
+                failed.is_empty(),
+                "{pointer} = {} should pass, failed {failed:?}",
+                value()
+            );
+        }
+        for (pointer, value) in case.failing {
+            let mut object = base.clone();
+            set(&mut object, pointer, value());
+            let failed = cel_failures(&object);
+            assert!(
+                failed.iter().any(|r| r.contains(case.rule_contains)),
+                "{pointer} = {} should break `{}`, failed {failed:?}",
+                value(),
+                case.rule_contains
+            );
+        }
+    }
+}
+
+#[test]
+fn both_zero_rollout_sample_is_rejected_with_its_message() {
+    let (_, mut sample) = samples().into_iter().next().expect("a sample");
+    set(&mut sample, "/spec/rollout/maxSurge", json!(0));
+    set(&mut sample, "/spec/rollout/maxUnavailable", json!(0));
+    let problems = admission_problems(&sample);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("maxSurge and maxUnavailable cannot both be zero")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn defaults_round_trip_through_the_schema() {
+    // What the API server stores for a minimal object must equal the operator's own
+    // defaults, or the two would disagree about an unset field.
+    let minimal = json!({
+        "apiVersion": "ballast.dev/v1alpha1",
+        "kind": "BalancedService",
+        "metadata": {"name": "m", "namespace": "default"},
+        "spec": {
+            "template": {"spec": {"containers": [{"name": "app", "image": "app:1"}]}},
+            "ports": [{"name": "http", "port": 80}]
+        }
+    });
+    let by_schema = kube_cel::apply_defaults(&openapi_schema(), &minimal);
+    let by_schema: BalancedService =
+        serde_json::from_value(by_schema).expect("defaulted object reads");
+    let by_serde: BalancedService = serde_json::from_value(minimal).expect("minimal object reads");
+    assert_eq!(by_schema.spec, by_serde.spec);
+    assert_eq!(by_serde.spec.replicas, 2);
+    assert_eq!(by_serde.spec.rollout.drain_timeout_seconds, 30);
+    assert_eq!(by_serde.spec.proxy.replicas, 2);
+}
+
+fn collect_rules(schema: &Value, out: &mut Vec<String>) {
+    match schema {
+        Value::Object(map) => {
+            for (key, child) in map {
+                if key == "x-kubernetes-validations" {
+                    for rule in child.as_array().into_iter().flatten() {
+                        out.push(rule["rule"].as_str().unwrap_or_default().to_owned());
+                    }
+                } else {
+                    collect_rules(child, out);
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| collect_rules(i, out)),
+        _ => {}
+    }
+}
+
+/// Sets the value at a JSON pointer, creating missing parent objects.
+fn set(object: &mut Value, pointer: &str, value: Value) {
+    let mut node = object;
+    let parts: Vec<&str> = pointer.trim_start_matches('/').split('/').collect();
+    for part in &parts[..parts.len() - 1] {
+        node = match node {
+            Value::Array(items) => &mut items[part.parse::<usize>().expect("array index")],
+            other => other
+                .as_object_mut()
+                .expect("object on the path")
+                .entry(part.to_string())
+                .or_insert_with(|| json!({})),
+        };
+    }
+    let last = parts[parts.len() - 1];
+    match node {
+        Value::Array(items) => items[last.parse::<usize>().expect("array index")] = value,
+        other => {
+            other
+                .as_object_mut()
+                .expect("object at the end")
+                .insert(last.to_owned(), value);
+        }
+    }
+}

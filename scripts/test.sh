@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it (.ci/run calls this script).
+# Installs what it needs (idempotent), then: format, lints, every cargo test, and
+# the rendered manifests validated against the upstream Kubernetes schemas.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+for component in rustfmt clippy; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+    rustup component add "$component"
+  fi
+done
+if ! command -v kubectl >/dev/null 2>&1; then
+  # kubectl renders the kustomize tree; Debian calls its client package kubectl.
+  apt-get update -qq && apt-get install -y -qq kubectl
+fi
+cargo --version
+kubectl version --client 2>/dev/null | sed -n 1p
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "manifests (kustomize render + kubernetes-validate --strict)"
+bash .ci/validate-manifests.sh config/samples/demo-http.yaml config/samples/demo-grpc.yaml
