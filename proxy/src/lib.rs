@@ -1,3 +1,19 @@
 //! ballast-proxy: balances each request (not each connection) across a Service's pods
 //! and reports per-pod in-flight requests and connections for the drain gate.
+//!
+//! Data flow: [`discovery`] publishes [`endpoint::EndpointSet`]s; the
+//! [`registry::Registry`] turns them into live endpoint state and a snapshot that
+//! [`proxy::Proxy`] selects from per request; [`pool`] keeps connections per endpoint;
+//! [`admin`] serves health, metrics, the endpoint table and the drain API.
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod discovery;
+pub mod endpoint;
+pub mod load;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod registry;
+pub mod server;

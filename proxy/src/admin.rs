@@ -1,0 +1,141 @@
+//! The admin listener: health, metrics, endpoint table and the drain API. It is never
+//! exposed on the client-facing Service.
+//!
+//! `POST /drain` drains *the endpoint whose IP is the caller's source IP*: a pod can
+//! drain only itself, with no token to leak. `GET /drain` reports that endpoint's
+//! in-flight requests and open connections.
+
+use crate::metrics::Metrics;
+use crate::proxy::ResponseBody;
+use crate::registry::Registry;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use tokio::time::Instant;
+
+/// Shared state of the admin endpoints.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    /// The endpoints.
+    pub registry: Arc<Registry>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// True once discovery delivered its first set and until shutdown begins.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The admin service bound to one caller.
+#[derive(Clone, Debug)]
+pub struct AdminService {
+    admin: Admin,
+    peer: SocketAddr,
+}
+
+impl Admin {
+    /// The service for a connection from `peer`.
+    pub fn for_peer(&self, peer: SocketAddr) -> AdminService {
+        AdminService {
+            admin: self.clone(),
+            peer,
+        }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for AdminService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let response = self.route(request.method(), request.uri().path());
+        Box::pin(async move { Ok(response) })
+    }
+}
+
+impl AdminService {
+    fn route(&self, method: &Method, path: &str) -> Response<ResponseBody> {
+        let admin = &self.admin;
+        let now = Instant::now();
+        let caller = self.peer.ip().to_canonical();
+        match (method, path) {
+            (&Method::GET, "/live") => text(StatusCode::OK, "live"),
+            (&Method::GET, "/ready") if admin.ready.load(Relaxed) => text(StatusCode::OK, "ready"),
+            (&Method::GET, "/ready") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+            (&Method::GET, "/metrics") => {
+                let mut response = text(StatusCode::OK, &admin.metrics.render());
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                response
+            }
+            (&Method::GET, "/endpoints") => json(StatusCode::OK, &admin.registry.reports(now)),
+            (&Method::POST, "/drain") => match admin.registry.request_drain(caller, now) {
+                Some(report) => {
+                    admin.metrics.drain_requests.inc();
+                    json(StatusCode::OK, &report)
+                }
+                None => {
+                    tracing::warn!(%caller, "drain refused: the caller is not an endpoint");
+                    json(
+                        StatusCode::FORBIDDEN,
+                        &serde_json::json!({"error": format!("{caller} is not an endpoint of this proxy; a pod can drain only itself")}),
+                    )
+                }
+            },
+            (&Method::GET, "/drain") => {
+                json(StatusCode::OK, &admin.registry.drain_report(caller, now))
+            }
+            (_, "/live" | "/ready" | "/metrics" | "/endpoints" | "/drain") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /ready, /live, /metrics, /endpoints, /drain",
+            ),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<ResponseBody> {
+    let mut response = Response::new(body_of(format!("{body}\n").into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<ResponseBody> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(mut bytes) => {
+            bytes.push(b'\n');
+            let mut response = Response::new(body_of(bytes.into()));
+            *response.status_mut() = status;
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("encoding failed: {e}"),
+        ),
+    }
+}
+
+fn body_of(bytes: Bytes) -> ResponseBody {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}

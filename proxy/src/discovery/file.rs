@@ -1,0 +1,141 @@
+//! Endpoints from a file: a list of entries, or `{endpoints: [...]}`, in JSON or YAML.
+//!
+//! The file is polled (cheap: one `stat` per interval) rather than watched with inotify,
+//! because Kubernetes updates mounted ConfigMaps by swapping a symlink, which inotify
+//! watches on the file miss.
+
+use crate::endpoint::{Endpoint, EndpointSet};
+use serde::Deserialize;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EndpointsFile {
+    List(Vec<Endpoint>),
+    Document { endpoints: Vec<Endpoint> },
+}
+
+/// Parses an endpoints file's text (JSON is YAML too).
+///
+/// # Errors
+/// The parser's message when the text is not a valid endpoints file.
+pub fn parse_endpoints(text: &str) -> Result<EndpointSet, String> {
+    if text.trim().is_empty() {
+        return Ok(EndpointSet::default());
+    }
+    match serde_norway::from_str::<EndpointsFile>(text) {
+        Ok(EndpointsFile::List(list) | EndpointsFile::Document { endpoints: list }) => {
+            Ok(EndpointSet::new(list))
+        }
+        // The untagged enum hides the useful message; parse as the list to surface it.
+        Err(_) => match serde_norway::from_str::<Vec<Endpoint>>(text) {
+            Ok(list) => Ok(EndpointSet::new(list)),
+            Err(e) => Err(e.to_string()),
+        },
+    }
+}
+
+pub(super) async fn watch(path: &Path, interval: Duration, tx: watch::Sender<EndpointSet>) {
+    let mut seen: Option<(SystemTime, u64)> = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = tx.closed() => return,
+        }
+        let stamp = match tokio::fs::metadata(path).await {
+            Ok(meta) => (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            ),
+            Err(e) => {
+                if seen.is_some() || tx.borrow().is_empty() {
+                    tracing::warn!(path = %path.display(), error = %e, "endpoints file unreadable; keeping the last endpoints");
+                }
+                seen = None;
+                continue;
+            }
+        };
+        if seen == Some(stamp) {
+            continue;
+        }
+        match tokio::fs::read_to_string(path)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|t| parse_endpoints(&t))
+        {
+            Ok(set) => {
+                seen = Some(stamp);
+                tracing::info!(path = %path.display(), endpoints = set.len(), "endpoints file loaded");
+                tx.send_if_modified(|current| {
+                    let changed = *current != set;
+                    *current = set;
+                    changed
+                });
+            }
+            // A half-written file must not empty the set: keep the last good one and
+            // look again next tick (the stamp is not recorded).
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "endpoints file invalid; keeping the last endpoints")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_list_and_document_forms() {
+        let list = parse_endpoints(r#"[{"address": "127.0.0.2:80", "name": "a"}]"#).unwrap();
+        assert_eq!(list.len(), 1);
+        let doc = parse_endpoints(
+            "endpoints:\n  - address: 127.0.0.2:80\n    ready: false\n    terminating: true\n",
+        )
+        .unwrap();
+        let e = doc.iter().next().unwrap();
+        assert!(!e.ready && e.serving && e.terminating);
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_bad_addresses() {
+        assert!(parse_endpoints(r#"[{"address": "127.0.0.2:80", "redy": true}]"#).is_err());
+        assert!(parse_endpoints(r#"[{"address": "not-an-address"}]"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn file_changes_are_published_and_bad_writes_keep_the_last_set() {
+        let dir = std::env::temp_dir().join(format!("ballast-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("endpoints.yaml");
+        std::fs::write(&path, "- address: 127.0.0.2:80\n").unwrap();
+        let (tx, mut rx) = watch::channel(EndpointSet::default());
+        let task = tokio::spawn({
+            let path = path.clone();
+            async move { watch(&path, Duration::from_millis(10), tx).await }
+        });
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().len(), 1);
+
+        std::fs::write(&path, "- address: [broken\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            rx.borrow().len(),
+            1,
+            "an invalid write keeps the last good set"
+        );
+
+        std::fs::write(&path, "- address: 127.0.0.2:80\n- address: 127.0.0.3:80\n").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.borrow().len(), 2);
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

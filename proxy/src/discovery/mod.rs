@@ -1,0 +1,65 @@
+//! Discovery turns a source of backends into a stream of whole [`EndpointSet`]s on a
+//! `watch` channel. Nothing downstream knows which source produced them.
+
+mod file;
+mod kubernetes;
+
+use crate::endpoint::{Endpoint, EndpointSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::watch;
+
+pub use file::parse_endpoints;
+
+/// Where backends come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A fixed list, all ready.
+    Static(Vec<SocketAddr>),
+    /// A JSON or YAML file, re-read when it changes.
+    File(PathBuf),
+    /// The EndpointSlices of a Kubernetes Service.
+    Kubernetes {
+        /// Service whose EndpointSlices to watch (`kubernetes.io/service-name`).
+        service: String,
+        /// Its namespace; the pod's own namespace when unset.
+        namespace: Option<String>,
+        /// Port name to pick from each slice; the first port when unset.
+        port_name: Option<String>,
+    },
+}
+
+/// Why discovery stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The Kubernetes client could not be configured.
+    #[error("cannot configure the Kubernetes client")]
+    KubeClient(#[source] kube::Error),
+}
+
+/// Publishes endpoint sets from `source` into `tx` until the receivers are gone.
+/// A source that fails transiently keeps the last good set and retries.
+///
+/// # Errors
+/// Only when the source cannot start at all.
+pub async fn run(source: Source, tx: watch::Sender<EndpointSet>) -> Result<(), DiscoveryError> {
+    match source {
+        Source::Static(addresses) => {
+            tx.send_replace(EndpointSet::new(
+                addresses.into_iter().map(Endpoint::ready).collect(),
+            ));
+            tx.closed().await;
+            Ok(())
+        }
+        Source::File(path) => {
+            file::watch(&path, Duration::from_millis(200), tx).await;
+            Ok(())
+        }
+        Source::Kubernetes {
+            service,
+            namespace,
+            port_name,
+        } => kubernetes::watch(&service, namespace.as_deref(), port_name.as_deref(), tx).await,
+    }
+}

@@ -1,0 +1,187 @@
+//! Prometheus metrics. Per-endpoint numbers are read from the registry's atomics at
+//! scrape time (no label lookups on the request path); the rest are plain counters.
+
+use crate::registry::Registry;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Proxy-wide metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: prometheus_client::registry::Registry,
+    /// Time from receiving a request to its response head, all endpoints.
+    pub response_seconds: Histogram,
+    /// Retries sent.
+    pub retries: Counter,
+    /// Requests answered 503 because no endpoint was available.
+    pub no_endpoint: Counter,
+    /// Requests refused before forwarding, by reason.
+    pub rejected: Family<[(&'static str, &'static str); 1], Counter>,
+    /// `POST /drain` calls accepted.
+    pub drain_requests: Counter,
+    /// Upgraded connections (WebSocket) tunnelled.
+    pub upgrades: Counter,
+}
+
+#[derive(Debug)]
+struct EndpointCollector(Arc<Registry>);
+
+/// A per-endpoint metric: name, help, and how to read it.
+type Reading = (
+    &'static str,
+    &'static str,
+    fn(&crate::registry::EndpointState) -> u64,
+);
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl Metrics {
+    /// Metrics with the per-endpoint collector reading `endpoints`.
+    pub fn new(endpoints: Arc<Registry>) -> Self {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("ballast");
+        let response_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let retries = Counter::default();
+        let no_endpoint = Counter::default();
+        let rejected = Family::default();
+        let drain_requests = Counter::default();
+        let upgrades = Counter::default();
+        registry.register(
+            "response_head_seconds",
+            "Time from request to response head",
+            response_seconds.clone(),
+        );
+        registry.register(
+            "retries",
+            "Requests sent again to another endpoint",
+            retries.clone(),
+        );
+        registry.register(
+            "no_endpoint",
+            "Requests answered 503 because no endpoint was available",
+            no_endpoint.clone(),
+        );
+        registry.register(
+            "rejected_requests",
+            "Malformed requests answered 4xx and never forwarded",
+            rejected.clone(),
+        );
+        registry.register(
+            "drain_requests",
+            "POST /drain calls from pods",
+            drain_requests.clone(),
+        );
+        registry.register(
+            "upgrades",
+            "Upgraded connections (WebSocket) tunnelled",
+            upgrades.clone(),
+        );
+        registry.register_collector(Box::new(EndpointCollector(endpoints)));
+        Self {
+            registry,
+            response_seconds,
+            retries,
+            no_endpoint,
+            rejected,
+            drain_requests,
+            upgrades,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+impl Collector for EndpointCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let now = tokio::time::Instant::now();
+        let reports = self.0.reports(now);
+        let states: Vec<_> = reports
+            .iter()
+            .filter_map(|r| self.0.get(r.address))
+            .collect();
+        let labels = |s: &crate::registry::EndpointState| {
+            vec![
+                ("endpoint", s.address.to_string()),
+                ("pod", s.pod().unwrap_or_default()),
+            ]
+        };
+        {
+            let mut family = encoder.encode_descriptor(
+                "endpoint_responses",
+                "Responses from each endpoint by status class",
+                None,
+                MetricType::Counter,
+            )?;
+            for s in &states {
+                for (i, class) in CLASSES.iter().enumerate() {
+                    let mut l = labels(s);
+                    l.push(("class", (*class).to_owned()));
+                    ConstCounter::new(s.responses[i].load(Relaxed))
+                        .encode(family.encode_family(&l)?)?;
+                }
+            }
+        }
+        let counters: [Reading; 4] = [
+            (
+                "endpoint_failures",
+                "Requests to the endpoint that got no response (connect error, reset, timeout)",
+                |s| s.failures.load(Relaxed),
+            ),
+            (
+                "endpoint_connections_opened",
+                "Connections opened to the endpoint",
+                |s| s.connections_opened.load(Relaxed),
+            ),
+            ("endpoint_requests", "Requests sent to the endpoint", |s| {
+                s.requests.load(Relaxed)
+            }),
+            (
+                "endpoint_ejections",
+                "Times the endpoint was ejected as an outlier",
+                |s| s.ejections.load(Relaxed),
+            ),
+        ];
+        for (name, help, read) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for s in &states {
+                ConstCounter::new(read(s)).encode(family.encode_family(&labels(s))?)?;
+            }
+        }
+        let gauges: [Reading; 3] = [
+            (
+                "endpoint_in_flight",
+                "Requests in flight to the endpoint",
+                |s| s.in_flight.load(Relaxed),
+            ),
+            (
+                "endpoint_connections",
+                "Connections open to the endpoint",
+                |s| s.connections.load(Relaxed),
+            ),
+            ("endpoint_draining", "1 while the endpoint drains", |s| {
+                u64::from(s.is_draining())
+            }),
+        ];
+        for (name, help, read) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for s in &states {
+                let value = i64::try_from(read(s)).unwrap_or(i64::MAX);
+                ConstGauge::new(value).encode(family.encode_family(&labels(s))?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,223 @@
+//! Per-endpoint connection pools.
+//!
+//! HTTP/1.1 connections are kept idle in a LIFO list (the most recently used one is the
+//! least likely to have been closed by the backend) and expire after the idle timeout,
+//! which should be shorter than the backends' keep-alive. HTTP/2 endpoints share one
+//! multiplexed connection. Every connection is counted on its endpoint while open: the
+//! drain gate reads that count.
+
+use crate::registry::EndpointState;
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Errors a body sent upstream may carry.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request body on its way to a backend.
+pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Protocol spoken to the backends.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendProtocol {
+    /// HTTP/1.1 with keep-alive.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c, gRPC).
+    H2c,
+}
+
+/// A connection ready to carry one request.
+#[derive(Debug)]
+pub enum Sender {
+    /// An HTTP/1.1 connection, exclusively ours until returned.
+    Http1(http1::SendRequest<UpstreamBody>),
+    /// A handle on the shared HTTP/2 connection.
+    Http2(http2::SendRequest<UpstreamBody>),
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP connect failed.
+    #[error("connect to {address} failed")]
+    Connect {
+        /// Endpoint.
+        address: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TCP connect did not finish in time.
+    #[error("connect to {address} timed out after {timeout:?}")]
+    Timeout {
+        /// Endpoint.
+        address: std::net::SocketAddr,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The HTTP handshake failed.
+    #[error("HTTP handshake with {address} failed")]
+    Handshake {
+        /// Endpoint.
+        address: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+/// Idle connections of one endpoint.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Mutex<Vec<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: http1::SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Pool {
+    /// Takes the most recently used live idle connection; drops expired ones.
+    fn take_idle(
+        &self,
+        now: Instant,
+        idle_timeout: Duration,
+    ) -> Option<http1::SendRequest<UpstreamBody>> {
+        let mut idle = lock(&self.idle);
+        idle.retain(|c| {
+            !c.sender.is_closed() && now.saturating_duration_since(c.since) < idle_timeout
+        });
+        idle.pop().map(|c| c.sender)
+    }
+
+    /// Returns a connection after a complete exchange.
+    pub fn put(&self, sender: http1::SendRequest<UpstreamBody>, now: Instant) {
+        if !sender.is_closed() {
+            lock(&self.idle).push(Idle { sender, since: now });
+        }
+    }
+
+    /// Closes every idle connection (dropping the handle ends the connection task).
+    pub fn close_idle(&self) {
+        let idle = std::mem::take(&mut *lock(&self.idle));
+        drop(idle);
+        lock(&self.h2).take();
+    }
+
+    /// Drops idle connections older than `idle_timeout`.
+    pub fn expire(&self, now: Instant, idle_timeout: Duration) {
+        lock(&self.idle).retain(|c| {
+            !c.sender.is_closed() && now.saturating_duration_since(c.since) < idle_timeout
+        });
+    }
+}
+
+/// Connection settings.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectConfig {
+    /// Protocol to the backends.
+    pub protocol: BackendProtocol,
+    /// TCP connect limit.
+    pub connect_timeout: Duration,
+    /// Idle connections older than this are not reused.
+    pub idle_timeout: Duration,
+}
+
+/// A connection to `endpoint`, reused when one is idle. Returns whether it was reused.
+///
+/// # Errors
+/// When a new connection cannot be established.
+pub async fn checkout(
+    endpoint: &Arc<EndpointState>,
+    config: ConnectConfig,
+) -> Result<(Sender, bool), ConnectError> {
+    let now = Instant::now();
+    match config.protocol {
+        BackendProtocol::Http1 => {
+            while let Some(mut sender) = endpoint.pool.take_idle(now, config.idle_timeout) {
+                // A pooled connection whose backend closed it is discovered here (or,
+                // in a race, when the request fails: see the proxy's retry rule).
+                if sender.ready().await.is_ok() {
+                    return Ok((Sender::Http1(sender), true));
+                }
+            }
+            let io = connect(endpoint, config).await?;
+            let (sender, conn) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|source| ConnectError::Handshake {
+                    address: endpoint.address,
+                    source,
+                })?;
+            track(endpoint, conn.with_upgrades());
+            Ok((Sender::Http1(sender), false))
+        }
+        BackendProtocol::H2c => {
+            let existing = lock(&endpoint.pool.h2).clone();
+            if let Some(sender) = existing.filter(|s| !s.is_closed() && s.is_ready()) {
+                return Ok((Sender::Http2(sender), true));
+            }
+            let io = connect(endpoint, config).await?;
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .handshake(io)
+                .await
+                .map_err(|source| ConnectError::Handshake {
+                    address: endpoint.address,
+                    source,
+                })?;
+            track(endpoint, conn);
+            if !endpoint.is_draining() {
+                *lock(&endpoint.pool.h2) = Some(sender.clone());
+            }
+            Ok((Sender::Http2(sender), false))
+        }
+    }
+}
+
+async fn connect(
+    endpoint: &EndpointState,
+    config: ConnectConfig,
+) -> Result<TokioIo<TcpStream>, ConnectError> {
+    let address = endpoint.address;
+    let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| ConnectError::Timeout {
+            address,
+            timeout: config.connect_timeout,
+        })?
+        .map_err(|source| ConnectError::Connect { address, source })?;
+    // Small requests and responses must not wait for Nagle's algorithm.
+    let _ = stream.set_nodelay(true);
+    Ok(TokioIo::new(stream))
+}
+
+/// Drives a connection and keeps the endpoint's open-connection count while it lives.
+fn track<F>(endpoint: &Arc<EndpointState>, conn: F)
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    endpoint.connections.fetch_add(1, Relaxed);
+    endpoint.connections_opened.fetch_add(1, Relaxed);
+    let endpoint = endpoint.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(endpoint = %endpoint.address, error = %e, "upstream connection ended with an error");
+        }
+        endpoint.connections.fetch_sub(1, Relaxed);
+    });
+}

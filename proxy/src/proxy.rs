@@ -1,0 +1,717 @@
+//! The client-facing service: one request in, one endpoint chosen per request, safe
+//! retries, precise errors.
+
+use crate::load::RetryBudget;
+use crate::metrics::Metrics;
+use crate::pool::{self, BoxError, ConnectConfig, Sender, UpstreamBody};
+use crate::registry::{EndpointState, Registry};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Body of a response to a client.
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Request bodies up to this size are buffered so the request can be replayed on
+/// another endpoint.
+pub const REPLAYABLE_BODY_LIMIT: usize = 64 * 1024;
+
+/// Per-request behaviour.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// How to reach backends.
+    pub connect: ConnectConfig,
+    /// Limit for a response head; `None` waits forever.
+    pub response_timeout: Option<Duration>,
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+}
+
+/// The proxy, shared by all client connections.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    config: Arc<ProxyConfig>,
+    budget: Arc<RetryBudget>,
+}
+
+/// The proxy bound to one client connection (its address feeds X-Forwarded-For).
+#[derive(Clone, Debug)]
+pub struct ProxyService {
+    proxy: Proxy,
+    client: SocketAddr,
+}
+
+enum RequestBody {
+    /// Buffered: can be sent again.
+    Replayable(Bytes),
+    /// Streamed: can be sent once.
+    Stream(Option<Incoming>),
+}
+
+/// How one attempt failed.
+struct AttemptFailure {
+    status: StatusCode,
+    kind: &'static str,
+    cause: String,
+    /// Safe to try again on another endpoint.
+    retryable: bool,
+}
+
+impl Proxy {
+    /// A proxy over `registry`.
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        config: ProxyConfig,
+        budget: RetryBudget,
+    ) -> Self {
+        Self {
+            registry,
+            metrics,
+            config: Arc::new(config),
+            budget: Arc::new(budget),
+        }
+    }
+
+    /// The service for one client connection.
+    pub fn for_client(&self, client: SocketAddr) -> ProxyService {
+        ProxyService {
+            proxy: self.clone(),
+            client,
+        }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.handle(request).await) })
+    }
+}
+
+impl ProxyService {
+    async fn handle(&self, mut request: Request<Incoming>) -> Response<ResponseBody> {
+        let started = Instant::now();
+        if let Err(reason) = check_framing(request.headers()) {
+            self.proxy
+                .metrics
+                .rejected
+                .get_or_create(&[("reason", reason)])
+                .inc();
+            tracing::warn!(client = %self.client, reason, "malformed request refused");
+            return local_response(StatusCode::BAD_REQUEST, "bad-request", reason);
+        }
+        let request_id = ensure_request_id(request.headers_mut());
+        let upgrade = is_upgrade(&request);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+        let (mut parts, body) = request.into_parts();
+        prepare_upstream_headers(&mut parts.headers, &parts.uri, self.client, upgrade);
+
+        let mut body = if body.is_end_stream() {
+            RequestBody::Replayable(Bytes::new())
+        } else if body
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= REPLAYABLE_BODY_LIMIT as u64)
+        {
+            match Limited::new(body, REPLAYABLE_BODY_LIMIT).collect().await {
+                Ok(collected) => RequestBody::Replayable(collected.to_bytes()),
+                Err(e) => {
+                    tracing::warn!(client = %self.client, error = %e, "request body unreadable");
+                    return local_response(
+                        StatusCode::BAD_REQUEST,
+                        "bad-body",
+                        "request body could not be read",
+                    );
+                }
+            }
+        } else {
+            RequestBody::Stream(Some(body))
+        };
+
+        let proxy = &self.proxy;
+        proxy.budget.record_request(started);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last: Option<AttemptFailure> = None;
+        loop {
+            let now = Instant::now();
+            let Some(endpoint) = proxy.registry.select(now, &tried) else {
+                if let Some(failure) = last {
+                    return failure_response(&failure, &request_id);
+                }
+                proxy.metrics.no_endpoint.inc();
+                tracing::warn!(request_id, path = %parts.uri.path(), "no endpoint available");
+                return local_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-endpoint",
+                    "no endpoint available for this service",
+                );
+            };
+            tried.push(endpoint.address);
+            match self.attempt(&endpoint, &parts, &mut body, started).await {
+                Ok(response) => {
+                    if let Some(client_upgrade) = client_upgrade {
+                        return self.finish_upgrade(response, client_upgrade, endpoint);
+                    }
+                    return response.map(|b| b.boxed_unsync());
+                }
+                Err(failure) => {
+                    tracing::warn!(
+                        request_id,
+                        endpoint = %endpoint.address,
+                        pod = ?endpoint.pod(),
+                        attempt = tried.len(),
+                        cause = %failure.cause,
+                        "attempt failed"
+                    );
+                    let body_available = match &body {
+                        RequestBody::Replayable(_) => true,
+                        RequestBody::Stream(slot) => slot.is_some(),
+                    };
+                    let retry = failure.retryable
+                        && body_available
+                        && (tried.len() as u32) < proxy.config.max_attempts
+                        && proxy.budget.try_retry(Instant::now());
+                    if !retry {
+                        return failure_response(&failure, &request_id);
+                    }
+                    proxy.metrics.retries.inc();
+                    last = Some(failure);
+                }
+            }
+        }
+    }
+
+    /// One try on one endpoint. The body is taken only once a connection is had, so a
+    /// failed connect leaves even a streamed body available for the next endpoint.
+    async fn attempt(
+        &self,
+        endpoint: &Arc<EndpointState>,
+        parts: &http::request::Parts,
+        body: &mut RequestBody,
+        started: Instant,
+    ) -> Result<Response<TrackedBody>, AttemptFailure> {
+        let proxy = &self.proxy;
+        let (sender, _reused) = match pool::checkout(endpoint, proxy.config.connect).await {
+            Ok(checkout) => checkout,
+            Err(e) => {
+                endpoint.failures.fetch_add(1, Relaxed);
+                proxy.registry.record_failure(endpoint, Instant::now());
+                // Nothing was sent: always safe to try elsewhere.
+                return Err(AttemptFailure {
+                    status: StatusCode::BAD_GATEWAY,
+                    kind: "connect-failed",
+                    cause: error_chain(&e),
+                    retryable: true,
+                });
+            }
+        };
+        let body = match body {
+            RequestBody::Replayable(bytes) => full(bytes.clone()),
+            RequestBody::Stream(stream) => match stream.take() {
+                Some(incoming) => incoming.map_err(BoxError::from).boxed_unsync(),
+                None => {
+                    return Err(AttemptFailure {
+                        status: StatusCode::BAD_GATEWAY,
+                        kind: "upstream-failed",
+                        cause: "the streamed request body was already sent once".into(),
+                        retryable: false,
+                    });
+                }
+            },
+        };
+        let mut request = Request::from_parts(parts.clone(), body);
+        let exchange = Exchange::begin(endpoint.clone(), proxy.metrics.clone());
+        let sent = Instant::now();
+        let response = match sender {
+            Sender::Http1(mut sender) => {
+                *request.version_mut() = Version::HTTP_11;
+                let origin = request
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |pq| pq.as_str())
+                    .to_owned();
+                *request.uri_mut() =
+                    Uri::try_from(origin).unwrap_or_else(|_| Uri::from_static("/"));
+                let result =
+                    with_timeout(proxy.config.response_timeout, sender.send_request(request)).await;
+                result.map(|r| (r, Some(sender)))
+            }
+            Sender::Http2(mut sender) => {
+                *request.version_mut() = Version::HTTP_2;
+                let authority = request
+                    .headers_mut()
+                    .remove(header::HOST)
+                    .and_then(|h| h.to_str().ok().map(str::to_owned))
+                    .or_else(|| request.uri().authority().map(|a| a.to_string()))
+                    .unwrap_or_else(|| endpoint.address.to_string());
+                let pq = request
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |pq| pq.as_str())
+                    .to_owned();
+                if let Ok(uri) = Uri::builder()
+                    .scheme("http")
+                    .authority(authority)
+                    .path_and_query(pq)
+                    .build()
+                {
+                    *request.uri_mut() = uri;
+                }
+                let result =
+                    with_timeout(proxy.config.response_timeout, sender.send_request(request)).await;
+                result.map(|r| (r, None))
+            }
+        };
+        endpoint.pending.fetch_sub(1, Relaxed);
+        let now = Instant::now();
+        match response {
+            Ok((Ok(mut response), sender)) => {
+                endpoint.observe_rtt(now.saturating_duration_since(sent), now);
+                proxy
+                    .metrics
+                    .response_seconds
+                    .observe(now.saturating_duration_since(started).as_secs_f64());
+                let status = response.status();
+                let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+                endpoint.responses[class].fetch_add(1, Relaxed);
+                if status.is_server_error() {
+                    proxy.registry.record_failure(endpoint, now);
+                } else {
+                    proxy.registry.record_success(endpoint);
+                }
+                let upgrade = (status == StatusCode::SWITCHING_PROTOCOLS)
+                    .then(|| hyper::upgrade::on(&mut response));
+                let (mut head, incoming) = response.into_parts();
+                if status != StatusCode::SWITCHING_PROTOCOLS {
+                    strip_hop_by_hop(&mut head.headers);
+                }
+                let keep_alive = sender.is_some() && status != StatusCode::SWITCHING_PROTOCOLS;
+                let exchange = exchange.with_sender(if keep_alive { sender } else { None });
+                let mut body = TrackedBody::new(incoming, exchange);
+                body.upgrade = upgrade;
+                Ok(Response::from_parts(head, body))
+            }
+            Ok((Err(e), _)) => {
+                drop(exchange);
+                endpoint.failures.fetch_add(1, Relaxed);
+                proxy.registry.record_failure(endpoint, now);
+                // The connection closed before any response byte (the keep-alive race:
+                // the backend closed an idle connection as we reused it).
+                let before_response = e.is_canceled() || e.is_incomplete_message();
+                let failure = AttemptFailure {
+                    status: StatusCode::BAD_GATEWAY,
+                    kind: "upstream-failed",
+                    cause: error_chain(&e),
+                    retryable: before_response,
+                };
+                Err(failure)
+            }
+            Err(elapsed) => {
+                drop(exchange);
+                endpoint.failures.fetch_add(1, Relaxed);
+                proxy.registry.record_failure(endpoint, now);
+                let failure = AttemptFailure {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    kind: "upstream-timeout",
+                    cause: format!("no response head within {elapsed:?}"),
+                    retryable: false,
+                };
+                Err(failure)
+            }
+        }
+    }
+
+    /// Completes a WebSocket-style upgrade: on 101 both sides are joined and the tunnel
+    /// counts as a request and a connection on its endpoint until it closes.
+    fn finish_upgrade(
+        &self,
+        response: Response<TrackedBody>,
+        client_upgrade: hyper::upgrade::OnUpgrade,
+        endpoint: Arc<EndpointState>,
+    ) -> Response<ResponseBody> {
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return response.map(|b| b.boxed_unsync());
+        }
+        let (head, mut body) = response.into_parts();
+        let upstream_upgrade = body.take_upgrade();
+        let metrics = self.proxy.metrics.clone();
+        endpoint.connections.fetch_add(1, Relaxed);
+        endpoint.in_flight.fetch_add(1, Relaxed);
+        metrics.upgrades.inc();
+        tokio::spawn(async move {
+            let joined = async {
+                let upstream = upstream_upgrade.ok_or("upstream did not upgrade")?.await?;
+                let client = client_upgrade.await?;
+                let mut upstream = TokioIo::new(upstream);
+                let mut client = TokioIo::new(client);
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+                Ok::<_, BoxError>(())
+            };
+            if let Err(e) = joined.await {
+                tracing::debug!(endpoint = %endpoint.address, error = %e, "upgraded connection ended with an error");
+            }
+            endpoint.in_flight.fetch_sub(1, Relaxed);
+            endpoint.connections.fetch_sub(1, Relaxed);
+            drop(body);
+        });
+        Response::from_parts(
+            head,
+            Empty::new().map_err(|never| match never {}).boxed_unsync(),
+        )
+    }
+}
+
+/// One request on one endpoint, from send to the end of the response body: keeps the
+/// endpoint's in-flight count and returns the connection to the pool afterwards.
+#[derive(Debug)]
+struct Exchange {
+    endpoint: Arc<EndpointState>,
+    sender: Option<http1::SendRequest<UpstreamBody>>,
+    completed: bool,
+    _metrics: Arc<Metrics>,
+}
+
+impl Exchange {
+    fn begin(endpoint: Arc<EndpointState>, metrics: Arc<Metrics>) -> Self {
+        endpoint.in_flight.fetch_add(1, Relaxed);
+        endpoint.pending.fetch_add(1, Relaxed);
+        endpoint.requests.fetch_add(1, Relaxed);
+        Self {
+            endpoint,
+            sender: None,
+            completed: false,
+            _metrics: metrics,
+        }
+    }
+
+    fn with_sender(mut self, sender: Option<http1::SendRequest<UpstreamBody>>) -> Self {
+        self.sender = sender;
+        self
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(1, Relaxed);
+        if let Some(sender) = self.sender.take() {
+            // A draining endpoint's connection closes as soon as its request is done.
+            if self.completed && !self.endpoint.is_draining() {
+                self.endpoint.pool.put(sender, Instant::now());
+            }
+        }
+    }
+}
+
+/// A response body from a backend that ends its [`Exchange`] when it completes or is
+/// dropped.
+#[derive(Debug)]
+pub struct TrackedBody {
+    inner: Incoming,
+    exchange: Option<Exchange>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+impl TrackedBody {
+    fn new(inner: Incoming, exchange: Exchange) -> Self {
+        let mut body = Self {
+            inner,
+            exchange: Some(exchange),
+            upgrade: None,
+        };
+        if body.inner.is_end_stream() {
+            body.finish(true);
+        }
+        body
+    }
+
+    fn finish(&mut self, completed: bool) {
+        if let Some(mut exchange) = self.exchange.take() {
+            exchange.completed = completed;
+        }
+    }
+
+    fn take_upgrade(&mut self) -> Option<hyper::upgrade::OnUpgrade> {
+        self.upgrade.take()
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(true),
+            _ => {}
+        }
+        polled.map(|frame| frame.map(|r| r.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+async fn with_timeout<F: std::future::Future>(
+    limit: Option<Duration>,
+    future: F,
+) -> Result<F::Output, Duration> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, future).await.map_err(|_| limit),
+        None => Ok(future.await),
+    }
+}
+
+fn full(bytes: Bytes) -> UpstreamBody {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Refuses request-smuggling shapes that must never reach a backend.
+fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
+    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if headers.contains_key(header::TRANSFER_ENCODING) && !lengths.is_empty() {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    if lengths.windows(2).any(|w| w[0] != w[1]) {
+        return Err("conflicting Content-Length headers");
+    }
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        let Ok(text) = value.to_str() else {
+            return Err("invalid Transfer-Encoding");
+        };
+        let last = text.rsplit(',').next().unwrap_or("").trim();
+        if !last.eq_ignore_ascii_case("chunked") {
+            return Err("Transfer-Encoding must end with chunked");
+        }
+    }
+    Ok(())
+}
+
+fn is_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() == Version::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && connection_tokens(request.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including those named by `Connection`. `TE: trailers`
+/// is end-to-end in practice (gRPC needs it) and is kept.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_trailers {
+        headers.remove(header::TE);
+    }
+}
+
+fn prepare_upstream_headers(headers: &mut HeaderMap, uri: &Uri, client: SocketAddr, upgrade: bool) {
+    let upgrade_to = upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    strip_hop_by_hop(headers);
+    if let Some(protocol) = upgrade_to {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+    }
+    // HTTP/2 clients send the authority in the URI, HTTP/1.1 backends need Host.
+    if !headers.contains_key(header::HOST)
+        && let Some(authority) = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        headers.insert(header::HOST, authority);
+    }
+    let client_ip = client.ip().to_canonical().to_string();
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, {client_ip}"),
+        None => client_ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", value);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key("x-forwarded-host")
+        && let Some(host) = headers.get(header::HOST).cloned()
+    {
+        headers.insert("x-forwarded-host", host);
+    }
+}
+
+/// Keeps the client's `x-request-id` or sets a new one; returns it.
+fn ensure_request_id(headers: &mut HeaderMap) -> String {
+    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        return id.to_owned();
+    }
+    let id = format!("{:032x}", fastrand::u128(..));
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        headers.insert("x-request-id", value);
+    }
+    id
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn failure_response(failure: &AttemptFailure, request_id: &str) -> Response<ResponseBody> {
+    tracing::warn!(request_id, status = failure.status.as_u16(), kind = failure.kind, cause = %failure.cause, "request failed");
+    let message = match failure.status {
+        StatusCode::GATEWAY_TIMEOUT => "upstream did not answer in time",
+        _ => "upstream request failed",
+    };
+    local_response(failure.status, failure.kind, message)
+}
+
+/// A response the proxy makes itself; `kind` goes into `x-ballast-error`.
+pub fn local_response(
+    status: StatusCode,
+    kind: &'static str,
+    message: &str,
+) -> Response<ResponseBody> {
+    let mut response = Response::new(full(Bytes::from(format!("{message}\n"))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert("x-ballast-error", HeaderValue::from_static(kind));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        assert!(check_framing(&h).is_err());
+
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert!(check_framing(&h).is_err());
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked, gzip"),
+        );
+        assert!(check_framing(&h).is_err());
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("gzip, chunked"),
+        );
+        assert!(check_framing(&h).is_ok());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_forwarded_headers_are_set() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::HOST, HeaderValue::from_static("shop.example"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        let client: SocketAddr = "10.1.2.3:5555".parse().unwrap();
+        prepare_upstream_headers(&mut h, &Uri::from_static("/"), client, false);
+        assert!(!h.contains_key(header::CONNECTION));
+        assert!(!h.contains_key("x-secret"));
+        assert!(!h.contains_key("keep-alive"));
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "shop.example");
+    }
+
+    #[test]
+    fn request_id_is_kept_or_generated() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        assert_eq!(ensure_request_id(&mut h), "abc");
+        let mut h = HeaderMap::new();
+        let id = ensure_request_id(&mut h);
+        assert_eq!(id.len(), 32);
+        assert_eq!(h["x-request-id"], id.as_str());
+    }
+}

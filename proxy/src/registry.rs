@@ -1,0 +1,569 @@
+//! Runtime state of every known endpoint, and per-request selection.
+//!
+//! Discovery updates arrive through [`Registry::apply`], which rebuilds an immutable
+//! [`Snapshot`] and swaps it in; [`Registry::select`] reads the snapshot without a
+//! global lock. Counters that the drain gate reads (in-flight requests and open
+//! connections) live in atomics on each [`EndpointState`].
+
+use crate::endpoint::{Endpoint, EndpointSet};
+use crate::load::{EjectionPolicy, Health, PeakEwma, may_eject, warmup_weight};
+use crate::pool::Pool;
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+/// Load-balancing algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    /// Power of two choices over peak-EWMA latency x (pending + 1).
+    P2cEwma,
+    /// Power of two choices over in-flight requests.
+    LeastRequest,
+    /// Each endpoint in turn.
+    RoundRobin,
+}
+
+/// Balancer settings.
+#[derive(Clone, Debug)]
+pub struct BalancerConfig {
+    /// Selection algorithm.
+    pub algorithm: Algorithm,
+    /// Latency assumed for an endpoint before its first response.
+    pub initial_rtt: Duration,
+    /// Peak-EWMA decay time.
+    pub ewma_decay: Duration,
+    /// Slow-start ramp for endpoints added after the first discovery update.
+    pub warmup: Duration,
+    /// Outlier ejection.
+    pub ejection: EjectionPolicy,
+    /// A drain mark that discovery never confirms expires after this.
+    pub drain_ttl: Duration,
+}
+
+/// Why an endpoint is draining.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrainReason {
+    /// Its pod asked through `POST /drain` (expires unless discovery confirms).
+    Requested,
+    /// Discovery reports it terminating.
+    Terminating,
+    /// Discovery no longer lists it.
+    Removed,
+}
+
+/// Drain mark of an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainMark {
+    /// Why.
+    pub reason: DrainReason,
+    /// When it was marked (monotonic).
+    pub since: Instant,
+    /// When it was marked (wall clock, for reports).
+    pub since_wall: SystemTime,
+}
+
+/// What an endpoint is doing, as reported on `/endpoints` and `/drain`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndpointStatus {
+    /// Takes new requests.
+    Active,
+    /// Takes no new requests; in-flight ones finish.
+    Draining,
+    /// Failing; skipped until the ejection ends.
+    Ejected,
+    /// Not ready according to discovery.
+    NotReady,
+}
+
+/// Live state of one endpoint.
+#[derive(Debug)]
+pub struct EndpointState {
+    /// Pod IP and port.
+    pub address: SocketAddr,
+    discovered: Mutex<Endpoint>,
+    /// Requests sent to it whose response has not completed.
+    pub in_flight: AtomicU64,
+    /// Requests waiting for their response head (the EWMA's load term).
+    pub pending: AtomicU64,
+    /// Open connections to it, upgraded tunnels included.
+    pub connections: AtomicU64,
+    /// Connections ever opened to it.
+    pub connections_opened: AtomicU64,
+    /// Requests sent to it.
+    pub requests: AtomicU64,
+    /// Responses by status class: 1xx .. 5xx.
+    pub responses: [AtomicU64; 5],
+    /// Requests that failed without a response (connect, reset, timeout).
+    pub failures: AtomicU64,
+    /// Times it was ejected.
+    pub ejections: AtomicU64,
+    ewma: Mutex<PeakEwma>,
+    health: Mutex<Health>,
+    ejected_until: Mutex<Option<Instant>>,
+    drain: Mutex<Option<DrainMark>>,
+    draining: AtomicBool,
+    added: Instant,
+    ramp: bool,
+    pub(crate) pool: Pool,
+}
+
+/// The endpoints discovery currently lists, as selection sees them.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Sorted by address.
+    pub endpoints: Vec<Arc<EndpointState>>,
+}
+
+/// All endpoints, current and leaving.
+#[derive(Debug)]
+pub struct Registry {
+    config: BalancerConfig,
+    snapshot: ArcSwap<Snapshot>,
+    /// Listed ones plus removed ones that still have requests or connections.
+    all: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
+    updates: AtomicU64,
+    next: AtomicUsize,
+}
+
+/// The counts the drain gate reads for one pod.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DrainReport {
+    /// Whether this proxy knows an endpoint with that IP.
+    pub known: bool,
+    /// Its state, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<EndpointStatus>,
+    /// Requests in flight to it.
+    pub in_flight: u64,
+    /// Connections open to it.
+    pub connections: u64,
+    /// Seconds since the Unix epoch when draining began.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draining_since: Option<f64>,
+}
+
+/// One row of `/endpoints`.
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointReport {
+    /// Pod IP and port.
+    pub address: SocketAddr,
+    /// Pod name.
+    pub pod: Option<String>,
+    /// Zone.
+    pub zone: Option<String>,
+    /// State.
+    pub state: EndpointStatus,
+    /// Still listed by discovery.
+    pub listed: bool,
+    /// Discovery's conditions.
+    pub ready: bool,
+    /// Discovery's conditions.
+    pub serving: bool,
+    /// Discovery's conditions.
+    pub terminating: bool,
+    /// Why it drains, when it does.
+    pub drain_reason: Option<DrainReason>,
+    /// Requests in flight.
+    pub in_flight: u64,
+    /// Open connections.
+    pub connections: u64,
+    /// Connections ever opened.
+    pub connections_opened: u64,
+    /// Requests sent.
+    pub requests: u64,
+    /// Requests per connection opened (keep-alive reuse).
+    pub requests_per_connection: f64,
+    /// 5xx answers plus failures without an answer.
+    pub errors: u64,
+    /// Peak-EWMA latency estimate in milliseconds.
+    pub ewma_ms: f64,
+    /// Slow-start weight, 0.1 to 1.
+    pub weight: f64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl EndpointState {
+    fn new(endpoint: Endpoint, config: &BalancerConfig, ramp: bool, now: Instant) -> Self {
+        Self {
+            address: endpoint.address,
+            discovered: Mutex::new(endpoint),
+            in_flight: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            connections_opened: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            responses: Default::default(),
+            failures: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            ewma: Mutex::new(PeakEwma::new(config.initial_rtt, config.ewma_decay, now)),
+            health: Mutex::new(Health::default()),
+            ejected_until: Mutex::new(None),
+            drain: Mutex::new(None),
+            draining: AtomicBool::new(false),
+            added: now,
+            ramp,
+            pool: Pool::default(),
+        }
+    }
+
+    /// The pod name discovery reported.
+    pub fn pod(&self) -> Option<String> {
+        lock(&self.discovered).name.clone()
+    }
+
+    /// True while no new request may be sent to it.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    /// Its drain mark, if any.
+    pub fn drain_mark(&self) -> Option<DrainMark> {
+        *lock(&self.drain)
+    }
+
+    fn set_drain(&self, mark: Option<DrainMark>) {
+        let mut drain = lock(&self.drain);
+        let was = drain.is_some();
+        *drain = mark;
+        self.draining.store(mark.is_some(), Relaxed);
+        drop(drain);
+        if mark.is_some() && !was {
+            // No new request will use them; close now rather than at the idle timeout.
+            self.pool.close_idle();
+        }
+    }
+
+    fn is_ejected(&self, now: Instant) -> bool {
+        lock(&self.ejected_until).is_some_and(|until| now < until)
+    }
+
+    fn weight(&self, now: Instant, warmup: Duration) -> f64 {
+        if self.ramp {
+            warmup_weight(now.saturating_duration_since(self.added), warmup)
+        } else {
+            1.0
+        }
+    }
+
+    fn status(&self, now: Instant) -> EndpointStatus {
+        let discovered = lock(&self.discovered);
+        if self.is_draining() {
+            EndpointStatus::Draining
+        } else if !discovered.ready {
+            EndpointStatus::NotReady
+        } else if self.is_ejected(now) {
+            EndpointStatus::Ejected
+        } else {
+            EndpointStatus::Active
+        }
+    }
+
+    /// Latency plus load: the peak-EWMA estimate times (pending + 1), divided by the
+    /// slow-start weight.
+    fn ewma_cost(&self, now: Instant, warmup: Duration) -> f64 {
+        let estimate = lock(&self.ewma).estimate(now);
+        let load = self.pending.load(Relaxed) as f64 + 1.0;
+        estimate * load / self.weight(now, warmup)
+    }
+
+    fn request_cost(&self, now: Instant, warmup: Duration) -> f64 {
+        (self.in_flight.load(Relaxed) as f64 + 1.0) / self.weight(now, warmup)
+    }
+
+    /// Records a response head after `rtt`.
+    pub fn observe_rtt(&self, rtt: Duration, now: Instant) {
+        lock(&self.ewma).observe(rtt, now);
+    }
+
+    fn report(&self, now: Instant, warmup: Duration, listed: bool) -> EndpointReport {
+        let discovered = lock(&self.discovered).clone();
+        let opened = self.connections_opened.load(Relaxed);
+        let requests = self.requests.load(Relaxed);
+        EndpointReport {
+            address: self.address,
+            pod: discovered.name,
+            zone: discovered.zone,
+            state: self.status(now),
+            listed,
+            ready: discovered.ready,
+            serving: discovered.serving,
+            terminating: discovered.terminating,
+            drain_reason: self.drain_mark().map(|m| m.reason),
+            in_flight: self.in_flight.load(Relaxed),
+            connections: self.connections.load(Relaxed),
+            connections_opened: opened,
+            requests,
+            requests_per_connection: if opened == 0 {
+                0.0
+            } else {
+                requests as f64 / opened as f64
+            },
+            errors: self.responses[4].load(Relaxed) + self.failures.load(Relaxed),
+            ewma_ms: lock(&self.ewma).estimate(now) / 1e6,
+            weight: self.weight(now, warmup),
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.in_flight.load(Relaxed) == 0 && self.connections.load(Relaxed) == 0
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(config: BalancerConfig) -> Self {
+        Self {
+            config,
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            all: Mutex::new(HashMap::new()),
+            updates: AtomicU64::new(0),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Balancer settings.
+    pub fn config(&self) -> &BalancerConfig {
+        &self.config
+    }
+
+    /// The endpoints currently listed.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Applies a discovery update: new endpoints appear (ramping up when they are not
+    /// part of the first update), terminating ones drain, vanished ones drain and are
+    /// forgotten once they have no request or connection left.
+    pub fn apply(&self, set: &EndpointSet, now: Instant) {
+        let ramp = self.updates.fetch_add(1, Relaxed) > 0;
+        let mut all = lock(&self.all);
+        let mut listed = Vec::with_capacity(set.len());
+        for endpoint in set.iter() {
+            let state = all
+                .entry(endpoint.address)
+                .or_insert_with(|| {
+                    Arc::new(EndpointState::new(
+                        endpoint.clone(),
+                        &self.config,
+                        ramp,
+                        now,
+                    ))
+                })
+                .clone();
+            *lock(&state.discovered) = endpoint.clone();
+            let mark = state.drain_mark();
+            if endpoint.terminating {
+                if mark.is_none_or(|m| m.reason != DrainReason::Terminating) {
+                    state.set_drain(Some(DrainMark {
+                        reason: DrainReason::Terminating,
+                        since: mark.map_or(now, |m| m.since),
+                        since_wall: mark.map_or_else(SystemTime::now, |m| m.since_wall),
+                    }));
+                }
+            } else if mark.is_some_and(|m| m.reason == DrainReason::Removed) {
+                // Listed again (e.g. a flapping slice): routable again.
+                state.set_drain(None);
+            }
+            listed.push(state);
+        }
+        for (address, state) in all.iter() {
+            if set.iter().any(|e| e.address == *address) {
+                continue;
+            }
+            if state
+                .drain_mark()
+                .is_none_or(|m| m.reason == DrainReason::Requested)
+            {
+                let mark = state.drain_mark();
+                state.set_drain(Some(DrainMark {
+                    reason: DrainReason::Removed,
+                    since: mark.map_or(now, |m| m.since),
+                    since_wall: mark.map_or_else(SystemTime::now, |m| m.since_wall),
+                }));
+            }
+        }
+        all.retain(|address, state| set.iter().any(|e| e.address == *address) || !state.is_idle());
+        self.snapshot
+            .store(Arc::new(Snapshot { endpoints: listed }));
+    }
+
+    /// Housekeeping, run about once a second: expires unconfirmed drain marks, ends
+    /// ejections and forgets vanished endpoints that have gone idle.
+    pub fn tick(&self, now: Instant) {
+        let mut all = lock(&self.all);
+        for state in all.values() {
+            if let Some(mark) = state.drain_mark() {
+                let discovered_terminating = lock(&state.discovered).terminating;
+                if mark.reason == DrainReason::Requested
+                    && !discovered_terminating
+                    && now.saturating_duration_since(mark.since) >= self.config.drain_ttl
+                {
+                    tracing::warn!(endpoint = %state.address, "drain mark expired without discovery confirming termination; routing to it again");
+                    state.set_drain(None);
+                }
+            }
+            let mut until = lock(&state.ejected_until);
+            if until.is_some_and(|u| now >= u) {
+                *until = None;
+                tracing::info!(endpoint = %state.address, "ejection ended");
+            }
+        }
+        let listed = self.snapshot.load();
+        all.retain(|address, state| {
+            listed.endpoints.iter().any(|e| e.address == *address) || !state.is_idle()
+        });
+    }
+
+    /// Picks the endpoint for one request, skipping `tried`. Eligible: ready, not
+    /// draining, not ejected. With none eligible, falls back to endpoints that are
+    /// still serving while terminating (as kube-proxy does).
+    pub fn select(&self, now: Instant, tried: &[SocketAddr]) -> Option<Arc<EndpointState>> {
+        let snapshot = self.snapshot.load();
+        let untried = |e: &&Arc<EndpointState>| !tried.contains(&e.address);
+        let mut candidates: Vec<&Arc<EndpointState>> = snapshot
+            .endpoints
+            .iter()
+            .filter(untried)
+            .filter(|e| !e.is_draining() && lock(&e.discovered).ready && !e.is_ejected(now))
+            .collect();
+        if candidates.is_empty() {
+            candidates = snapshot
+                .endpoints
+                .iter()
+                .filter(untried)
+                .filter(|e| {
+                    let d = lock(&e.discovered);
+                    d.serving && (d.terminating || e.is_draining())
+                })
+                .collect();
+        }
+        let warmup = self.config.warmup;
+        let chosen = match (candidates.len(), self.config.algorithm) {
+            (0, _) => return None,
+            (1, _) => candidates[0],
+            (n, Algorithm::RoundRobin) => candidates[self.next.fetch_add(1, Relaxed) % n],
+            (n, Algorithm::P2cEwma) => p2c(&candidates, n, |e| e.ewma_cost(now, warmup)),
+            (n, Algorithm::LeastRequest) => p2c(&candidates, n, |e| e.request_cost(now, warmup)),
+        };
+        Some(chosen.clone())
+    }
+
+    /// Counts a failure (connect error, reset, timeout or 5xx) against `endpoint`, and
+    /// ejects it after too many in a row.
+    pub fn record_failure(&self, endpoint: &EndpointState, now: Instant) {
+        let policy = &self.config.ejection;
+        let snapshot = self.snapshot.load();
+        let ejected = snapshot
+            .endpoints
+            .iter()
+            .filter(|e| e.is_ejected(now))
+            .count();
+        let allowed = may_eject(ejected, snapshot.endpoints.len(), policy);
+        if let Some(length) = lock(&endpoint.health).record_failure(policy, allowed) {
+            *lock(&endpoint.ejected_until) = Some(now + length);
+            endpoint.ejections.fetch_add(1, Relaxed);
+            tracing::warn!(endpoint = %endpoint.address, seconds = length.as_secs(), "endpoint ejected after consecutive failures");
+        }
+    }
+
+    /// Counts a success for `endpoint`.
+    pub fn record_success(&self, endpoint: &EndpointState) {
+        lock(&endpoint.health).record_success();
+    }
+
+    /// Marks every endpoint with IP `ip` as draining at its pod's request. Returns
+    /// `None` when no endpoint has that IP.
+    pub fn request_drain(&self, ip: IpAddr, now: Instant) -> Option<DrainReport> {
+        let all = lock(&self.all);
+        let mut found = false;
+        for state in all.values().filter(|s| s.address.ip() == ip) {
+            found = true;
+            if state.drain_mark().is_none() {
+                tracing::info!(endpoint = %state.address, pod = ?state.pod(), "drain requested by the pod");
+                state.set_drain(Some(DrainMark {
+                    reason: DrainReason::Requested,
+                    since: now,
+                    since_wall: SystemTime::now(),
+                }));
+            }
+        }
+        drop(all);
+        found.then(|| self.drain_report(ip, now))
+    }
+
+    /// In-flight requests and open connections of the endpoints with IP `ip`, summed.
+    pub fn drain_report(&self, ip: IpAddr, now: Instant) -> DrainReport {
+        let all = lock(&self.all);
+        let mut report = DrainReport::default();
+        for state in all.values().filter(|s| s.address.ip() == ip) {
+            report.known = true;
+            report.in_flight += state.in_flight.load(Relaxed);
+            report.connections += state.connections.load(Relaxed);
+            let status = state.status(now);
+            report.state = Some(match report.state {
+                Some(EndpointStatus::Draining) => EndpointStatus::Draining,
+                _ => status,
+            });
+            if let Some(mark) = state.drain_mark() {
+                let since = mark
+                    .since_wall
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                report.draining_since = Some(since.as_secs_f64());
+            }
+        }
+        report
+    }
+
+    /// Every endpoint, listed or leaving, for `/endpoints` and `/metrics`.
+    pub fn reports(&self, now: Instant) -> Vec<EndpointReport> {
+        let listed = self.snapshot.load();
+        let all = lock(&self.all);
+        let mut reports: Vec<_> = all
+            .values()
+            .map(|s| {
+                let is_listed = listed.endpoints.iter().any(|e| e.address == s.address);
+                s.report(now, self.config.warmup, is_listed)
+            })
+            .collect();
+        reports.sort_by_key(|r| r.address);
+        reports
+    }
+
+    /// Looks up an endpoint's state (listed or leaving).
+    pub fn get(&self, address: SocketAddr) -> Option<Arc<EndpointState>> {
+        lock(&self.all).get(&address).cloned()
+    }
+}
+
+/// Power of two choices: two distinct random candidates, the cheaper one wins.
+fn p2c<'a>(
+    candidates: &[&'a Arc<EndpointState>],
+    n: usize,
+    cost: impl Fn(&EndpointState) -> f64,
+) -> &'a Arc<EndpointState> {
+    let a = fastrand::usize(..n);
+    let mut b = fastrand::usize(..n - 1);
+    if b >= a {
+        b += 1;
+    }
+    if cost(candidates[b]) < cost(candidates[a]) {
+        candidates[b]
+    } else {
+        candidates[a]
+    }
+}
+
+#[cfg(test)]
+mod tests;

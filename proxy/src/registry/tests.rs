@@ -1,0 +1,260 @@
+use super::*;
+use crate::load::EjectionPolicy;
+
+fn config(algorithm: Algorithm) -> BalancerConfig {
+    BalancerConfig {
+        algorithm,
+        initial_rtt: Duration::from_millis(30),
+        ewma_decay: Duration::from_secs(10),
+        warmup: Duration::from_secs(10),
+        ejection: EjectionPolicy {
+            consecutive_failures: 2,
+            base: Duration::from_secs(30),
+            max: Duration::from_secs(300),
+            max_ejected_ratio: 0.5,
+        },
+        drain_ttl: Duration::from_secs(60),
+    }
+}
+
+fn addr(i: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, i], 8080))
+}
+
+fn set(endpoints: &[Endpoint]) -> EndpointSet {
+    EndpointSet::new(endpoints.to_vec())
+}
+
+fn picks(registry: &Registry, n: usize) -> HashMap<SocketAddr, usize> {
+    let mut out = HashMap::new();
+    for _ in 0..n {
+        let chosen = registry.select(Instant::now(), &[]).expect("an endpoint");
+        *out.entry(chosen.address).or_default() += 1;
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn round_robin_visits_everyone_equally() {
+    let registry = Registry::new(config(Algorithm::RoundRobin));
+    registry.apply(
+        &set(&[
+            Endpoint::ready(addr(2)),
+            Endpoint::ready(addr(3)),
+            Endpoint::ready(addr(4)),
+        ]),
+        Instant::now(),
+    );
+    let counts = picks(&registry, 300);
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        vec![100, 100, 100]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn p2c_avoids_the_endpoint_with_pending_requests() {
+    let registry = Registry::new(config(Algorithm::P2cEwma));
+    registry.apply(
+        &set(&[Endpoint::ready(addr(2)), Endpoint::ready(addr(3))]),
+        Instant::now(),
+    );
+    let busy = registry.get(addr(2)).unwrap();
+    busy.pending.store(5, Relaxed);
+    let counts = picks(&registry, 100);
+    assert_eq!(
+        counts.get(&addr(3)),
+        Some(&100),
+        "with two candidates P2C always compares both"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn p2c_prefers_the_faster_endpoint() {
+    let registry = Registry::new(config(Algorithm::P2cEwma));
+    let endpoints: Vec<_> = (2..6).map(|i| Endpoint::ready(addr(i))).collect();
+    registry.apply(&set(&endpoints), Instant::now());
+    registry
+        .get(addr(2))
+        .unwrap()
+        .observe_rtt(Duration::from_millis(300), Instant::now());
+    for i in 3..6 {
+        registry
+            .get(addr(i))
+            .unwrap()
+            .observe_rtt(Duration::from_millis(3), Instant::now());
+    }
+    let counts = picks(&registry, 4000);
+    // The slow one wins only when paired with itself, which P2C never does.
+    assert_eq!(counts.get(&addr(2)), None, "{counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_start_ramps_new_endpoints_but_not_the_first_set() {
+    let registry = Registry::new(config(Algorithm::LeastRequest));
+    registry.apply(&set(&[Endpoint::ready(addr(2))]), Instant::now());
+    registry.apply(
+        &set(&[Endpoint::ready(addr(2)), Endpoint::ready(addr(3))]),
+        Instant::now(),
+    );
+    let reports = registry.reports(Instant::now());
+    assert_eq!(
+        reports[0].weight, 1.0,
+        "endpoints of the first update start at full weight"
+    );
+    assert!(
+        (reports[1].weight - 0.1).abs() < 1e-9,
+        "a new endpoint starts at 10%"
+    );
+    // Equal load: the new endpoint costs 10x more, so P2C sends everything to the old.
+    let counts = picks(&registry, 200);
+    assert_eq!(counts.get(&addr(3)), None);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(registry.reports(Instant::now())[1].weight, 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn terminating_endpoints_drain_and_serve_only_as_a_fallback() {
+    let registry = Registry::new(config(Algorithm::RoundRobin));
+    let mut leaving = Endpoint::ready(addr(2));
+    leaving.ready = false;
+    leaving.terminating = true;
+    registry.apply(
+        &set(&[leaving.clone(), Endpoint::ready(addr(3))]),
+        Instant::now(),
+    );
+    assert!(registry.get(addr(2)).unwrap().is_draining());
+    assert_eq!(picks(&registry, 10).get(&addr(3)), Some(&10));
+    // Only the terminating one is left: it still serves (as kube-proxy falls back).
+    registry.apply(&set(&[leaving.clone()]), Instant::now());
+    assert_eq!(
+        registry.select(Instant::now(), &[]).unwrap().address,
+        addr(2)
+    );
+    leaving.serving = false;
+    registry.apply(&set(&[leaving]), Instant::now());
+    assert!(
+        registry.select(Instant::now(), &[]).is_none(),
+        "not serving: no endpoint at all"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn requested_drain_stops_routing_and_expires_after_the_ttl() {
+    let registry = Registry::new(config(Algorithm::RoundRobin));
+    registry.apply(
+        &set(&[Endpoint::ready(addr(2)), Endpoint::ready(addr(3))]),
+        Instant::now(),
+    );
+    let report = registry
+        .request_drain(addr(2).ip(), Instant::now())
+        .expect("known pod");
+    assert_eq!(report.state, Some(EndpointStatus::Draining));
+    assert!(report.draining_since.is_some());
+    assert_eq!(picks(&registry, 20).get(&addr(3)), Some(&20));
+
+    tokio::time::advance(Duration::from_secs(59)).await;
+    registry.tick(Instant::now());
+    assert!(
+        registry.get(addr(2)).unwrap().is_draining(),
+        "still within the TTL"
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    registry.tick(Instant::now());
+    assert!(
+        !registry.get(addr(2)).unwrap().is_draining(),
+        "expired: discovery never confirmed"
+    );
+    assert_eq!(picks(&registry, 20).get(&addr(2)), Some(&10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_confirmed_drain_does_not_expire() {
+    let registry = Registry::new(config(Algorithm::RoundRobin));
+    registry.apply(
+        &set(&[Endpoint::ready(addr(2)), Endpoint::ready(addr(3))]),
+        Instant::now(),
+    );
+    registry.request_drain(addr(2).ip(), Instant::now());
+    let mut terminating = Endpoint::ready(addr(2));
+    terminating.terminating = true;
+    terminating.ready = false;
+    registry.apply(
+        &set(&[terminating, Endpoint::ready(addr(3))]),
+        Instant::now(),
+    );
+    tokio::time::advance(Duration::from_secs(600)).await;
+    registry.tick(Instant::now());
+    assert!(registry.get(addr(2)).unwrap().is_draining());
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_from_an_unknown_ip_is_refused() {
+    let registry = Registry::new(config(Algorithm::RoundRobin));
+    registry.apply(&set(&[Endpoint::ready(addr(2))]), Instant::now());
+    assert!(
+        registry
+            .request_drain(addr(9).ip(), Instant::now())
+            .is_none()
+    );
+    assert!(!registry.drain_report(addr(9).ip(), Instant::now()).known);
+}
+
+#[tokio::test(start_paused = true)]
+async fn removed_endpoints_are_reported_until_idle() {
+    let registry = Registry::new(config(Algorithm::RoundRobin));
+    registry.apply(
+        &set(&[Endpoint::ready(addr(2)), Endpoint::ready(addr(3))]),
+        Instant::now(),
+    );
+    let leaving = registry.get(addr(2)).unwrap();
+    leaving.in_flight.store(1, Relaxed);
+    registry.apply(&set(&[Endpoint::ready(addr(3))]), Instant::now());
+    let report = registry.drain_report(addr(2).ip(), Instant::now());
+    assert!(report.known && report.in_flight == 1, "{report:?}");
+    assert_eq!(
+        registry.select(Instant::now(), &[]).unwrap().address,
+        addr(3)
+    );
+    leaving.in_flight.store(0, Relaxed);
+    registry.tick(Instant::now());
+    assert!(
+        !registry.drain_report(addr(2).ip(), Instant::now()).known,
+        "forgotten once idle"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn consecutive_failures_eject_for_a_while_but_never_more_than_half() {
+    let registry = Registry::new(config(Algorithm::RoundRobin));
+    let endpoints: Vec<_> = (2..6).map(|i| Endpoint::ready(addr(i))).collect();
+    registry.apply(&set(&endpoints), Instant::now());
+    for i in 2..5 {
+        let e = registry.get(addr(i)).unwrap();
+        registry.record_failure(&e, Instant::now());
+        registry.record_failure(&e, Instant::now());
+    }
+    let statuses: Vec<_> = registry
+        .reports(Instant::now())
+        .iter()
+        .map(|r| r.state)
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            EndpointStatus::Ejected,
+            EndpointStatus::Ejected,
+            EndpointStatus::Active,
+            EndpointStatus::Active
+        ],
+        "the third is spared: at most half may be ejected"
+    );
+    tokio::time::advance(Duration::from_secs(30)).await;
+    registry.tick(Instant::now());
+    assert!(
+        registry
+            .reports(Instant::now())
+            .iter()
+            .all(|r| r.state == EndpointStatus::Active)
+    );
+}

@@ -1,0 +1,256 @@
+//! Listeners, the discovery feed and the proxy's own graceful shutdown.
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::discovery;
+use crate::endpoint::EndpointSet;
+use crate::load::RetryBudget;
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, ProxyConfig};
+use crate::registry::Registry;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind.
+    #[error("cannot listen on {address}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A started proxy.
+#[derive(Debug)]
+pub struct Running {
+    /// Where clients connect (the real port when 0 was asked).
+    pub listen: SocketAddr,
+    /// Where the admin listener is.
+    pub admin: SocketAddr,
+    /// The endpoint registry (for tests and introspection).
+    pub registry: Arc<Registry>,
+    shutdown: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts the graceful shutdown and waits until it is complete.
+    pub async fn shutdown(self) {
+        self.shutdown.notify_one();
+        let _ = self.task.await;
+    }
+
+    /// A handle that starts the shutdown when notified.
+    pub fn shutdown_trigger(&self) -> Arc<Notify> {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the proxy has stopped.
+    pub async fn stopped(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Binds the listeners and starts serving.
+///
+/// # Errors
+/// When a listener cannot bind.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let bind = |address: SocketAddr| async move {
+        TcpListener::bind(address)
+            .await
+            .map_err(|source| StartError::Bind { address, source })
+    };
+    let listener = bind(config.listen).await?;
+    let admin_listener = bind(config.admin_listen).await?;
+    let listen = listener.local_addr().map_err(|source| StartError::Bind {
+        address: config.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            address: config.admin_listen,
+            source,
+        })?;
+
+    let registry = Arc::new(Registry::new(config.balancer.clone()));
+    let metrics = Arc::new(Metrics::new(registry.clone()));
+    let ready = Arc::new(AtomicBool::new(false));
+    let proxy = Proxy::new(
+        registry.clone(),
+        metrics.clone(),
+        ProxyConfig {
+            connect: config.connect,
+            response_timeout: config.response_timeout,
+            max_attempts: config.retry_attempts,
+        },
+        RetryBudget::new(
+            config.retry_budget_ratio,
+            config.retry_min_per_second,
+            Instant::now(),
+        ),
+    );
+    let admin = Admin {
+        registry: registry.clone(),
+        metrics,
+        ready: ready.clone(),
+    };
+
+    let (tx, rx) = watch::channel(EndpointSet::default());
+    let source = config.source.clone();
+    tokio::spawn(async move {
+        if let Err(e) = discovery::run(source, tx).await {
+            tracing::error!(error = %e, "discovery stopped; keeping the last endpoints");
+        }
+    });
+    tokio::spawn(feed(rx, registry.clone(), ready.clone()));
+    tokio::spawn(housekeeping(registry.clone(), config.connect.idle_timeout));
+
+    let shutdown = Arc::new(Notify::new());
+    let task = tokio::spawn(serve(
+        config,
+        listener,
+        admin_listener,
+        proxy,
+        admin,
+        ready,
+        shutdown.clone(),
+    ));
+    tracing::info!(%listen, admin = %admin_addr, "ballast-proxy listening");
+    Ok(Running {
+        listen,
+        admin: admin_addr,
+        registry,
+        shutdown,
+        task,
+    })
+}
+
+/// Applies every discovery update; the proxy is ready after the first one.
+async fn feed(
+    mut rx: watch::Receiver<EndpointSet>,
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+) {
+    let mut first = true;
+    while rx.changed().await.is_ok() {
+        let set = rx.borrow_and_update().clone();
+        registry.apply(&set, Instant::now());
+        tracing::debug!(endpoints = set.len(), "endpoints updated");
+        if first {
+            first = false;
+            ready.store(true, Relaxed);
+        }
+    }
+}
+
+async fn housekeeping(registry: Arc<Registry>, idle_timeout: Duration) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        ticker.tick().await;
+        let now = Instant::now();
+        registry.tick(now);
+        for endpoint in &registry.snapshot().endpoints {
+            endpoint.pool.expire(now, idle_timeout);
+        }
+    }
+}
+
+async fn serve(
+    config: Config,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    proxy: Proxy,
+    admin: Admin,
+    ready: Arc<AtomicBool>,
+    shutdown: Arc<Notify>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(config.max_header_bytes as u32);
+    let builder = Arc::new(builder);
+
+    let admin_task = tokio::spawn(serve_admin(admin_listener, admin));
+    let graceful = GracefulShutdown::new();
+    let accept = async {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let service = proxy.for_client(peer);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn.into_owned());
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+            });
+        }
+    };
+    let draining = async {
+        shutdown.notified().await;
+        ready.store(false, Relaxed);
+        tracing::info!(delay = ?config.shutdown_delay, "shutting down: /ready fails, still serving while load balancers catch up");
+        tokio::time::sleep(config.shutdown_delay).await;
+    };
+    tokio::select! {
+        () = accept => {}
+        () = draining => {}
+    }
+    drop(listener);
+    tracing::info!(
+        "closing client connections (HTTP/1.1 Connection: close, HTTP/2 GOAWAY) and finishing in-flight requests"
+    );
+    match tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all client connections closed"),
+        Err(_) => {
+            tracing::warn!(timeout = ?config.drain_timeout, "drain timeout reached; closing remaining connections")
+        }
+    }
+    admin_task.abort();
+}
+
+async fn serve_admin(listener: TcpListener, admin: Admin) {
+    let builder = hyper::server::conn::http1::Builder::new();
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let conn = builder.serve_connection(TokioIo::new(stream), admin.for_peer(peer));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,351 @@
+//! `ballast-sample-app`: the backend that stands in for a user's app pod in
+//! integration tests and demos.
+//!
+//! It serves HTTP/1.1 (keep-alive) and HTTP/2 prior knowledge (h2c) on one
+//! port, stamps every response with `x-served-by: <pod>`, echoes
+//! `x-request-id`, answers a small JSON document on every path, echoes
+//! WebSocket messages on `GET /ws`, and shuts down either naively (exit on
+//! SIGTERM, dropping connections) or gracefully (fail `/healthz`, stop
+//! accepting, finish in-flight requests).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tracing::{debug, info, warn};
+
+const SERVED_BY: &str = "x-served-by";
+const REQUEST_ID: &str = "x-request-id";
+
+/// What the app does on SIGTERM (or SIGINT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ShutdownMode {
+    /// Exit at once with status 0, dropping every open connection.
+    Naive,
+    /// Fail `/healthz`, stop accepting, finish in-flight requests, exit 0.
+    Graceful,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ballast-sample-app",
+    about = "Sample backend pod for ballast tests and demos"
+)]
+struct Args {
+    /// Address to listen on; port 0 picks a free port (the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Pod name reported in `x-served-by` and the JSON body (default: the bound address).
+    #[arg(long, env = "POD_NAME")]
+    pod: Option<String>,
+    /// Latency added to every non-health request, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Behaviour on SIGTERM.
+    #[arg(long, value_enum, default_value_t = ShutdownMode::Naive)]
+    shutdown: ShutdownMode,
+    /// File created (containing the bound address) once listening, removed on shutdown.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+struct State {
+    pod: String,
+    served_by: HeaderValue,
+    latency: Duration,
+    requests: AtomicU64,
+    shutting_down: AtomicBool,
+}
+
+type Body = Full<Bytes>;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+
+    let args = Args::parse();
+    let listener = TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let pod = args.pod.clone().unwrap_or_else(|| addr.to_string());
+    let state = Arc::new(State {
+        served_by: HeaderValue::from_str(&pod)?,
+        pod,
+        latency: Duration::from_millis(args.latency_ms),
+        requests: AtomicU64::new(0),
+        shutting_down: AtomicBool::new(false),
+    });
+
+    if let Some(path) = &args.ready_file {
+        std::fs::write(path, format!("{addr}\n"))?;
+    }
+    println!("listening on {addr}");
+    info!(%addr, pod = %state.pod, mode = ?args.shutdown, "listening");
+
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = term.recv() => break,
+            _ = interrupt.recv() => break,
+        };
+        debug!(%peer, "accepted");
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        let service = hyper::service::service_fn(move |req| handle(Arc::clone(&state), req));
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                debug!(%peer, %err, "connection ended with error");
+            }
+        });
+    }
+
+    if let Some(path) = &args.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    match args.shutdown {
+        ShutdownMode::Naive => {
+            info!("SIGTERM: exiting immediately (naive shutdown)");
+            std::process::exit(0);
+        }
+        ShutdownMode::Graceful => {
+            info!("SIGTERM: failing /healthz, draining in-flight requests");
+            state.shutting_down.store(true, Ordering::SeqCst);
+            drop(listener);
+            graceful.shutdown().await;
+            info!("drained, exiting");
+        }
+    }
+    Ok(())
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let request_id = req.headers().get(REQUEST_ID).cloned();
+    let mut resp = route(&state, req).await;
+    let headers = resp.headers_mut();
+    headers.insert(SERVED_BY, state.served_by.clone());
+    if let Some(id) = request_id {
+        headers.insert(REQUEST_ID, id);
+    }
+    Ok(resp)
+}
+
+async fn route(state: &State, req: Request<Incoming>) -> Response<Body> {
+    if req.uri().path() == "/healthz" && req.method() == Method::GET {
+        return if state.shutting_down.load(Ordering::SeqCst) {
+            text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+        } else {
+            text(StatusCode::OK, "ok")
+        };
+    }
+    if req.uri().path() == "/ws" && req.method() == Method::GET && is_websocket_upgrade(&req) {
+        return websocket(req);
+    }
+    app(state, req).await
+}
+
+/// The catch-all route: optional delay, optional status, JSON description.
+async fn app(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let count = state.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+
+    let mut delay = state.latency;
+    let mut status = StatusCode::OK;
+    for (key, value) in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+    {
+        match key {
+            "delay_ms" => match value.parse::<u64>() {
+                Ok(ms) => delay = Duration::from_millis(ms),
+                Err(_) => return text(StatusCode::BAD_REQUEST, "delay_ms must be an integer\n"),
+            },
+            "status" => match value
+                .parse::<u16>()
+                .ok()
+                .and_then(|s| StatusCode::from_u16(s).ok())
+            {
+                Some(s) => status = s,
+                None => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "status must be a valid status code\n",
+                    );
+                }
+            },
+            _ => {}
+        }
+    }
+
+    // Read the body fully whatever the method, so the connection stays usable.
+    let body_bytes = match req.into_body().collect().await {
+        Ok(collected) => collected.to_bytes().len(),
+        Err(err) => {
+            debug!(%err, "reading request body failed");
+            return text(StatusCode::BAD_REQUEST, "could not read body\n");
+        }
+    };
+
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+
+    let mut doc = serde_json::json!({
+        "pod": state.pod,
+        "path": path,
+        "method": method.as_str(),
+        "requests": count,
+    });
+    if method == Method::POST || method == Method::PUT {
+        doc["body_bytes"] = serde_json::json!(body_bytes);
+    }
+    let mut body = doc.to_string();
+    body.push('\n');
+    debug!(%method, %path, %status, "served");
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
+    header_has_token(req, header::CONNECTION, "upgrade")
+        && header_has_token(req, header::UPGRADE, "websocket")
+        && req.headers().contains_key(header::SEC_WEBSOCKET_KEY)
+}
+
+/// Answers the upgrade with 101 and echoes messages on the upgraded stream.
+fn websocket(mut req: Request<Incoming>) -> Response<Body> {
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut resp = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket version 13 required\n",
+        );
+        resp.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return resp;
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return text(StatusCode::BAD_REQUEST, "missing sec-websocket-key\n");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let Ok(accept) = HeaderValue::from_str(&accept) else {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "bad accept key\n");
+    };
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(err) => {
+                warn!(%err, "websocket upgrade failed");
+                return;
+            }
+        };
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        debug!("websocket open");
+        while let Some(msg) = ws.next().await {
+            let msg = match msg {
+                Ok(msg) => msg,
+                Err(err) => {
+                    debug!(%err, "websocket read failed");
+                    return;
+                }
+            };
+            match msg {
+                Message::Text(_) | Message::Binary(_) => {
+                    if let Err(err) = ws.send(msg).await {
+                        debug!(%err, "websocket write failed");
+                        return;
+                    }
+                }
+                // Pings are answered and closes acknowledged by tungstenite itself.
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+        // Flush the close acknowledgement, if any.
+        let _ = ws.close(None).await;
+        debug!("websocket closed");
+    });
+
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = resp.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    resp
+}
