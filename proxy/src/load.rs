@@ -24,7 +24,10 @@ impl PeakEwma {
         }
     }
 
-    /// Records one observed latency (request sent to response head).
+    /// Records one observed latency (request sent to response head). A slower sample
+    /// is taken at once; a faster one pulls the estimate down by at least a quarter of
+    /// the gap, so a few fast answers correct an initial guess or a one-off stall even
+    /// when samples arrive much faster than the decay time.
     pub fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
         let current = self.estimate(now);
@@ -32,7 +35,7 @@ impl PeakEwma {
             rtt
         } else {
             let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
-            let keep = (-elapsed / self.decay_ns).exp();
+            let keep = (-elapsed / self.decay_ns).exp().min(MAX_KEEP);
             current * keep + rtt * (1.0 - keep)
         };
         self.updated = now;
@@ -44,6 +47,9 @@ impl PeakEwma {
         self.estimate_ns * (-elapsed / self.decay_ns).exp()
     }
 }
+
+/// Largest share of the old estimate a faster sample keeps.
+const MAX_KEEP: f64 = 0.75;
 
 /// Slow-start weight of an endpoint of age `age`: ramps linearly from 0.1 to 1.0 over
 /// `warmup`; 1.0 without warmup.

@@ -79,6 +79,9 @@ pub enum ConnectError {
 pub struct Pool {
     idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// Held while an HTTP/2 connection is being established, so concurrent first
+    /// requests share one connection instead of racing to open several.
+    h2_connecting: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -168,8 +171,16 @@ pub async fn checkout(
             Ok((Sender::Http1(sender), false))
         }
         BackendProtocol::H2c => {
-            let existing = lock(&endpoint.pool.h2).clone();
-            if let Some(sender) = existing.filter(|s| !s.is_closed() && s.is_ready()) {
+            let shared = || {
+                lock(&endpoint.pool.h2)
+                    .clone()
+                    .filter(|s| !s.is_closed() && s.is_ready())
+            };
+            if let Some(sender) = shared() {
+                return Ok((Sender::Http2(sender), true));
+            }
+            let _connecting = endpoint.pool.h2_connecting.lock().await;
+            if let Some(sender) = shared() {
                 return Ok((Sender::Http2(sender), true));
             }
             let io = connect(endpoint, config).await?;

@@ -6,11 +6,12 @@ use crate::metrics::Metrics;
 use crate::pool::{self, BoxError, ConnectConfig, Sender, UpstreamBody};
 use crate::registry::{EndpointState, Registry};
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full, Limited};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -45,6 +46,9 @@ pub struct ProxyConfig {
 #[derive(Clone, Debug)]
 pub struct Proxy {
     registry: Arc<Registry>,
+    /// Set when the proxy itself shuts down: HTTP/1.1 responses then carry
+    /// `Connection: close` so clients move to another replica between requests.
+    closing: Arc<std::sync::atomic::AtomicBool>,
     metrics: Arc<Metrics>,
     config: Arc<ProxyConfig>,
     budget: Arc<RetryBudget>,
@@ -60,8 +64,8 @@ pub struct ProxyService {
 enum RequestBody {
     /// Buffered: can be sent again.
     Replayable(Bytes),
-    /// Streamed: can be sent once.
-    Stream(Option<Incoming>),
+    /// Streamed (the buffered prefix, then the rest): can be sent once.
+    Stream(Option<UpstreamBody>),
 }
 
 /// How one attempt failed.
@@ -83,10 +87,16 @@ impl Proxy {
     ) -> Self {
         Self {
             registry,
+            closing: Arc::default(),
             metrics,
             config: Arc::new(config),
             budget: Arc::new(budget),
         }
+    }
+
+    /// From now on, ask HTTP/1.1 clients to reconnect (elsewhere) after each response.
+    pub fn start_closing(&self) {
+        self.closing.store(true, Relaxed);
     }
 
     /// The service for one client connection.
@@ -105,7 +115,19 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move { Ok(this.handle(request).await) })
+        Box::pin(async move {
+            let http1 = request.version() < Version::HTTP_2;
+            let mut response = this.handle(request).await;
+            if http1
+                && this.proxy.closing.load(Relaxed)
+                && response.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(response)
+        })
     }
 }
 
@@ -127,26 +149,24 @@ impl ProxyService {
         let (mut parts, body) = request.into_parts();
         prepare_upstream_headers(&mut parts.headers, &parts.uri, self.client, upgrade);
 
-        let mut body = if body.is_end_stream() {
-            RequestBody::Replayable(Bytes::new())
-        } else if body
-            .size_hint()
-            .upper()
-            .is_some_and(|n| n <= REPLAYABLE_BODY_LIMIT as u64)
-        {
-            match Limited::new(body, REPLAYABLE_BODY_LIMIT).collect().await {
-                Ok(collected) => RequestBody::Replayable(collected.to_bytes()),
-                Err(e) => {
-                    tracing::warn!(client = %self.client, error = %e, "request body unreadable");
-                    return local_response(
-                        StatusCode::BAD_REQUEST,
-                        "bad-body",
-                        "request body could not be read",
-                    );
-                }
+        // Up to 64 KiB of body is read before any endpoint sees the request: a small
+        // body becomes replayable, and a malformed one (bad chunk size) is refused
+        // here instead of half-forwarded.
+        let mut body = match read_prefix(body, REPLAYABLE_BODY_LIMIT).await {
+            Ok(body) => body,
+            Err(e) => {
+                self.proxy
+                    .metrics
+                    .rejected
+                    .get_or_create(&[("reason", "malformed body")])
+                    .inc();
+                tracing::warn!(client = %self.client, error = %e, "request body unreadable; refused");
+                return local_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad-body",
+                    "request body could not be read",
+                );
             }
-        } else {
-            RequestBody::Stream(Some(body))
         };
 
         let proxy = &self.proxy;
@@ -229,7 +249,7 @@ impl ProxyService {
         let body = match body {
             RequestBody::Replayable(bytes) => full(bytes.clone()),
             RequestBody::Stream(stream) => match stream.take() {
-                Some(incoming) => incoming.map_err(BoxError::from).boxed_unsync(),
+                Some(stream) => stream,
                 None => {
                     return Err(AttemptFailure {
                         status: StatusCode::BAD_GATEWAY,
@@ -481,6 +501,34 @@ impl Body for TrackedBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Reads frames until the body ends or more than `limit` bytes arrived. A body that
+/// ended is replayable; otherwise the prefix is sent ahead of the rest.
+async fn read_prefix(mut body: Incoming, limit: usize) -> Result<RequestBody, hyper::Error> {
+    let mut prefix = bytes::BytesMut::new();
+    let mut trailers = None;
+    while !body.is_end_stream() && prefix.len() <= limit && trailers.is_none() {
+        match body.frame().await {
+            None => break,
+            Some(frame) => match frame?.into_data() {
+                Ok(data) => prefix.extend_from_slice(&data),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            },
+        }
+    }
+    if body.is_end_stream() && trailers.is_none() {
+        return Ok(RequestBody::Replayable(prefix.freeze()));
+    }
+    // The prefix, then the rest as it arrives, then trailers read early (gRPC clients
+    // end with them).
+    let head = futures::stream::iter([Ok::<_, BoxError>(Frame::data(prefix.freeze()))]);
+    let tail = http_body_util::BodyStream::new(body).map(|frame| frame.map_err(BoxError::from));
+    let end = futures::stream::iter(trailers.map(|t| Ok::<_, BoxError>(Frame::trailers(t))));
+    let frames = head.chain(tail).chain(end);
+    Ok(RequestBody::Stream(Some(
+        http_body_util::StreamBody::new(frames).boxed_unsync(),
+    )))
 }
 
 async fn with_timeout<F: std::future::Future>(

@@ -110,6 +110,8 @@ pub struct EndpointState {
     ejected_until: Mutex<Option<Instant>>,
     drain: Mutex<Option<DrainMark>>,
     draining: AtomicBool,
+    /// Sequence number of the last selection of this endpoint (P2C tie-break).
+    last_picked: AtomicU64,
     added: Instant,
     ramp: bool,
     pub(crate) pool: Pool,
@@ -131,7 +133,11 @@ pub struct Registry {
     all: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
     updates: AtomicU64,
     next: AtomicUsize,
+    picks: AtomicU64,
 }
+
+/// Peak-EWMA costs closer than this ratio count as equal (see [`p2c`]).
+const EWMA_TOLERANCE: f64 = 1.5;
 
 /// The counts the drain gate reads for one pod.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -211,6 +217,7 @@ impl EndpointState {
             ejected_until: Mutex::new(None),
             drain: Mutex::new(None),
             draining: AtomicBool::new(false),
+            last_picked: AtomicU64::new(0),
             added: now,
             ramp,
             pool: Pool::default(),
@@ -271,14 +278,18 @@ impl EndpointState {
 
     /// Latency plus load: the peak-EWMA estimate times (pending + 1), divided by the
     /// slow-start weight.
-    fn ewma_cost(&self, now: Instant, warmup: Duration) -> f64 {
-        let estimate = lock(&self.ewma).estimate(now);
-        let load = self.pending.load(Relaxed) as f64 + 1.0;
-        estimate * load / self.weight(now, warmup)
+    fn ewma_cost(&self, now: Instant, warmup: Duration) -> Cost {
+        Cost {
+            speed: lock(&self.ewma).estimate(now) / self.weight(now, warmup),
+            load: self.pending.load(Relaxed) + 1,
+        }
     }
 
-    fn request_cost(&self, now: Instant, warmup: Duration) -> f64 {
-        (self.in_flight.load(Relaxed) as f64 + 1.0) / self.weight(now, warmup)
+    fn request_cost(&self, now: Instant, warmup: Duration) -> Cost {
+        Cost {
+            speed: 1.0 / self.weight(now, warmup),
+            load: self.in_flight.load(Relaxed) + 1,
+        }
     }
 
     /// Records a response head after `rtt`.
@@ -329,6 +340,7 @@ impl Registry {
             all: Mutex::new(HashMap::new()),
             updates: AtomicU64::new(0),
             next: AtomicUsize::new(0),
+            picks: AtomicU64::new(0),
         }
     }
 
@@ -453,9 +465,16 @@ impl Registry {
             (0, _) => return None,
             (1, _) => candidates[0],
             (n, Algorithm::RoundRobin) => candidates[self.next.fetch_add(1, Relaxed) % n],
-            (n, Algorithm::P2cEwma) => p2c(&candidates, n, |e| e.ewma_cost(now, warmup)),
-            (n, Algorithm::LeastRequest) => p2c(&candidates, n, |e| e.request_cost(now, warmup)),
+            (n, Algorithm::P2cEwma) => {
+                p2c(&candidates, n, EWMA_TOLERANCE, |e| e.ewma_cost(now, warmup))
+            }
+            (n, Algorithm::LeastRequest) => {
+                p2c(&candidates, n, 1.0, |e| e.request_cost(now, warmup))
+            }
         };
+        chosen
+            .last_picked
+            .store(self.picks.fetch_add(1, Relaxed) + 1, Relaxed);
         Some(chosen.clone())
     }
 
@@ -547,21 +566,54 @@ impl Registry {
     }
 }
 
-/// Power of two choices: two distinct random candidates, the cheaper one wins.
+/// What P2C compares: a per-request price (latency estimate, or 1, divided by the
+/// slow-start weight) and the number of requests it would have to share with.
+#[derive(Clone, Copy, Debug)]
+struct Cost {
+    speed: f64,
+    load: u64,
+}
+
+impl Cost {
+    fn total(self) -> f64 {
+        self.speed * self.load as f64
+    }
+
+    /// Equal load and prices within `tolerance`: neither is really cheaper.
+    fn ties(self, other: Cost, tolerance: f64) -> bool {
+        self.load == other.load
+            && self.speed.max(other.speed) <= self.speed.min(other.speed) * tolerance
+    }
+}
+
+/// Power of two choices: two distinct random candidates, the cheaper one wins. When
+/// neither is really cheaper (same load, latency estimates within `tolerance`) the one
+/// picked less recently wins: latency samples carry scheduling noise, and taking turns
+/// between near-equal pods keeps identical pods evenly loaded, while a pod that is
+/// really slower or busier still loses.
 fn p2c<'a>(
     candidates: &[&'a Arc<EndpointState>],
     n: usize,
-    cost: impl Fn(&EndpointState) -> f64,
+    tolerance: f64,
+    cost: impl Fn(&EndpointState) -> Cost,
 ) -> &'a Arc<EndpointState> {
     let a = fastrand::usize(..n);
     let mut b = fastrand::usize(..n - 1);
     if b >= a {
         b += 1;
     }
-    if cost(candidates[b]) < cost(candidates[a]) {
-        candidates[b]
+    let (a, b) = (candidates[a], candidates[b]);
+    let (cost_a, cost_b) = (cost(a), cost(b));
+    if cost_a.ties(cost_b, tolerance) {
+        if b.last_picked.load(Relaxed) < a.last_picked.load(Relaxed) {
+            b
+        } else {
+            a
+        }
+    } else if cost_b.total() < cost_a.total() {
+        b
     } else {
-        candidates[a]
+        a
     }
 }
 

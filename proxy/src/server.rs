@@ -219,6 +219,7 @@ async fn serve(
     let draining = async {
         shutdown.notified().await;
         ready.store(false, Relaxed);
+        proxy.start_closing();
         tracing::info!(delay = ?config.shutdown_delay, "shutting down: /ready fails, still serving while load balancers catch up");
         tokio::time::sleep(config.shutdown_delay).await;
     };

@@ -39,6 +39,7 @@ pub fn parse_endpoints(text: &str) -> Result<EndpointSet, String> {
 
 pub(super) async fn watch(path: &Path, interval: Duration, tx: watch::Sender<EndpointSet>) {
     let mut seen: Option<(SystemTime, u64)> = None;
+    let mut loaded = false;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -70,8 +71,12 @@ pub(super) async fn watch(path: &Path, interval: Duration, tx: watch::Sender<End
             Ok(set) => {
                 seen = Some(stamp);
                 tracing::info!(path = %path.display(), endpoints = set.len(), "endpoints file loaded");
+                // The first load is always published, even when empty: it is what
+                // makes the proxy ready.
+                let first = !loaded;
+                loaded = true;
                 tx.send_if_modified(|current| {
-                    let changed = *current != set;
+                    let changed = first || *current != set;
                     *current = set;
                     changed
                 });

@@ -33,6 +33,7 @@ pub(super) async fn watch(
         .applied_objects()
         .boxed();
     let mut ready = false;
+    let mut published = false;
     loop {
         let next = tokio::select! {
             next = events.next() => next,
@@ -55,8 +56,10 @@ pub(super) async fn watch(
         }
         let slices: Vec<_> = store.state();
         let set = endpoints_from_slices(slices.iter().map(|s| s.as_ref()), port_name);
+        let first = !published;
+        published = true;
         tx.send_if_modified(|current| {
-            let changed = *current != set;
+            let changed = first || *current != set;
             *current = set;
             changed
         });

@@ -1,0 +1,786 @@
+//! The proxy end to end: real sockets on loopback, backends on 127.0.0.x.
+
+mod support;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+use support::{Backend, Behaviour, Client, drain, endpoints_arg, get_json, proxy, raw_exchange};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn backends(octets: std::ops::Range<u8>, behaviour: Behaviour) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for i in octets {
+        out.push(Backend::start(i, behaviour).await);
+    }
+    out
+}
+
+fn refs(backends: &[Backend]) -> Vec<&Backend> {
+    backends.iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_keepalive_clients_spread_evenly_over_eight_pods() {
+    let pods = backends(
+        2..10,
+        Behaviour {
+            delay: Duration::from_micros(200),
+            ..Default::default()
+        },
+    )
+    .await;
+    let running = proxy(&["--endpoints", &endpoints_arg(&refs(&pods))]).await;
+    let per_client = 2500;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let addr = running.listen;
+        clients.push(tokio::spawn(async move {
+            let mut client = Client::connect(addr).await.unwrap();
+            for _ in 0..per_client {
+                assert_eq!(client.get("/").await.unwrap().status, StatusCode::OK);
+            }
+        }));
+    }
+    tokio::time::timeout(LIMIT, futures::future::try_join_all(clients))
+        .await
+        .unwrap()
+        .unwrap();
+    let hits: Vec<u64> = pods.iter().map(Backend::hits).collect();
+    let total: u64 = hits.iter().sum();
+    assert_eq!(total, 4 * per_client);
+    let mean = total as f64 / hits.len() as f64;
+    let max = *hits.iter().max().unwrap() as f64;
+    assert!(
+        max / mean <= 1.1,
+        "max/mean {:.3} over {hits:?}",
+        max / mean
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_times_slower_pod_gets_far_fewer_requests() {
+    let mut pods = backends(
+        2..6,
+        Behaviour {
+            delay: Duration::from_millis(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    pods.push(
+        Backend::start(
+            6,
+            Behaviour {
+                delay: Duration::from_millis(20),
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    let running = proxy(&["--endpoints", &endpoints_arg(&refs(&pods))]).await;
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (addr, latencies) = (running.listen, latencies.clone());
+        clients.push(tokio::spawn(async move {
+            let mut client = Client::connect(addr).await.unwrap();
+            for _ in 0..300 {
+                let started = Instant::now();
+                assert_eq!(client.get("/").await.unwrap().status, StatusCode::OK);
+                latencies.lock().unwrap().push(started.elapsed());
+            }
+        }));
+    }
+    tokio::time::timeout(LIMIT, futures::future::try_join_all(clients))
+        .await
+        .unwrap()
+        .unwrap();
+    let slow = pods[4].hits();
+    let fast_mean = pods[..4].iter().map(Backend::hits).sum::<u64>() as f64 / 4.0;
+    assert!(
+        (slow as f64) < fast_mean / 4.0,
+        "slow pod got {slow}, fast pods {fast_mean} on average"
+    );
+    let mut l = latencies.lock().unwrap().clone();
+    l.sort();
+    let p99 = l[l.len() * 99 / 100];
+    eprintln!("slow pod {slow} requests, fast pods {fast_mean} on average, p99 {p99:?}");
+    assert!(
+        p99 < Duration::from_millis(20),
+        "p99 {p99:?} should stay near the fast pods' 2 ms"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_and_terminating_pods_under_load_fails_no_request() {
+    let pods = backends(
+        2..6,
+        Behaviour {
+            delay: Duration::from_millis(5),
+            ..Default::default()
+        },
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("ballast-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("endpoints.yaml");
+    let write = |entries: &[(SocketAddr, bool)]| {
+        let yaml: String = entries
+            .iter()
+            .map(|(a, terminating)| {
+                format!(
+                    "- {{address: \"{a}\", ready: {}, terminating: {terminating}}}\n",
+                    !terminating
+                )
+            })
+            .collect();
+        std::fs::write(&file, yaml).unwrap();
+    };
+    write(&pods.iter().map(|p| (p.addr, false)).collect::<Vec<_>>());
+    let running = proxy(&["--endpoints-file", file.to_str().unwrap()]).await;
+    let failures = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (addr, failures, stop) = (running.listen, failures.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut client = Client::connect(addr).await.unwrap();
+            let mut sent = 0;
+            while !stop.load(Relaxed) && sent < 5000 {
+                sent += 1;
+                if !client
+                    .get("/")
+                    .await
+                    .is_ok_and(|r| r.status == StatusCode::OK)
+                {
+                    failures.fetch_add(1, Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Pod 2 becomes terminating (rollout), pod 3 vanishes from discovery.
+    write(&[
+        (pods[0].addr, true),
+        (pods[2].addr, false),
+        (pods[3].addr, false),
+    ]);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let served_by_leaving = (pods[0].hits(), pods[1].hits());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Relaxed);
+    tokio::time::timeout(LIMIT, futures::future::try_join_all(clients))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(failures.load(Relaxed), 0);
+    assert_eq!(
+        (pods[0].hits(), pods[1].hits()),
+        served_by_leaving,
+        "no request after they left"
+    );
+    running.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_stops_new_requests_waits_for_the_long_one_and_closes_connections() {
+    let pods = backends(2..4, Behaviour::default()).await;
+    let (leaving, staying) = (&pods[0], &pods[1]);
+    let running = proxy(&[
+        "--endpoints",
+        &endpoints_arg(&refs(&pods)),
+        "--algorithm",
+        "round-robin",
+    ])
+    .await;
+    let admin = running.admin;
+
+    // Warm a pooled connection to the leaving pod, then start a long request on it.
+    let mut client = Client::connect(running.listen).await.unwrap();
+    for _ in 0..4 {
+        client.get("/").await.unwrap();
+    }
+    // Round-robin alternates pods; the second of two fresh-connection requests in a
+    // row may land on either, so retry until the long one runs on the leaving pod.
+    let long = {
+        let addr = running.listen;
+        let target = leaving.addr;
+        tokio::spawn(async move {
+            let mut c = Client::connect(addr).await.unwrap();
+            for _ in 0..10 {
+                let r = c.get("/delay/1500").await.unwrap();
+                if r.served_by() == Some(target) {
+                    return Some(r.status);
+                }
+            }
+            None
+        })
+    };
+    // Wait until the long request is in flight on the leaving pod.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let report = get_json(admin, "/endpoints").await;
+        let in_flight = report
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["address"] == leaving.addr.to_string())
+            .unwrap()["in_flight"]
+            .as_u64()
+            .unwrap();
+        if in_flight == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "long request never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (status, report) = drain(admin, leaving.addr.ip(), Method::POST).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(report["state"], "draining");
+    assert_eq!(report["in_flight"], 1, "{report}");
+
+    // No new request reaches it.
+    let before = leaving.hits();
+    for _ in 0..20 {
+        let r = client.get("/").await.unwrap();
+        assert_eq!(r.served_by(), Some(staying.addr));
+    }
+    assert_eq!(leaving.hits(), before);
+
+    // The long request holds the drain, then completes successfully.
+    let (_, report) = drain(admin, leaving.addr.ip(), Method::GET).await;
+    assert_eq!(report["in_flight"], 1);
+    assert_eq!(
+        tokio::time::timeout(LIMIT, long).await.unwrap().unwrap(),
+        Some(StatusCode::OK)
+    );
+
+    // Counts reach zero: the finished connection was closed, not pooled.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, report) = drain(admin, leaving.addr.ip(), Method::GET).await;
+        if report["in_flight"] == 0 && report["connections"] == 0 {
+            assert_eq!(report["known"], true);
+            break;
+        }
+        assert!(Instant::now() < deadline, "drain never completed: {report}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_pod_can_drain_itself() {
+    let pods = backends(2..3, Behaviour::default()).await;
+    let running = proxy(&["--endpoints", &endpoints_arg(&refs(&pods))]).await;
+    let stranger = "127.0.0.77".parse().unwrap();
+    let (status, body) = drain(running.admin, stranger, Method::POST).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("can drain only itself")
+    );
+    let (status, body) = drain(running.admin, stranger, Method::GET).await;
+    assert_eq!(
+        (status, body["known"].clone()),
+        (StatusCode::OK, serde_json::json!(false))
+    );
+    let mut c = Client::connect(running.listen).await.unwrap();
+    assert_eq!(
+        c.get("/").await.unwrap().status,
+        StatusCode::OK,
+        "the pod still serves"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_drain_expires_and_routing_resumes() {
+    let pods = backends(2..4, Behaviour::default()).await;
+    let running = proxy(&[
+        "--endpoints",
+        &endpoints_arg(&refs(&pods)),
+        "--algorithm",
+        "round-robin",
+        "--drain-ttl",
+        "700ms",
+    ])
+    .await;
+    drain(running.admin, pods[0].addr.ip(), Method::POST).await;
+    let mut c = Client::connect(running.listen).await.unwrap();
+    let before = pods[0].hits();
+    for _ in 0..10 {
+        c.get("/").await.unwrap();
+    }
+    assert_eq!(pods[0].hits(), before);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..10 {
+        c.get("/").await.unwrap();
+    }
+    assert!(
+        pods[0].hits() >= before + 4,
+        "routing resumed after the TTL"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_killed_pod_costs_no_replayable_request() {
+    let pods = backends(2..4, Behaviour::default()).await;
+    let running = proxy(&[
+        "--endpoints",
+        &endpoints_arg(&refs(&pods)),
+        "--algorithm",
+        "round-robin",
+    ])
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut c = Client::connect(running.listen).await.unwrap();
+        for _ in 0..4 {
+            assert_eq!(c.get("/").await.unwrap().status, StatusCode::OK);
+        }
+        clients.push(c);
+    }
+    // Pooled keep-alive connections to pod 2 now die mid-life.
+    pods[0].kill();
+    for c in &mut clients {
+        for _ in 0..10 {
+            let r = c.get("/").await.unwrap();
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+            assert_eq!(r.served_by(), Some(pods[1].addr));
+        }
+        let post = Request::post("/echo")
+            .header("host", "t")
+            .body(Full::new(Bytes::from_static(b"small")))
+            .unwrap();
+        assert_eq!(
+            c.send(post).await.unwrap().text(),
+            "small",
+            "a small body is replayed"
+        );
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_cannot_be_replayed_fails_once_with_502() {
+    let broken = Backend::start(
+        2,
+        Behaviour {
+            reset: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let healthy = Backend::start(3, Behaviour::default()).await;
+    let running = proxy(&[
+        "--endpoints",
+        &endpoints_arg(&[&broken, &healthy]),
+        "--algorithm",
+        "round-robin",
+    ])
+    .await;
+    let mut c = Client::connect(running.listen).await.unwrap();
+    let big = Bytes::from(vec![b'x'; 200 * 1024]);
+    let mut saw_502 = 0;
+    for _ in 0..4 {
+        let before = (broken.hits(), healthy.hits());
+        let r = c
+            .send(
+                Request::post("/echo")
+                    .header("host", "t")
+                    .body(Full::new(big.clone()))
+                    .unwrap(),
+            )
+            .await;
+        let r = match r {
+            Ok(r) => r,
+            Err(_) => {
+                c = Client::connect(running.listen).await.unwrap();
+                continue;
+            }
+        };
+        if r.status == StatusCode::BAD_GATEWAY {
+            saw_502 += 1;
+            assert_eq!(r.headers["x-ballast-error"], "upstream-failed");
+            assert_eq!(
+                (broken.hits(), healthy.hits()),
+                (before.0 + 1, before.1),
+                "sent exactly once, not retried"
+            );
+        } else {
+            assert_eq!(r.status, StatusCode::OK);
+            assert_eq!(r.body.len(), big.len());
+        }
+    }
+    assert!(
+        saw_502 >= 1,
+        "round-robin must have sent one to the broken pod"
+    );
+    // A small (buffered) body is retried on the healthy pod instead.
+    for _ in 0..4 {
+        let r = c
+            .send(
+                Request::post("/echo")
+                    .header("host", "t")
+                    .body(Full::new(Bytes::from_static(b"hi")))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!((r.status, r.text()), (StatusCode::OK, "hi".to_owned()));
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_endpoint_is_a_clear_503() {
+    let dir = std::env::temp_dir().join(format!("ballast-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("endpoints.json");
+    std::fs::write(&file, "[]").unwrap();
+    let running = proxy(&["--endpoints-file", file.to_str().unwrap()]).await;
+    let mut c = Client::connect(running.listen).await.unwrap();
+    let r = c.get("/").await.unwrap();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers["x-ballast-error"], "no-endpoint");
+    assert!(r.text().contains("no endpoint available"));
+    let metrics = String::from_utf8(
+        Client::connect(running.admin)
+            .await
+            .unwrap()
+            .get("/metrics")
+            .await
+            .unwrap()
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(metrics.contains("ballast_no_endpoint_total 1"), "{metrics}");
+    running.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_never_reach_a_pod() {
+    let pod = Backend::start(2, Behaviour::default()).await;
+    let running = proxy(&[
+        "--endpoints",
+        &pod.addr.to_string(),
+        "--header-read-timeout",
+        "500ms",
+        "--max-header-bytes",
+        "8192",
+    ])
+    .await;
+    let limit = Duration::from_secs(3);
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("duplicate differing CL", b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", "400"),
+        ("bad chunk size", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", "400"),
+        ("TE not ending in chunked", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", "400"),
+    ];
+    for (name, bytes, want) in cases {
+        let answer = raw_exchange(running.listen, bytes, limit).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {want}")),
+            "{name}: got {answer:?}"
+        );
+    }
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let answer = raw_exchange(running.listen, huge.as_bytes(), limit).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "oversized head: {answer:?}"
+    );
+    let started = Instant::now();
+    let answer = raw_exchange(running.listen, b"GET / HTTP/1.1\r\nHost: t\r\n", limit).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "slow header closed after the read timeout ({answer:?})"
+    );
+    assert_eq!(pod.hits(), 0, "the pod never saw any of them");
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
+    // The classic CL.TE smuggle: by Content-Length the body is "0\r\n\r\nG", by
+    // chunked framing it ends at "0\r\n\r\n" and "G" starts a second request. hyper
+    // follows RFC 9112 section 6.3: Transfer-Encoding wins and Content-Length is removed,
+    // so proxy and pod agree on where the request ends and nothing rides along hidden.
+    let pod = Backend::start(2, Behaviour::default()).await;
+    let running = proxy(&["--endpoints", &pod.addr.to_string()]).await;
+    let smuggle = b"POST /headers HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGPOST /smuggled HTTP/1.1\r\nHost: t\r\n\r\n";
+    let answer = raw_exchange(running.listen, smuggle, Duration::from_secs(3)).await;
+    assert_eq!(
+        pod.hits(),
+        1,
+        "exactly one request reached the pod: {answer}"
+    );
+    assert!(
+        !answer.to_lowercase().contains("content-length: 6"),
+        "{answer}"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_and_request_id() {
+    let pod = Backend::start(2, Behaviour::default()).await;
+    let running = proxy(&["--endpoints", &pod.addr.to_string()]).await;
+    let mut c = Client::connect(running.listen).await.unwrap();
+    let req = Request::get("/headers")
+        .header("host", "shop.example")
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .body(Full::default())
+        .unwrap();
+    let seen = c.send(req).await.unwrap().text();
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-host: shop.example\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(seen.contains("x-request-id: "), "{seen}");
+    assert!(
+        !seen.contains("x-private"),
+        "headers named by Connection are hop-by-hop: {seen}"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_connections_tunnel_both_ways_and_hold_the_drain() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pod = Backend::start(2, Behaviour::default()).await;
+    let running = proxy(&["--endpoints", &pod.addr.to_string()]).await;
+    let mut stream = tokio::net::TcpStream::connect(running.listen)
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 1024];
+    let n = stream.read(&mut head).await.unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    stream.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+    let (_, report) = drain(running.admin, pod.addr.ip(), Method::POST).await;
+    assert_eq!(
+        (report["in_flight"].as_u64(), report["connections"].as_u64()),
+        (Some(1), Some(1)),
+        "{report}"
+    );
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, report) = drain(running.admin, pod.addr.ip(), Method::GET).await;
+        if report["in_flight"] == 0 && report["connections"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tunnel never released: {report}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_and_backends_with_streaming_and_trailers() {
+    let pod = Backend::start(2, Behaviour::default()).await;
+    let running = proxy(&[
+        "--endpoints",
+        &pod.addr.to_string(),
+        "--backend-protocol",
+        "h2c",
+    ])
+    .await;
+    let stream = tokio::net::TcpStream::connect(running.listen)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // Unary-like: several requests multiplexed on one client connection.
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let req = Request::post("http://svc.local/echo")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"hello")))
+            .unwrap();
+        calls.push(sender.send_request(req));
+    }
+    for call in futures::future::join_all(calls).await {
+        let body = call
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"hello");
+    }
+    // Server streaming with trailers, as a gRPC stream ends.
+    let req = Request::get("http://svc.local/stream")
+        .header("te", "trailers")
+        .body(Full::default())
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(&collected.to_bytes()[..], b"msg0;msg1;msg2;");
+    let endpoints = get_json(running.admin, "/endpoints").await;
+    assert_eq!(
+        endpoints[0]["connections_opened"], 1,
+        "one multiplexed upstream connection: {endpoints}"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_shutdown_under_load_fails_no_request_for_clients_that_reconnect() {
+    let pods = backends(
+        2..4,
+        Behaviour {
+            delay: Duration::from_millis(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    let list = endpoints_arg(&refs(&pods));
+    let first = proxy(&["--endpoints", &list, "--shutdown-delay", "300ms"]).await;
+    let second = proxy(&["--endpoints", &list]).await;
+    let addrs = [first.listen, second.listen];
+    let failures = Arc::new(AtomicU64::new(0));
+    let served = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (failures, served) = (failures.clone(), served.clone());
+        clients.push(tokio::spawn(async move {
+            // Like a gateway: on `Connection: close` (or a closed pooled connection),
+            // open a new connection, to the next proxy replica.
+            let mut target = 0;
+            let mut client = Client::connect(addrs[target]).await.unwrap();
+            for _ in 0..400 {
+                if client.is_closed() {
+                    target = (target + 1) % 2;
+                    client = Client::connect(addrs[target]).await.unwrap();
+                }
+                match client.get("/").await {
+                    Ok(r) if r.status == StatusCode::OK => {
+                        served.fetch_add(1, Relaxed);
+                        if r.headers.get("connection").is_some_and(|v| v == "close") {
+                            target = (target + 1) % 2;
+                            client = Client::connect(addrs[target]).await.unwrap();
+                        }
+                    }
+                    _ => {
+                        failures.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(first.shutdown());
+    tokio::time::timeout(LIMIT, futures::future::try_join_all(clients))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(LIMIT, stopping)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(failures.load(Relaxed), 0);
+    assert_eq!(served.load(Relaxed), 1600);
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_and_metrics_report_per_pod_numbers() {
+    let pods = backends(2..4, Behaviour::default()).await;
+    let running = proxy(&[
+        "--endpoints",
+        &endpoints_arg(&refs(&pods)),
+        "--algorithm",
+        "round-robin",
+    ])
+    .await;
+    let mut c = Client::connect(running.listen).await.unwrap();
+    for _ in 0..10 {
+        c.get("/").await.unwrap();
+    }
+    c.get("/status/503").await.unwrap();
+    let endpoints = get_json(running.admin, "/endpoints").await;
+    let requests: HashMap<String, u64> = endpoints
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap().to_owned(),
+                e["requests"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(requests.values().sum::<u64>(), 11);
+    assert!(endpoints[0]["connections_opened"].as_u64().unwrap() >= 1);
+    assert!(
+        endpoints
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["errors"] == 1)
+    );
+    let metrics = String::from_utf8(
+        Client::connect(running.admin)
+            .await
+            .unwrap()
+            .get("/metrics")
+            .await
+            .unwrap()
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "ballast_endpoint_responses_total{{endpoint=\"{}\",pod=\"\",class=\"2xx\"}}",
+            pods[0].addr
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("class=\"5xx\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("ballast_endpoint_connections{"),
+        "{metrics}"
+    );
+    running.shutdown().await;
+}
