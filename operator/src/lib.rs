@@ -1,7 +1,31 @@
-//! ballast-operator: reconciles `BalancedService`s (group `ballast.dev`).
+//! ballast-operator: reconciles `BalancedService`s (group `ballast.dev`) into the app
+//! Deployment, its Services, the bundled proxy and disruption budgets.
 //!
-//! The reconcile pipeline (validate -> build -> apply -> status) arrives with the
-//! operator issue; today the crate provides the command line and the CRD generator.
+//! The reconcile is a pipeline: [`validate`] and [`build`] are pure functions of the
+//! spec; [`controller`] applies the result with server-side apply and writes the
+//! [`status`] computed from what the API server returned.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod build;
 pub mod cli;
+pub mod controller;
+#[cfg(test)]
+mod fixtures;
+pub mod leader;
+pub mod metrics;
+pub mod render;
+pub mod status;
+pub mod validate;
+
+/// An error and its causes on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

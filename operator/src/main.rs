@@ -2,8 +2,15 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
-use ballast_operator::cli::{Cli, Command};
+use ballast_operator::build::BuildContext;
+use ballast_operator::cli::{Cli, Command, RunArgs};
+use ballast_operator::controller::{self, Context};
+use ballast_operator::metrics::Metrics;
+use ballast_operator::validate::Limits;
+use ballast_operator::{error_chain, leader, render};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -16,6 +23,132 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Render {
+            file,
+            proxy_image,
+            max_replicas,
+        } => {
+            let input = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(&file)
+            };
+            let input = match input {
+                Ok(text) => text,
+                Err(e) => {
+                    eprintln!("ballast-operator: cannot read {}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            match render::render(
+                &input,
+                &BuildContext { proxy_image },
+                &Limits { max_replicas },
+            ) {
+                Ok(yaml) => write_stdout(&yaml),
+                Err(e) => {
+                    eprintln!("ballast-operator: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run(args) => match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(run(args)),
+            Err(e) => {
+                eprintln!("ballast-operator: cannot start the runtime: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    init_logging(args.log_format == "json");
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = tokio::spawn(ballast_operator::admin::serve(
+        args.admin_listen,
+        metrics.clone(),
+        ready.clone(),
+    ));
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "cannot configure the Kubernetes client");
+            return ExitCode::FAILURE;
+        }
+    };
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "ballast-operator".to_owned());
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        BuildContext {
+            proxy_image: args.proxy_image.clone(),
+        },
+        Limits {
+            max_replicas: args.max_replicas,
+        },
+        metrics,
+        identity.clone(),
+    ));
+    ready.store(true, Relaxed);
+    let namespace = args.namespace.clone();
+    let work = || controller::run(ctx.clone(), namespace.as_deref());
+    tokio::select! {
+        result = async {
+            if args.leader_elect {
+                let lease_ns = args.lease_namespace.clone().unwrap_or_else(|| "default".to_owned());
+                leader::run_as_leader(client, &lease_ns, &identity, work).await.map_err(|e| error_chain(&e))
+            } else {
+                work().await;
+                Ok(())
+            }
+        } => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "leader election failed");
+                return ExitCode::FAILURE;
+            }
+        }
+        admin = admin => {
+            tracing::error!(result = ?admin.map(|r| r.map_err(|e| e.to_string())), "admin listener stopped");
+            return ExitCode::FAILURE;
+        }
+        () = shutdown_signal() => tracing::info!("signal received: stopping"),
+    }
+    ExitCode::SUCCESS
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -1,0 +1,704 @@
+//! Pure builders: a valid BalancedService in, the objects the operator owns out. No
+//! client, no I/O: `render` prints them, the controller applies them.
+
+use ballast_api::BalancedService;
+use ballast_api::spec::{AppProtocol, ProbeScheme};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, HTTPGetAction,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    TopologySpreadConstraint,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+use crate::validate::PROXY_PORT;
+
+/// Field manager of every write (server-side apply).
+pub const MANAGER: &str = "ballast-operator";
+/// Label naming the BalancedService an object belongs to.
+pub const SERVICE_LABEL: &str = "ballast.dev/service";
+/// Label telling app pods from proxy pods.
+pub const ROLE_LABEL: &str = "ballast.dev/role";
+/// Label carrying the app pod template's revision (a hash of the template).
+pub const REVISION_LABEL: &str = "ballast.dev/revision";
+
+/// Operator-level settings the builders need.
+#[derive(Clone, Debug)]
+pub struct BuildContext {
+    /// Image with `ballast-proxy` and `ballast-drain`.
+    pub proxy_image: String,
+}
+
+/// Everything the operator owns for one BalancedService, in apply order.
+#[derive(Clone, Debug)]
+pub struct OwnedObjects {
+    /// The proxies' identity.
+    pub proxy_service_account: ServiceAccount,
+    /// Read-only EndpointSlices in the namespace.
+    pub proxy_role: Role,
+    /// Grants `proxy_role` to `proxy_service_account`.
+    pub proxy_role_binding: RoleBinding,
+    /// Headless Service over the app pods: Kubernetes keeps its EndpointSlices.
+    pub backends_service: Service,
+    /// Headless Service over every proxy replica, ready or not, for the drain helper.
+    pub proxy_admin_service: Service,
+    /// The proxies.
+    pub proxy_deployment: Deployment,
+    /// What clients use: selects the proxies.
+    pub front_service: Service,
+    /// The user's app.
+    pub app_deployment: Deployment,
+    /// Disruption budget of the app pods.
+    pub app_pdb: PodDisruptionBudget,
+    /// Disruption budget of the proxy pods.
+    pub proxy_pdb: PodDisruptionBudget,
+}
+
+impl OwnedObjects {
+    /// The objects in apply order, as JSON documents (for `render` and tests).
+    ///
+    /// # Errors
+    /// Only if serialization fails.
+    pub fn to_documents(&self) -> Result<Vec<serde_json::Value>, serde_json::Error> {
+        fn doc<K: Resource<DynamicType = ()> + Serialize>(
+            k: &K,
+        ) -> Result<serde_json::Value, serde_json::Error> {
+            let mut value = serde_json::to_value(k)?;
+            value["apiVersion"] = K::api_version(&()).into();
+            value["kind"] = K::kind(&()).into();
+            Ok(value)
+        }
+        Ok(vec![
+            doc(&self.proxy_service_account)?,
+            doc(&self.proxy_role)?,
+            doc(&self.proxy_role_binding)?,
+            doc(&self.backends_service)?,
+            doc(&self.proxy_admin_service)?,
+            doc(&self.proxy_deployment)?,
+            doc(&self.front_service)?,
+            doc(&self.app_deployment)?,
+            doc(&self.app_pdb)?,
+            doc(&self.proxy_pdb)?,
+        ])
+    }
+}
+
+/// Builds every owned object. The spec must have passed [`crate::validate::validate`].
+pub fn build(bs: &BalancedService, ctx: &BuildContext) -> OwnedObjects {
+    OwnedObjects {
+        proxy_service_account: proxy_service_account(bs),
+        proxy_role: proxy_role(bs),
+        proxy_role_binding: proxy_role_binding(bs),
+        backends_service: backends_service(bs),
+        proxy_admin_service: proxy_admin_service(bs),
+        proxy_deployment: proxy_deployment(bs, ctx),
+        front_service: front_service(bs),
+        app_deployment: app_deployment(bs),
+        app_pdb: app_pdb(bs),
+        proxy_pdb: proxy_pdb(bs),
+    }
+}
+
+fn name(bs: &BalancedService) -> &str {
+    bs.metadata.name.as_deref().unwrap_or_default()
+}
+
+/// Labels selecting the app pods or the proxy pods.
+pub fn selector_labels(bs: &BalancedService, role: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (SERVICE_LABEL.to_owned(), name(bs).to_owned()),
+        (ROLE_LABEL.to_owned(), role.to_owned()),
+    ])
+}
+
+fn common_labels(bs: &BalancedService) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGER.to_owned(),
+        ),
+        ("app.kubernetes.io/part-of".to_owned(), "ballast".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), name(bs).to_owned()),
+        (SERVICE_LABEL.to_owned(), name(bs).to_owned()),
+    ])
+}
+
+/// Metadata of an owned object: name, namespace, labels and (when the owner has a uid,
+/// i.e. it came from the API server) the controller ownerReference.
+fn meta(bs: &BalancedService, object_name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(object_name),
+        namespace: bs.metadata.namespace.clone(),
+        labels: Some(common_labels(bs)),
+        owner_references: bs.controller_owner_ref(&()).map(|r| vec![r]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn proxy_name(bs: &BalancedService) -> String {
+    format!("{}-proxy", name(bs))
+}
+
+/// Name of the headless Service the drain helper resolves to reach every proxy.
+pub fn proxy_admin_name(bs: &BalancedService) -> String {
+    format!("{}-proxy-admin", name(bs))
+}
+
+fn backends_name(bs: &BalancedService) -> String {
+    format!("{}-backends", name(bs))
+}
+
+/// Revision of the app pod template: the same template always gives the same value.
+pub fn template_revision(template: &PodTemplateSpec) -> String {
+    let text = serde_json::to_string(template).unwrap_or_default();
+    // FNV-1a: stable across releases and platforms, unlike std's SipHash seeds.
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{:010x}", hash & 0xff_ffff_ffff)
+}
+
+fn proxy_service_account(bs: &BalancedService) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(bs, proxy_name(bs)),
+        automount_service_account_token: Some(true),
+        ..ServiceAccount::default()
+    }
+}
+
+fn proxy_role(bs: &BalancedService) -> Role {
+    Role {
+        metadata: meta(bs, proxy_name(bs)),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec!["discovery.k8s.io".to_owned()]),
+            resources: Some(vec!["endpointslices".to_owned()]),
+            verbs: ["get", "list", "watch"].map(str::to_owned).to_vec(),
+            ..PolicyRule::default()
+        }]),
+    }
+}
+
+fn proxy_role_binding(bs: &BalancedService) -> RoleBinding {
+    RoleBinding {
+        metadata: meta(bs, proxy_name(bs)),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: "Role".to_owned(),
+            name: proxy_name(bs),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_owned(),
+            name: proxy_name(bs),
+            namespace: bs.metadata.namespace.clone(),
+            ..Subject::default()
+        }]),
+    }
+}
+
+fn app_protocol(protocol: AppProtocol) -> &'static str {
+    match protocol {
+        AppProtocol::Http => "http",
+        AppProtocol::H2c => "kubernetes.io/h2c",
+        AppProtocol::Grpc => "grpc",
+    }
+}
+
+fn target_port(bs: &BalancedService) -> IntOrString {
+    let port = &bs.spec.ports[0];
+    port.target_port
+        .clone()
+        .unwrap_or(IntOrString::Int(port.port))
+}
+
+fn backends_service(bs: &BalancedService) -> Service {
+    let port = &bs.spec.ports[0];
+    Service {
+        metadata: meta(bs, backends_name(bs)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_owned()),
+            selector: Some(selector_labels(bs, "app")),
+            ports: Some(vec![ServicePort {
+                name: Some(port.name.clone()),
+                port: port.port,
+                target_port: Some(target_port(bs)),
+                app_protocol: Some(app_protocol(port.app_protocol).to_owned()),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn proxy_admin_service(bs: &BalancedService) -> Service {
+    Service {
+        metadata: meta(bs, proxy_admin_name(bs)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_owned()),
+            // Not-ready proxies still hold connections to draining pods: the drain
+            // helper must see them too.
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(bs, "proxy")),
+            ports: Some(vec![ServicePort {
+                name: Some("admin".to_owned()),
+                port: bs.spec.proxy.admin_port,
+                target_port: Some(IntOrString::String("admin".to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn front_service(bs: &BalancedService) -> Service {
+    let port = &bs.spec.ports[0];
+    let service = &bs.spec.proxy.service;
+    let mut metadata = meta(bs, name(bs).to_owned());
+    if !service.annotations.is_empty() {
+        metadata.annotations = Some(service.annotations.clone());
+    }
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some(format!("{:?}", service.type_)),
+            selector: Some(selector_labels(bs, "proxy")),
+            ports: Some(vec![ServicePort {
+                name: Some(port.name.clone()),
+                port: port.port,
+                target_port: Some(IntOrString::String("proxy".to_owned())),
+                app_protocol: Some(app_protocol(port.app_protocol).to_owned()),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn restricted_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            ..Capabilities::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            ..SeccompProfile::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn spread(bs: &BalancedService, role: &str) -> Vec<TopologySpreadConstraint> {
+    ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+        .map(|key| TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: key.to_owned(),
+            // Prefer spreading; never leave a replica unscheduled for it.
+            when_unsatisfiable: "ScheduleAnyway".to_owned(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(bs, role)),
+                ..LabelSelector::default()
+            }),
+            match_label_keys: Some(vec!["pod-template-hash".to_owned()]),
+            ..TopologySpreadConstraint::default()
+        })
+        .to_vec()
+}
+
+/// How long the proxy keeps serving after SIGTERM with /ready failing.
+const PROXY_SHUTDOWN_DELAY_SECONDS: i64 = 5;
+/// How long the proxy then waits for in-flight requests.
+const PROXY_DRAIN_SECONDS: i64 = 30;
+
+/// Command-line arguments of `ballast-proxy` from `spec.balancing` and `spec.rollout`.
+pub fn proxy_args(bs: &BalancedService) -> Vec<String> {
+    let spec = &bs.spec;
+    let balancing = &spec.balancing;
+    let port = &spec.ports[0];
+    let protocol = match port.app_protocol {
+        AppProtocol::Http => "http1",
+        AppProtocol::H2c | AppProtocol::Grpc => "h2c",
+    };
+    let algorithm = match balancing.algorithm {
+        ballast_api::spec::Algorithm::P2cEwma => "p2c-ewma",
+        ballast_api::spec::Algorithm::LeastRequest => "least-request",
+        ballast_api::spec::Algorithm::RoundRobin => "round-robin",
+    };
+    let od = &balancing.outlier_detection;
+    [
+        ("--listen", format!("0.0.0.0:{PROXY_PORT}")),
+        (
+            "--admin-listen",
+            format!("0.0.0.0:{}", spec.proxy.admin_port),
+        ),
+        ("--kube-service", backends_name(bs)),
+        ("--port-name", port.name.clone()),
+        ("--backend-protocol", protocol.to_owned()),
+        ("--algorithm", algorithm.to_owned()),
+        (
+            "--connect-timeout",
+            format!("{}ms", balancing.timeouts.connect_millis),
+        ),
+        (
+            "--response-timeout",
+            format!("{}s", balancing.timeouts.response_seconds),
+        ),
+        (
+            "--idle-timeout",
+            format!("{}s", balancing.timeouts.idle_seconds),
+        ),
+        ("--retry-attempts", balancing.retries.attempts.to_string()),
+        (
+            "--retry-budget-percent",
+            balancing.retries.budget_percent.to_string(),
+        ),
+        (
+            "--retry-min-per-second",
+            balancing.retries.min_per_second.to_string(),
+        ),
+        (
+            "--outlier-consecutive-failures",
+            od.consecutive_failures.to_string(),
+        ),
+        (
+            "--outlier-base-ejection",
+            format!("{}s", od.base_ejection_seconds),
+        ),
+        (
+            "--outlier-max-ejection",
+            format!("{}s", od.max_ejection_seconds.max(od.base_ejection_seconds)),
+        ),
+        (
+            "--outlier-max-ejected-percent",
+            od.max_ejected_percent.to_string(),
+        ),
+        ("--warmup", format!("{}s", spec.rollout.warmup_seconds)),
+        (
+            "--drain-ttl",
+            format!("{}s", 2 * spec.rollout.drain_timeout_seconds),
+        ),
+        (
+            "--shutdown-delay",
+            format!("{PROXY_SHUTDOWN_DELAY_SECONDS}s"),
+        ),
+        ("--drain-timeout", format!("{PROXY_DRAIN_SECONDS}s")),
+        ("--log-format", "json".to_owned()),
+    ]
+    .into_iter()
+    .map(|(flag, value)| format!("{flag}={value}"))
+    .collect()
+}
+
+fn proxy_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
+    let admin = IntOrString::String("admin".to_owned());
+    let http = |path: &str| HTTPGetAction {
+        path: Some(path.to_owned()),
+        port: admin.clone(),
+        ..HTTPGetAction::default()
+    };
+    let resources = bs
+        .spec
+        .proxy
+        .resources
+        .clone()
+        .unwrap_or_else(|| ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("100m".to_owned())),
+                ("memory".to_owned(), Quantity("64Mi".to_owned())),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_owned(),
+                Quantity("256Mi".to_owned()),
+            )])),
+            ..ResourceRequirements::default()
+        });
+    let container = Container {
+        name: "proxy".to_owned(),
+        image: Some(ctx.proxy_image.clone()),
+        command: Some(vec!["/usr/local/bin/ballast-proxy".to_owned()]),
+        args: Some(proxy_args(bs)),
+        env: Some(vec![EnvVar {
+            name: "BALLAST_NAMESPACE".to_owned(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.namespace".to_owned(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("proxy".to_owned()),
+                container_port: PROXY_PORT,
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("admin".to_owned()),
+                container_port: bs.spec.proxy.admin_port,
+                ..ContainerPort::default()
+            },
+        ]),
+        readiness_probe: Some(Probe {
+            http_get: Some(http("/ready")),
+            period_seconds: Some(2),
+            failure_threshold: Some(1),
+            ..Probe::default()
+        }),
+        liveness_probe: Some(Probe {
+            http_get: Some(http("/live")),
+            period_seconds: Some(10),
+            failure_threshold: Some(3),
+            ..Probe::default()
+        }),
+        resources: Some(resources),
+        security_context: Some(restricted_container_security()),
+        ..Container::default()
+    };
+    let labels = selector_labels(bs, "proxy");
+    let mut pod_labels = common_labels(bs);
+    pod_labels.extend(labels.clone());
+    Deployment {
+        metadata: meta(bs, proxy_name(bs)),
+        spec: DeploymentSpec {
+            replicas: Some(bs.spec.proxy.replicas),
+            selector: LabelSelector {
+                match_labels: Some(labels),
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(proxy_name(bs)),
+                    containers: vec![container],
+                    termination_grace_period_seconds: Some(
+                        PROXY_SHUTDOWN_DELAY_SECONDS + PROXY_DRAIN_SECONDS + 5,
+                    ),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    topology_spread_constraints: Some(spread(bs, "proxy")),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        },
+        ..Deployment::default()
+    }
+}
+
+/// The container that serves the proxied port: the one declaring the target port, or
+/// the first.
+fn serving_container(pod: &PodSpec, target: &IntOrString) -> usize {
+    pod.containers
+        .iter()
+        .position(|c| {
+            c.ports.iter().flatten().any(|p| match target {
+                IntOrString::Int(n) => p.container_port == *n,
+                IntOrString::String(name) => p.name.as_deref() == Some(name),
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// Readiness and startup probes from `spec.probes`, for a container that has neither.
+fn generated_probes(bs: &BalancedService) -> (Probe, Probe) {
+    let probes = &bs.spec.probes;
+    let port = probes.port.clone().unwrap_or_else(|| target_port(bs));
+    let base = match bs.spec.ports[0].app_protocol {
+        AppProtocol::Grpc => Probe {
+            grpc: Some(GRPCAction {
+                port: match &port {
+                    IntOrString::Int(n) => *n,
+                    IntOrString::String(_) => bs.spec.ports[0].port,
+                },
+                ..GRPCAction::default()
+            }),
+            ..Probe::default()
+        },
+        _ => Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some(probes.path.clone()),
+                port,
+                scheme: Some(match probes.scheme {
+                    ProbeScheme::Http => "HTTP".to_owned(),
+                    ProbeScheme::Https => "HTTPS".to_owned(),
+                }),
+                ..HTTPGetAction::default()
+            }),
+            ..Probe::default()
+        },
+    };
+    let readiness = Probe {
+        period_seconds: Some(probes.period_seconds),
+        timeout_seconds: Some(probes.timeout_seconds),
+        failure_threshold: Some(probes.failure_threshold),
+        success_threshold: Some(1),
+        ..base.clone()
+    };
+    // The startup probe covers slow starts, so readiness can stay fast.
+    let startup = Probe {
+        period_seconds: Some(probes.period_seconds),
+        timeout_seconds: Some(probes.timeout_seconds),
+        failure_threshold: Some(
+            (probes.startup_budget_seconds + probes.period_seconds - 1) / probes.period_seconds,
+        ),
+        success_threshold: Some(1),
+        ..base
+    };
+    (readiness, startup)
+}
+
+/// Readiness probe periods longer than this slow every rollout down.
+pub const SLOW_PROBE_PERIOD_SECONDS: i32 = 10;
+
+/// Containers whose own readiness probe is so slow it delays rollouts.
+pub fn slow_probes(bs: &BalancedService) -> Vec<String> {
+    let containers = bs
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default();
+    containers
+        .iter()
+        .filter(|c| {
+            c.readiness_probe
+                .as_ref()
+                .and_then(|p| p.period_seconds)
+                .unwrap_or(10)
+                > SLOW_PROBE_PERIOD_SECONDS
+        })
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+/// The drain gate put in front of the app's termination. The drain-gate issue fills
+/// this in (preStop running `ballast-drain`); until then pods terminate as usual.
+fn apply_drain_gate(_bs: &BalancedService, _pod: &mut PodSpec) {}
+
+fn app_deployment(bs: &BalancedService) -> Deployment {
+    let spec = &bs.spec;
+    let mut template = spec.template.clone();
+    let revision = template_revision(&spec.template);
+    let metadata = template.metadata.get_or_insert_default();
+    let labels = metadata.labels.get_or_insert_default();
+    labels.extend(selector_labels(bs, "app"));
+    labels.insert(REVISION_LABEL.to_owned(), revision);
+    let pod = template.spec.get_or_insert_default();
+    let serving = serving_container(pod, &target_port(bs));
+    if let Some(container) = pod.containers.get_mut(serving)
+        && container.readiness_probe.is_none()
+        && container.startup_probe.is_none()
+    {
+        let (readiness, startup) = generated_probes(bs);
+        container.readiness_probe = Some(readiness);
+        container.startup_probe = Some(startup);
+    }
+    pod.termination_grace_period_seconds = Some(
+        i64::from(spec.rollout.drain_timeout_seconds)
+            + i64::from(spec.rollout.shutdown_grace_seconds),
+    );
+    apply_drain_gate(bs, pod);
+
+    let selector = selector_labels(bs, "app");
+    Deployment {
+        metadata: meta(bs, name(bs).to_owned()),
+        spec: DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(spec.rollout.max_surge.clone()),
+                    max_unavailable: Some(spec.rollout.max_unavailable.clone()),
+                }),
+            }),
+            min_ready_seconds: Some(spec.rollout.min_ready_seconds),
+            progress_deadline_seconds: Some(spec.rollout.progress_deadline_seconds),
+            revision_history_limit: Some(10),
+            template,
+            ..DeploymentSpec::default()
+        },
+        ..Deployment::default()
+    }
+}
+
+fn pdb(
+    bs: &BalancedService,
+    object_name: String,
+    role: &str,
+    min: Option<IntOrString>,
+    max: Option<IntOrString>,
+) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(bs, object_name),
+        spec: Some(PodDisruptionBudgetSpec {
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(bs, role)),
+                ..LabelSelector::default()
+            }),
+            min_available: min,
+            max_unavailable: max,
+            // A crash-looping pod must not block node drains.
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".to_owned()),
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+fn app_pdb(bs: &BalancedService) -> PodDisruptionBudget {
+    let d = &bs.spec.disruption;
+    let (min, max) = match (&d.min_available, &d.max_unavailable) {
+        (None, None) => (None, Some(IntOrString::Int(1))),
+        (min, max) => (min.clone(), max.clone()),
+    };
+    pdb(bs, name(bs).to_owned(), "app", min, max)
+}
+
+fn proxy_pdb(bs: &BalancedService) -> PodDisruptionBudget {
+    pdb(bs, proxy_name(bs), "proxy", None, Some(IntOrString::Int(1)))
+}
+
+#[cfg(test)]
+mod tests;

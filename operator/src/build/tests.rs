@@ -1,0 +1,250 @@
+use super::*;
+use crate::fixtures::balanced_service;
+
+fn ctx() -> BuildContext {
+    BuildContext {
+        proxy_image: "ghcr.io/ballast-dev/ballast:test".to_owned(),
+    }
+}
+
+fn app_pod(objects: &OwnedObjects) -> PodSpec {
+    objects.app_deployment.spec.clone().template.spec.unwrap()
+}
+
+#[test]
+fn every_object_is_owned_labelled_and_namespaced() {
+    let objects = build(&balanced_service(), &ctx());
+    let docs = objects.to_documents().unwrap();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "Service",
+            "Deployment",
+            "Service",
+            "Deployment",
+            "PodDisruptionBudget",
+            "PodDisruptionBudget"
+        ],
+        "apply order"
+    );
+    for doc in &docs {
+        let meta = &doc["metadata"];
+        assert_eq!(meta["namespace"], "shop", "{doc}");
+        assert_eq!(meta["labels"]["app.kubernetes.io/managed-by"], MANAGER);
+        assert_eq!(meta["labels"][SERVICE_LABEL], "demo");
+        let owner = &meta["ownerReferences"][0];
+        assert_eq!(
+            (
+                owner["kind"].as_str(),
+                owner["name"].as_str(),
+                owner["controller"].as_bool()
+            ),
+            (Some("BalancedService"), Some("demo"), Some(true))
+        );
+    }
+    let names: Vec<&str> = docs
+        .iter()
+        .map(|d| d["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "demo-proxy",
+            "demo-proxy",
+            "demo-proxy",
+            "demo-backends",
+            "demo-proxy-admin",
+            "demo-proxy",
+            "demo",
+            "demo",
+            "demo",
+            "demo-proxy"
+        ]
+    );
+}
+
+#[test]
+fn app_deployment_gets_probes_grace_period_and_rollout_strategy() {
+    let objects = build(&balanced_service(), &ctx());
+    let spec = objects.app_deployment.spec.clone();
+    assert_eq!(spec.replicas, Some(4));
+    let strategy = spec.strategy.unwrap().rolling_update.unwrap();
+    assert_eq!(strategy.max_surge, Some(IntOrString::String("25%".into())));
+    assert_eq!(strategy.max_unavailable, Some(IntOrString::Int(0)));
+    assert_eq!(spec.progress_deadline_seconds, Some(600));
+    let pod = app_pod(&objects);
+    assert_eq!(
+        pod.termination_grace_period_seconds,
+        Some(30 + 15),
+        "drainTimeout + shutdownGrace"
+    );
+    // Probes go to the container serving the port, not the first one.
+    assert!(pod.containers[0].readiness_probe.is_none());
+    let app = &pod.containers[1];
+    let readiness = app.readiness_probe.clone().unwrap();
+    let get = readiness.http_get.unwrap();
+    assert_eq!(
+        (get.path.as_deref(), get.port),
+        (Some("/healthz"), IntOrString::Int(8080))
+    );
+    assert_eq!(
+        (readiness.period_seconds, readiness.failure_threshold),
+        (Some(2), Some(2))
+    );
+    let startup = app.startup_probe.clone().unwrap();
+    assert_eq!(
+        startup.failure_threshold,
+        Some(150),
+        "300 s startup budget / 2 s period"
+    );
+}
+
+#[test]
+fn grace_period_follows_the_rollout_settings() {
+    let mut bs = balanced_service();
+    bs.spec.rollout.drain_timeout_seconds = 90;
+    bs.spec.rollout.shutdown_grace_seconds = 0;
+    assert_eq!(
+        app_pod(&build(&bs, &ctx())).termination_grace_period_seconds,
+        Some(90)
+    );
+}
+
+#[test]
+fn user_probes_are_kept_and_slow_ones_reported() {
+    let mut bs = balanced_service();
+    let own = Probe {
+        period_seconds: Some(30),
+        tcp_socket: None,
+        ..Probe::default()
+    };
+    bs.spec.template.spec.as_mut().unwrap().containers[1].readiness_probe = Some(own.clone());
+    let pod = app_pod(&build(&bs, &ctx()));
+    assert_eq!(pod.containers[1].readiness_probe, Some(own));
+    assert!(pod.containers[1].startup_probe.is_none());
+    assert_eq!(slow_probes(&bs), vec!["app".to_owned()]);
+    assert!(slow_probes(&balanced_service()).is_empty());
+}
+
+#[test]
+fn grpc_ports_get_grpc_probes_and_an_h2c_proxy() {
+    let mut bs = balanced_service();
+    bs.spec.ports[0].app_protocol = AppProtocol::Grpc;
+    let objects = build(&bs, &ctx());
+    let probe = app_pod(&objects).containers[1]
+        .readiness_probe
+        .clone()
+        .unwrap();
+    assert_eq!(probe.grpc.unwrap().port, 8080);
+    let args = proxy_args(&bs);
+    assert!(
+        args.contains(&"--backend-protocol=h2c".to_owned()),
+        "{args:?}"
+    );
+    let front = objects.front_service.spec.unwrap().ports.unwrap();
+    assert_eq!(front[0].app_protocol.as_deref(), Some("grpc"));
+}
+
+#[test]
+fn pod_labels_select_app_pods_and_carry_the_revision() {
+    let bs = balanced_service();
+    let objects = build(&bs, &ctx());
+    let spec = objects.app_deployment.spec;
+    let labels = spec.template.metadata.unwrap().labels.unwrap();
+    assert_eq!(
+        labels["app.kubernetes.io/name"], "demo",
+        "the user's labels stay"
+    );
+    assert_eq!(labels[ROLE_LABEL], "app");
+    assert_eq!(labels[REVISION_LABEL], template_revision(&bs.spec.template));
+    let selector = spec.selector.match_labels.unwrap();
+    assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    let backends = objects.backends_service.spec.unwrap();
+    assert_eq!(backends.selector.unwrap(), selector);
+    assert_eq!(backends.cluster_ip.as_deref(), Some("None"));
+
+    let mut changed = bs.clone();
+    changed.spec.template.spec.as_mut().unwrap().containers[1].image = Some("demo:2".into());
+    assert_ne!(
+        template_revision(&changed.spec.template),
+        template_revision(&bs.spec.template)
+    );
+}
+
+#[test]
+fn proxy_runs_restricted_watches_the_backends_and_is_found_by_the_drain_helper() {
+    let objects = build(&balanced_service(), &ctx());
+    let pod = objects.proxy_deployment.spec.template.spec.unwrap();
+    let container = &pod.containers[0];
+    assert_eq!(
+        container.image.as_deref(),
+        Some("ghcr.io/ballast-dev/ballast:test")
+    );
+    let args = container.args.clone().unwrap();
+    for want in [
+        "--kube-service=demo-backends",
+        "--port-name=http",
+        "--admin-listen=0.0.0.0:9901",
+        "--drain-ttl=60s",
+        "--backend-protocol=http1",
+    ] {
+        assert!(args.contains(&want.to_owned()), "{want} in {args:?}");
+    }
+    let security = container.security_context.clone().unwrap();
+    assert_eq!(
+        (
+            security.run_as_non_root,
+            security.read_only_root_filesystem,
+            security.allow_privilege_escalation
+        ),
+        (Some(true), Some(true), Some(false))
+    );
+    assert_eq!(pod.service_account_name.as_deref(), Some("demo-proxy"));
+    assert_eq!(pod.topology_spread_constraints.unwrap().len(), 2);
+    let rules = objects.proxy_role.rules.unwrap();
+    assert_eq!(rules[0].verbs, ["get", "list", "watch"], "read-only");
+    let admin = objects.proxy_admin_service.spec.unwrap();
+    assert_eq!(admin.publish_not_ready_addresses, Some(true));
+    assert_eq!(admin.cluster_ip.as_deref(), Some("None"));
+    let front = objects.front_service.spec.unwrap();
+    assert_eq!(front.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(front.ports.unwrap()[0].port, 80);
+}
+
+#[test]
+fn disruption_budgets() {
+    let bs = balanced_service();
+    let objects = build(&bs, &ctx());
+    let app = objects.app_pdb.spec.unwrap();
+    assert_eq!(
+        (app.min_available, app.max_unavailable),
+        (None, Some(IntOrString::Int(1)))
+    );
+    assert_eq!(
+        app.unhealthy_pod_eviction_policy.as_deref(),
+        Some("AlwaysAllow")
+    );
+    let mut custom = bs.clone();
+    custom.spec.disruption.min_available = Some(IntOrString::String("50%".into()));
+    let app = build(&custom, &ctx()).app_pdb.spec.unwrap();
+    assert_eq!(
+        (app.min_available, app.max_unavailable),
+        (Some(IntOrString::String("50%".into())), None)
+    );
+}
+
+#[test]
+fn render_without_a_uid_has_no_owner_reference() {
+    let mut bs = balanced_service();
+    bs.metadata.uid = None;
+    let docs = build(&bs, &ctx()).to_documents().unwrap();
+    assert!(
+        docs.iter()
+            .all(|d| d["metadata"].get("ownerReferences").is_none())
+    );
+}

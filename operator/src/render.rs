@@ -1,0 +1,117 @@
+//! `ballast-operator render`: what the operator would create, without a cluster.
+
+use ballast_api::BalancedService;
+use std::fmt::Write as _;
+
+use crate::build::{BuildContext, build};
+use crate::validate::{Limits, validate};
+
+/// Why rendering failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The input is not YAML of BalancedServices.
+    #[error("{0}")]
+    ParseInput(String),
+    /// A BalancedService is invalid (the message status would carry).
+    #[error("{name}: {message}")]
+    InvalidSpec {
+        /// `namespace/name`.
+        name: String,
+        /// The validation message.
+        message: String,
+    },
+    /// Serialization failed.
+    #[error("cannot serialize: {0}")]
+    Serialize(String),
+}
+
+/// Renders every BalancedService in `yaml` (multi-document) into the owned objects, as
+/// multi-document YAML. Other kinds in the input are skipped.
+///
+/// # Errors
+/// On unreadable input or the first invalid BalancedService.
+pub fn render(yaml: &str, ctx: &BuildContext, limits: &Limits) -> Result<String, RenderError> {
+    let mut out = String::new();
+    let mut count = 0;
+    for document in serde_norway::Deserializer::from_str(yaml) {
+        let value: serde_json::Value = serde::Deserialize::deserialize(document)
+            .map_err(|e| RenderError::ParseInput(e.to_string()))?;
+        if value.is_null() || value["kind"] != "BalancedService" {
+            continue;
+        }
+        let mut bs: BalancedService =
+            serde_json::from_value(value).map_err(|e| RenderError::ParseInput(e.to_string()))?;
+        bs.metadata
+            .namespace
+            .get_or_insert_with(|| "default".to_owned());
+        let name = format!(
+            "{}/{}",
+            bs.metadata.namespace.as_deref().unwrap_or_default(),
+            bs.metadata.name.as_deref().unwrap_or_default()
+        );
+        validate(&bs, limits).map_err(|e| RenderError::InvalidSpec {
+            name: name.clone(),
+            message: e.to_string(),
+        })?;
+        let documents = build(&bs, ctx)
+            .to_documents()
+            .map_err(|e| RenderError::Serialize(e.to_string()))?;
+        for document in documents {
+            let text = serde_norway::to_string(&document)
+                .map_err(|e| RenderError::Serialize(e.to_string()))?;
+            let _ = write!(out, "---\n# owned by BalancedService {name}\n{text}");
+        }
+        count += 1;
+    }
+    if count == 0 {
+        return Err(RenderError::ParseInput(
+            "no BalancedService found in the input".to_owned(),
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> BuildContext {
+        BuildContext {
+            proxy_image: "img".to_owned(),
+        }
+    }
+
+    #[test]
+    fn renders_the_samples() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/samples/");
+        for sample in ["demo-http.yaml", "demo-grpc.yaml"] {
+            let yaml = std::fs::read_to_string(format!("{root}{sample}")).unwrap();
+            let out = render(&yaml, &ctx(), &Limits::default()).unwrap();
+            assert_eq!(
+                out.matches("\n---\n").count() + 1,
+                10,
+                "{sample}: ten objects"
+            );
+            assert!(out.contains("kind: PodDisruptionBudget"));
+        }
+    }
+
+    #[test]
+    fn invalid_specs_fail_with_the_status_message() {
+        let yaml = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/samples/demo-http.yaml"
+        ))
+        .unwrap();
+        let yaml = yaml.replace("path: /healthz", "path: /healthz\n    port: nonexistent");
+        let err = render(&yaml, &ctx(), &Limits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "default/demo: spec.probes.port: no container declares a port named \"nonexistent\""
+            ),
+            "{err}"
+        );
+    }
+}

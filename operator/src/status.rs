@@ -1,0 +1,348 @@
+//! Status as a pure function of what the API server returned.
+
+use ballast_api::BalancedService;
+use ballast_api::status::{BalancedServiceStatus, ProxyStatus};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::build::REVISION_LABEL;
+use crate::validate::InvalidSpec;
+
+/// What the reconcile saw after applying.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The app Deployment as returned by the apply.
+    pub app: Option<Deployment>,
+    /// The proxy Deployment as returned by the apply.
+    pub proxy: Option<Deployment>,
+    /// ReplicaSets of the app Deployment.
+    pub replica_sets: Vec<ReplicaSet>,
+    /// Containers whose own readiness probe slows rollouts.
+    pub slow_probes: Vec<String>,
+}
+
+/// A status change worth an Event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// Event reason.
+    pub reason: &'static str,
+    /// Event note.
+    pub message: String,
+    /// Warning (true) or Normal.
+    pub warning: bool,
+}
+
+const AVAILABLE: &str = "Available";
+const PROGRESSING: &str = "Progressing";
+const DEGRADED: &str = "Degraded";
+
+/// The new status. `invalid` is set when validation failed: then nothing was applied
+/// and only the conditions (and `observedGeneration`) change.
+pub fn compute(
+    bs: &BalancedService,
+    observed: &Observed,
+    invalid: Option<&InvalidSpec>,
+    now: Time,
+) -> BalancedServiceStatus {
+    let previous = bs.status.clone().unwrap_or_default();
+    let generation = bs.metadata.generation;
+    let mut status = if invalid.is_some() {
+        previous.clone()
+    } else {
+        BalancedServiceStatus::default()
+    };
+    status.observed_generation = generation;
+    let desired = bs.spec.replicas;
+
+    if invalid.is_none() {
+        if let Some(app) = observed.app.as_ref().and_then(|d| d.status.as_ref()) {
+            status.replicas = app.replicas.unwrap_or(0);
+            status.ready_replicas = app.ready_replicas.unwrap_or(0);
+            status.updated_replicas = app.updated_replicas.unwrap_or(0);
+            status.available_replicas = app.available_replicas.unwrap_or(0);
+        }
+        status.ready = Some(format!("{}/{desired}", status.available_replicas));
+        status.selector = Some(format!(
+            "{}={},{}=app",
+            crate::build::SERVICE_LABEL,
+            bs.metadata.name.as_deref().unwrap_or_default(),
+            crate::build::ROLE_LABEL
+        ));
+        let (current, update) = revisions(bs, &observed.replica_sets);
+        status.current_revision = current;
+        status.update_revision = update;
+        status.proxy = observed.proxy.as_ref().map(|p| ProxyStatus {
+            replicas: bs.spec.proxy.replicas,
+            ready_replicas: p
+                .status
+                .as_ref()
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0),
+        });
+        status.last_rollout = previous.last_rollout.clone();
+        status.balance = previous.balance.clone();
+        status.draining = previous.draining.clone();
+    }
+
+    let deadline_exceeded = observed
+        .app
+        .as_ref()
+        .and_then(|d| d.status.as_ref())
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| {
+            c.iter().any(|c| {
+                c.type_.as_deref() == Some("Progressing")
+                    && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+            })
+        });
+    let proxy = status.proxy.clone().unwrap_or_default();
+    let proxies_ready = proxy.ready_replicas >= bs.spec.proxy.replicas;
+    let app_generation_seen = observed.app.as_ref().is_some_and(|d| {
+        d.status.as_ref().and_then(|s| s.observed_generation) >= d.metadata.generation
+    });
+    let rolling = status.updated_replicas < desired
+        || status.replicas > status.updated_replicas
+        || !app_generation_seen;
+
+    let mut conditions = Vec::new();
+    let (degraded, reason, message) = match (invalid, deadline_exceeded) {
+        (Some(e), _) => (true, "InvalidSpec", format!("nothing was changed: {e}")),
+        (None, true) => (
+            true,
+            "ProgressDeadlineExceeded",
+            format!(
+                "no rollout progress within {}s",
+                bs.spec.rollout.progress_deadline_seconds
+            ),
+        ),
+        (None, false)
+            if observed.proxy.is_some()
+                && proxy.ready_replicas == 0
+                && status.available_replicas > 0 =>
+        {
+            (
+                true,
+                "ProxyUnavailable",
+                "no proxy replica is ready: clients cannot reach the app".to_owned(),
+            )
+        }
+        (None, false) if !observed.slow_probes.is_empty() => (
+            false,
+            "SlowProbes",
+            format!(
+                "readiness probes of {:?} run less often than every {}s, which slows rollouts",
+                observed.slow_probes,
+                crate::build::SLOW_PROBE_PERIOD_SECONDS
+            ),
+        ),
+        _ => (false, "AsExpected", "no problem found".to_owned()),
+    };
+    if invalid.is_none() {
+        let available = status.available_replicas >= desired && proxies_ready;
+        let message = format!(
+            "{}/{desired} app pods available, {}/{} proxies ready",
+            status.available_replicas, proxy.ready_replicas, bs.spec.proxy.replicas
+        );
+        let reason = if available {
+            "AllAvailable"
+        } else if proxies_ready {
+            "PodsUnavailable"
+        } else {
+            "ProxiesUnavailable"
+        };
+        conditions.push(condition(
+            &previous, AVAILABLE, available, reason, message, generation, &now,
+        ));
+        let (progressing, reason, message) = if deadline_exceeded {
+            (
+                false,
+                "ProgressDeadlineExceeded",
+                format!(
+                    "{}/{desired} pods updated when the deadline passed",
+                    status.updated_replicas
+                ),
+            )
+        } else if rolling {
+            (
+                true,
+                "RolloutInProgress",
+                format!(
+                    "{}/{desired} pods updated, {} pods in all",
+                    status.updated_replicas, status.replicas
+                ),
+            )
+        } else {
+            (
+                false,
+                "RolloutComplete",
+                format!(
+                    "all {desired} pods run revision {}",
+                    status.update_revision.clone().unwrap_or_default()
+                ),
+            )
+        };
+        conditions.push(condition(
+            &previous,
+            PROGRESSING,
+            progressing,
+            reason,
+            message,
+            generation,
+            &now,
+        ));
+    } else {
+        conditions.extend(
+            previous
+                .conditions
+                .iter()
+                .filter(|c| c.type_ != DEGRADED)
+                .cloned(),
+        );
+    }
+    conditions.push(condition(
+        &previous, DEGRADED, degraded, reason, message, generation, &now,
+    ));
+    status.phase = Some(phase(&conditions).to_owned());
+    status.conditions = conditions;
+    status
+}
+
+/// Events for the changes between `before` and `after`.
+pub fn transitions(
+    before: &BalancedServiceStatus,
+    after: &BalancedServiceStatus,
+) -> Vec<Transition> {
+    let get =
+        |s: &BalancedServiceStatus, t: &str| s.conditions.iter().find(|c| c.type_ == t).cloned();
+    let mut out = Vec::new();
+    let (was, now) = (get(before, PROGRESSING), get(after, PROGRESSING));
+    if let Some(now) = &now {
+        let was_true = was.as_ref().is_some_and(|c| c.status == "True");
+        if now.status == "True" && !was_true {
+            out.push(Transition {
+                reason: "RolloutStarted",
+                message: now.message.clone(),
+                warning: false,
+            });
+        }
+        if now.status == "False" && now.reason == "RolloutComplete" && was_true {
+            out.push(Transition {
+                reason: "RolloutComplete",
+                message: now.message.clone(),
+                warning: false,
+            });
+        }
+    }
+    let (was, now) = (get(before, DEGRADED), get(after, DEGRADED));
+    if let Some(now) = &now {
+        let was_true = was.as_ref().is_some_and(|c| c.status == "True");
+        let reason_changed = was.as_ref().is_none_or(|c| c.reason != now.reason);
+        if now.status == "True" && (!was_true || reason_changed) {
+            let reason = if now.reason == "InvalidSpec" {
+                "InvalidSpec"
+            } else {
+                "Degraded"
+            };
+            out.push(Transition {
+                reason,
+                message: now.message.clone(),
+                warning: true,
+            });
+        }
+        if now.status == "False" && was_true {
+            let old = was.as_ref().map(|c| c.reason.clone()).unwrap_or_default();
+            out.push(Transition {
+                reason: "Recovered",
+                message: format!("no longer degraded ({old})"),
+                warning: false,
+            });
+        }
+        if now.reason == "SlowProbes" && was.as_ref().is_none_or(|c| c.reason != "SlowProbes") {
+            out.push(Transition {
+                reason: "SlowProbes",
+                message: now.message.clone(),
+                warning: true,
+            });
+        }
+    }
+    out
+}
+
+/// `(current, update)`: the revision most available pods run, and the one of the
+/// current template.
+fn revisions(
+    bs: &BalancedService,
+    replica_sets: &[ReplicaSet],
+) -> (Option<String>, Option<String>) {
+    let update = crate::build::template_revision(&bs.spec.template);
+    let revision_of = |rs: &ReplicaSet| {
+        rs.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(REVISION_LABEL))
+            .cloned()
+    };
+    let current = replica_sets
+        .iter()
+        .filter(|rs| {
+            rs.status
+                .as_ref()
+                .and_then(|s| s.available_replicas)
+                .unwrap_or(0)
+                > 0
+        })
+        .max_by_key(|rs| {
+            rs.status
+                .as_ref()
+                .and_then(|s| s.available_replicas)
+                .unwrap_or(0)
+        })
+        .and_then(revision_of);
+    (current.or_else(|| Some(update.clone())), Some(update))
+}
+
+fn condition(
+    previous: &BalancedServiceStatus,
+    type_: &str,
+    value: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if value { "True" } else { "False" };
+    let last = previous.conditions.iter().find(|c| c.type_ == type_);
+    // The transition time moves only when the status does.
+    let last_transition_time = match last {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => now.clone(),
+    };
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+fn phase(conditions: &[Condition]) -> &'static str {
+    let is = |t: &str| {
+        conditions
+            .iter()
+            .any(|c| c.type_ == t && c.status == "True")
+    };
+    if is(DEGRADED) {
+        "Degraded"
+    } else if is(PROGRESSING) {
+        "Progressing"
+    } else if is(AVAILABLE) {
+        "Available"
+    } else {
+        "Pending"
+    }
+}
+
+#[cfg(test)]
+mod tests;

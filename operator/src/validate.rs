@@ -1,0 +1,293 @@
+//! What the CRD's schema and CEL rules cannot check, checked before anything is applied.
+//! An invalid spec changes nothing already running: the reconcile stops here and the
+//! message goes to status (`Degraded=True, reason=InvalidSpec`) and an Event.
+
+use ballast_api::BalancedService;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use std::fmt;
+
+/// Limits the operator enforces beyond the schema.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest `spec.replicas` accepted.
+    pub max_replicas: i32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_replicas: 1000 }
+    }
+}
+
+/// Port the proxy container listens on for clients (the front Service targets it).
+pub const PROXY_PORT: i32 = 8080;
+
+/// Longest BalancedService name: `<name>-proxy-admin` must be a valid Service name
+/// (a DNS label, at most 63 characters).
+pub const MAX_NAME_LEN: usize = 63 - "-proxy-admin".len();
+
+/// One problem, naming the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// JSON path of the field, e.g. `spec.probes.port`.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Every problem of an invalid spec.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidSpec(pub Vec<FieldError>);
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl fmt::Display for InvalidSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&lines.join("; "))
+    }
+}
+
+/// Checks a BalancedService; `Ok` means the builders can run.
+///
+/// # Errors
+/// Every problem found.
+pub fn validate(bs: &BalancedService, limits: &Limits) -> Result<(), InvalidSpec> {
+    let mut errors = Vec::new();
+    let mut fail = |field: &str, message: String| {
+        errors.push(FieldError {
+            field: field.to_owned(),
+            message,
+        })
+    };
+    let spec = &bs.spec;
+    let name = bs.metadata.name.as_deref().unwrap_or_default();
+
+    if name.len() > MAX_NAME_LEN {
+        fail(
+            "metadata.name",
+            format!(
+                "at most {MAX_NAME_LEN} characters, so that `<name>-proxy-admin` is a valid Service name"
+            ),
+        );
+    }
+    if spec.replicas > limits.max_replicas {
+        fail(
+            "spec.replicas",
+            format!(
+                "{} is above this operator's limit of {}",
+                spec.replicas, limits.max_replicas
+            ),
+        );
+    }
+    match spec.ports.len() {
+        1 => {}
+        0 => fail("spec.ports", "list the port the app serves".to_owned()),
+        n => fail(
+            "spec.ports",
+            format!(
+                "{n} ports given; ballast v1alpha1 proxies one port per BalancedService: give each further port its own BalancedService"
+            ),
+        ),
+    }
+
+    let containers = spec
+        .template
+        .spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default();
+    if containers.is_empty() {
+        fail(
+            "spec.template.spec.containers",
+            "at least one container is required".to_owned(),
+        );
+    }
+    let port_names: Vec<&str> = containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| p.name.as_deref())
+        .collect();
+    for (i, port) in spec.ports.iter().enumerate() {
+        if let Some(IntOrString::String(target)) = &port.target_port
+            && !port_names.contains(&target.as_str())
+        {
+            fail(
+                &format!("spec.ports[{i}].targetPort"),
+                format!("no container declares a port named {target:?} (declared: {port_names:?})"),
+            );
+        }
+    }
+    if let Some(IntOrString::String(probe)) = &spec.probes.port
+        && !port_names.contains(&probe.as_str())
+    {
+        fail(
+            "spec.probes.port",
+            format!("no container declares a port named {probe:?} (declared: {port_names:?})"),
+        );
+    }
+
+    for (field, value) in [
+        ("spec.rollout.maxSurge", Some(&spec.rollout.max_surge)),
+        (
+            "spec.rollout.maxUnavailable",
+            Some(&spec.rollout.max_unavailable),
+        ),
+        (
+            "spec.disruption.minAvailable",
+            spec.disruption.min_available.as_ref(),
+        ),
+        (
+            "spec.disruption.maxUnavailable",
+            spec.disruption.max_unavailable.as_ref(),
+        ),
+    ] {
+        if let Some(IntOrString::String(text)) = value
+            && !is_percent(text)
+        {
+            fail(
+                field,
+                format!("{text:?} is neither a number nor a percentage such as \"25%\""),
+            );
+        }
+    }
+
+    if spec.proxy.admin_port == PROXY_PORT {
+        fail(
+            "spec.proxy.adminPort",
+            format!("{PROXY_PORT} is the proxy's client port; choose another"),
+        );
+    }
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.as_ref());
+    for key in labels.into_iter().flat_map(|l| l.keys()) {
+        if key.starts_with("ballast.dev/") {
+            fail(
+                "spec.template.metadata.labels",
+                format!("{key:?} is reserved for the operator"),
+            );
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidSpec(errors))
+    }
+}
+
+fn is_percent(text: &str) -> bool {
+    text.strip_suffix('%')
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::balanced_service;
+
+    fn errors(bs: &BalancedService) -> Vec<String> {
+        match validate(bs, &Limits::default()) {
+            Ok(()) => Vec::new(),
+            Err(InvalidSpec(errors)) => errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn the_fixture_is_valid() {
+        assert_eq!(errors(&balanced_service()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_probe_port_no_container_exposes() {
+        let mut bs = balanced_service();
+        bs.spec.probes.port = Some(IntOrString::String("health".into()));
+        assert_eq!(
+            errors(&bs),
+            vec![
+                "spec.probes.port: no container declares a port named \"health\" (declared: [\"http\"])"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_target_port_name_no_container_exposes() {
+        let mut bs = balanced_service();
+        bs.spec.ports[0].target_port = Some(IntOrString::String("web".into()));
+        assert!(
+            errors(&bs)[0].starts_with(
+                "spec.ports[0].targetPort: no container declares a port named \"web\""
+            )
+        );
+    }
+
+    #[test]
+    fn more_ports_than_one_proxy_serves() {
+        let mut bs = balanced_service();
+        let mut second = bs.spec.ports[0].clone();
+        second.name = "admin".into();
+        second.port = 81;
+        bs.spec.ports.push(second);
+        assert!(errors(&bs)[0].starts_with("spec.ports: 2 ports given"));
+    }
+
+    #[test]
+    fn replicas_beyond_the_cap() {
+        let mut bs = balanced_service();
+        bs.spec.replicas = 5000;
+        assert_eq!(
+            errors(&bs),
+            vec!["spec.replicas: 5000 is above this operator's limit of 1000"]
+        );
+    }
+
+    #[test]
+    fn bare_number_strings_are_not_percentages() {
+        let mut bs = balanced_service();
+        bs.spec.rollout.max_surge = IntOrString::String("50".into());
+        bs.spec.disruption.min_available = Some(IntOrString::String("5o%".into()));
+        let e = errors(&bs);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].starts_with("spec.rollout.maxSurge"));
+        assert!(e[1].starts_with("spec.disruption.minAvailable"));
+    }
+
+    #[test]
+    fn names_too_long_for_the_admin_service_and_reserved_labels() {
+        let mut bs = balanced_service();
+        bs.metadata.name = Some("x".repeat(MAX_NAME_LEN + 1));
+        bs.spec
+            .template
+            .metadata
+            .get_or_insert_default()
+            .labels
+            .get_or_insert_default()
+            .insert("ballast.dev/role".into(), "x".into());
+        bs.spec.proxy.admin_port = PROXY_PORT;
+        let e = errors(&bs);
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0].starts_with("metadata.name: at most 51 characters"));
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("spec.template.metadata.labels"))
+        );
+        assert!(e.iter().any(|m| m.starts_with("spec.proxy.adminPort")));
+    }
+
+    #[test]
+    fn no_container() {
+        let mut bs = balanced_service();
+        bs.spec.template.spec.as_mut().unwrap().containers.clear();
+        assert!(
+            errors(&bs)
+                .iter()
+                .any(|e| e.starts_with("spec.template.spec.containers"))
+        );
+    }
+}
