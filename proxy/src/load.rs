@@ -10,6 +10,7 @@ use tokio::time::Instant;
 #[derive(Clone, Copy, Debug)]
 pub struct PeakEwma {
     estimate_ns: f64,
+    sampled: bool,
     updated: Instant,
     decay_ns: f64,
 }
@@ -19,6 +20,7 @@ impl PeakEwma {
     pub fn new(initial: Duration, decay: Duration, now: Instant) -> Self {
         Self {
             estimate_ns: initial.as_nanos() as f64,
+            sampled: false,
             updated: now,
             decay_ns: decay.as_nanos().max(1) as f64,
         }
@@ -39,6 +41,12 @@ impl PeakEwma {
             current * keep + rtt * (1.0 - keep)
         };
         self.updated = now;
+        self.sampled = true;
+    }
+
+    /// False until the first sample: the estimate is still the initial guess.
+    pub fn is_sampled(&self) -> bool {
+        self.sampled
     }
 
     /// The estimate in nanoseconds at `now`.

@@ -279,9 +279,19 @@ impl EndpointState {
     /// Latency plus load: the peak-EWMA estimate times (pending + 1), divided by the
     /// slow-start weight.
     fn ewma_cost(&self, now: Instant, warmup: Duration) -> Cost {
+        let ewma = *lock(&self.ewma);
+        let pending = self.pending.load(Relaxed);
+        // An endpoint nobody has measured yet gets one request to measure it; otherwise
+        // its initial guess (30 ms) loses to every warm endpoint answering in 1 ms and it
+        // would starve until the guess decays.
+        let speed = if !ewma.is_sampled() && pending == 0 {
+            0.0
+        } else {
+            ewma.estimate(now) / self.weight(now, warmup)
+        };
         Cost {
-            speed: lock(&self.ewma).estimate(now) / self.weight(now, warmup),
-            load: self.pending.load(Relaxed) + 1,
+            speed,
+            load: pending + 1,
         }
     }
 

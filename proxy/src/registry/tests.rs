@@ -258,3 +258,25 @@ async fn consecutive_failures_eject_for_a_while_but_never_more_than_half() {
             .all(|r| r.state == EndpointStatus::Active)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_unmeasured_endpoint_gets_a_first_request_among_fast_warm_ones() {
+    let registry = Registry::new(config(Algorithm::P2cEwma));
+    let endpoints: Vec<_> = (2..10).map(|i| Endpoint::ready(addr(i))).collect();
+    registry.apply(&set(&endpoints), Instant::now());
+    for i in 2..10 {
+        registry
+            .get(addr(i))
+            .unwrap()
+            .observe_rtt(Duration::from_millis(1), Instant::now());
+    }
+    let mut grown = endpoints.clone();
+    grown.push(Endpoint::ready(addr(10)));
+    registry.apply(&set(&grown), Instant::now());
+    tokio::time::advance(Duration::from_secs(10)).await; // past slow start
+    let counts = picks(&registry, 50);
+    assert!(
+        counts.get(&addr(10)).is_some_and(|n| *n >= 1),
+        "never picked: {counts:?}"
+    );
+}
