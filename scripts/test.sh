@@ -29,5 +29,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test"
 cargo test --workspace --locked
 
-step "manifests (kustomize render + kubernetes-validate --strict)"
-bash .ci/validate-manifests.sh config/samples/demo-http.yaml config/samples/demo-grpc.yaml
+step "manifests (kustomize, operator render of the samples, kubernetes-validate --strict)"
+rendered=$(mktemp -d)
+trap 'rm -rf "$rendered"' EXIT
+for sample in config/samples/demo-http.yaml config/samples/demo-grpc.yaml; do
+  cargo run -q --locked -p ballast-operator -- render -f "$sample" >"$rendered/$(basename "$sample")"
+done
+bash .ci/validate-manifests.sh config/samples/demo-http.yaml config/samples/demo-grpc.yaml "$rendered"/*.yaml

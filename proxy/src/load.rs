@@ -27,13 +27,13 @@ impl PeakEwma {
     }
 
     /// Records one observed latency (request sent to response head). A slower sample
-    /// is taken at once; a faster one pulls the estimate down by at least a quarter of
-    /// the gap, so a few fast answers correct an initial guess or a one-off stall even
-    /// when samples arrive much faster than the decay time.
+    /// is taken at once; a faster one pulls the estimate down by at least half of the
+    /// gap. The first sample, and any sample after [`STALE_AFTER`] without one, replaces
+    /// the estimate: an initial guess or a stall seconds ago says nothing about now.
     pub fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
         let current = self.estimate(now);
-        self.estimate_ns = if rtt > current {
+        self.estimate_ns = if !self.sampled || self.is_stale(now) || rtt > current {
             rtt
         } else {
             let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
@@ -42,6 +42,12 @@ impl PeakEwma {
         };
         self.updated = now;
         self.sampled = true;
+    }
+
+    /// True when no sample arrived for [`STALE_AFTER`]: the estimate may be stale (a
+    /// one-off stall, a pod that recovered) and is worth one probe request.
+    pub fn is_stale(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.updated) >= STALE_AFTER
     }
 
     /// False until the first sample: the estimate is still the initial guess.
@@ -56,8 +62,13 @@ impl PeakEwma {
     }
 }
 
+/// An estimate without a sample for this long is stale: the endpoint gets a probe
+/// request and the probe's sample replaces the estimate. Bounds how long a one-off stall
+/// keeps a pod out of rotation; a really slow pod costs one probe a second.
+pub const STALE_AFTER: Duration = Duration::from_secs(1);
+
 /// Largest share of the old estimate a faster sample keeps.
-const MAX_KEEP: f64 = 0.75;
+const MAX_KEEP: f64 = 0.5;
 
 /// Slow-start weight of an endpoint of age `age`: ramps linearly from 0.1 to 1.0 over
 /// `warmup`; 1.0 without warmup.
@@ -212,6 +223,30 @@ mod tests {
         );
         ewma.observe(MS, later);
         assert!(ewma.estimate(later) < decayed, "a fast sample lowers it");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_is_forgotten_at_the_first_sample_after_it_went_stale() {
+        let mut ewma = PeakEwma::new(30 * MS, Duration::from_secs(10), Instant::now());
+        ewma.observe(MS, Instant::now());
+        assert!(
+            (ewma.estimate(Instant::now()) - 1e6).abs() < 1.0,
+            "the first sample replaces the guess"
+        );
+        ewma.observe(50 * MS, Instant::now());
+        tokio::time::advance(Duration::from_millis(500)).await;
+        ewma.observe(MS, Instant::now());
+        assert!(
+            ewma.estimate(Instant::now()) > 20e6,
+            "within a second the stall still counts"
+        );
+        tokio::time::advance(STALE_AFTER).await;
+        assert!(ewma.is_stale(Instant::now()));
+        ewma.observe(MS, Instant::now());
+        assert!(
+            (ewma.estimate(Instant::now()) - 1e6).abs() < 1.0,
+            "a probe after a second replaces it"
+        );
     }
 
     #[test]

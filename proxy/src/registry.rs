@@ -108,6 +108,10 @@ pub struct EndpointState {
     ewma: Mutex<PeakEwma>,
     health: Mutex<Health>,
     ejected_until: Mutex<Option<Instant>>,
+    /// Mirrors of `discovered.ready` and `ejected_until.is_some()` so selection reads
+    /// atomics, not locks, for every candidate.
+    ready: AtomicBool,
+    ejected: AtomicBool,
     drain: Mutex<Option<DrainMark>>,
     draining: AtomicBool,
     /// Sequence number of the last selection of this endpoint (P2C tie-break).
@@ -201,6 +205,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl EndpointState {
     fn new(endpoint: Endpoint, config: &BalancerConfig, ramp: bool, now: Instant) -> Self {
+        let ready = endpoint.ready;
         Self {
             address: endpoint.address,
             discovered: Mutex::new(endpoint),
@@ -215,6 +220,8 @@ impl EndpointState {
             ewma: Mutex::new(PeakEwma::new(config.initial_rtt, config.ewma_decay, now)),
             health: Mutex::new(Health::default()),
             ejected_until: Mutex::new(None),
+            ready: AtomicBool::new(ready),
+            ejected: AtomicBool::new(false),
             drain: Mutex::new(None),
             draining: AtomicBool::new(false),
             last_picked: AtomicU64::new(0),
@@ -252,7 +259,7 @@ impl EndpointState {
     }
 
     fn is_ejected(&self, now: Instant) -> bool {
-        lock(&self.ejected_until).is_some_and(|until| now < until)
+        self.ejected.load(Relaxed) && lock(&self.ejected_until).is_some_and(|until| now < until)
     }
 
     fn weight(&self, now: Instant, warmup: Duration) -> f64 {
@@ -281,10 +288,11 @@ impl EndpointState {
     fn ewma_cost(&self, now: Instant, warmup: Duration) -> Cost {
         let ewma = *lock(&self.ewma);
         let pending = self.pending.load(Relaxed);
-        // An endpoint nobody has measured yet gets one request to measure it; otherwise
-        // its initial guess (30 ms) loses to every warm endpoint answering in 1 ms and it
-        // would starve until the guess decays.
-        let speed = if !ewma.is_sampled() && pending == 0 {
+        // An endpoint nobody has measured yet, or not for a second, gets one request to
+        // measure it. Otherwise an initial guess (30 ms) or a one-off stall loses to every
+        // warm endpoint answering in 1 ms, and the endpoint would starve until the
+        // estimate decays (tens of seconds). See `load::STALE_AFTER`.
+        let speed = if pending == 0 && (!ewma.is_sampled() || ewma.is_stale(now)) {
             0.0
         } else {
             ewma.estimate(now) / self.weight(now, warmup)
@@ -384,6 +392,7 @@ impl Registry {
                 })
                 .clone();
             *lock(&state.discovered) = endpoint.clone();
+            state.ready.store(endpoint.ready, Relaxed);
             let mark = state.drain_mark();
             if endpoint.terminating {
                 if mark.is_none_or(|m| m.reason != DrainReason::Terminating) {
@@ -438,6 +447,7 @@ impl Registry {
             let mut until = lock(&state.ejected_until);
             if until.is_some_and(|u| now >= u) {
                 *until = None;
+                state.ejected.store(false, Relaxed);
                 tracing::info!(endpoint = %state.address, "ejection ended");
             }
         }
@@ -457,7 +467,7 @@ impl Registry {
             .endpoints
             .iter()
             .filter(untried)
-            .filter(|e| !e.is_draining() && lock(&e.discovered).ready && !e.is_ejected(now))
+            .filter(|e| !e.is_draining() && e.ready.load(Relaxed) && !e.is_ejected(now))
             .collect();
         if candidates.is_empty() {
             candidates = snapshot
@@ -501,6 +511,7 @@ impl Registry {
         let allowed = may_eject(ejected, snapshot.endpoints.len(), policy);
         if let Some(length) = lock(&endpoint.health).record_failure(policy, allowed) {
             *lock(&endpoint.ejected_until) = Some(now + length);
+            endpoint.ejected.store(true, Relaxed);
             endpoint.ejections.fetch_add(1, Relaxed);
             tracing::warn!(endpoint = %endpoint.address, seconds = length.as_secs(), "endpoint ejected after consecutive failures");
         }

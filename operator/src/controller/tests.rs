@@ -1,1 +1,583 @@
+//! `reconcile` against a mock API server: every request the operator makes is popped in
+//! order, checked (method, path, query, content type, body) and answered by the test.
 
+use super::*;
+use crate::fixtures::balanced_service;
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::client::Body;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tower_test::mock::{self, Handle, SendResponse};
+
+/// How long the mock waits for the next request before the test fails.
+const STEP: Duration = Duration::from_secs(5);
+const UID: &str = "7f0c2f9e-0000-4000-8000-000000000001";
+const STATUS_PATH: &str = "/apis/ballast.dev/v1alpha1/namespaces/shop/balancedservices/demo/status";
+const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
+const REPLICASETS_PATH: &str = "/apis/apps/v1/namespaces/shop/replicasets";
+
+/// Every owned object in the order it must be applied: path, apiVersion, kind, name.
+const APPLIES: [(&str, &str, &str, &str); 10] = [
+    (
+        "/api/v1/namespaces/shop/serviceaccounts/demo-proxy",
+        "v1",
+        "ServiceAccount",
+        "demo-proxy",
+    ),
+    (
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/demo-proxy",
+        "rbac.authorization.k8s.io/v1",
+        "Role",
+        "demo-proxy",
+    ),
+    (
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/demo-proxy",
+        "rbac.authorization.k8s.io/v1",
+        "RoleBinding",
+        "demo-proxy",
+    ),
+    (
+        "/api/v1/namespaces/shop/services/demo-backends",
+        "v1",
+        "Service",
+        "demo-backends",
+    ),
+    (
+        "/api/v1/namespaces/shop/services/demo-proxy-admin",
+        "v1",
+        "Service",
+        "demo-proxy-admin",
+    ),
+    (
+        "/apis/apps/v1/namespaces/shop/deployments/demo-proxy",
+        "apps/v1",
+        "Deployment",
+        "demo-proxy",
+    ),
+    (
+        "/api/v1/namespaces/shop/services/demo",
+        "v1",
+        "Service",
+        "demo",
+    ),
+    (
+        "/apis/apps/v1/namespaces/shop/deployments/demo",
+        "apps/v1",
+        "Deployment",
+        "demo",
+    ),
+    (
+        "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/demo",
+        "policy/v1",
+        "PodDisruptionBudget",
+        "demo",
+    ),
+    (
+        "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/demo-proxy",
+        "policy/v1",
+        "PodDisruptionBudget",
+        "demo-proxy",
+    ),
+];
+
+/// The generation the mock gives the app Deployment.
+const APP_GENERATION: i64 = 7;
+
+/// One request the operator made, decoded.
+#[derive(Debug)]
+struct Seen {
+    method: Method,
+    path: String,
+    query: Vec<(String, String)>,
+    content_type: Option<String>,
+    /// `Null` when the request had no body.
+    body: Value,
+}
+
+/// A request waiting for its answer.
+struct Exchange {
+    seen: Seen,
+    send: SendResponse<Response<Body>>,
+}
+
+impl Exchange {
+    fn param(&self, key: &str) -> Option<&str> {
+        self.seen
+            .query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A forced server-side apply by the operator's field manager.
+    fn assert_apply(&self) {
+        assert_eq!(self.param("fieldManager"), Some(MANAGER), "{:?}", self.seen);
+        assert_eq!(self.param("force"), Some("true"), "{:?}", self.seen);
+        assert_eq!(
+            self.seen.content_type.as_deref(),
+            Some("application/apply-patch+yaml"),
+            "{:?}",
+            self.seen
+        );
+    }
+
+    fn body(&self) -> &Value {
+        &self.seen.body
+    }
+
+    /// Answers 200 with `body`.
+    fn reply(self, body: &Value) {
+        self.respond(StatusCode::OK, body);
+    }
+
+    /// Answers with a `metav1.Status` failure.
+    fn fail(self, code: StatusCode, reason: &str) {
+        let status = json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": format!("mock: {reason}"),
+            "reason": reason, "code": code.as_u16(),
+        });
+        self.respond(code, &status);
+    }
+
+    fn respond(self, code: StatusCode, body: &Value) {
+        let response = Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap();
+        self.send.send_response(response);
+    }
+}
+
+/// The mock API server's side.
+struct ApiServer(Handle<Request<Body>, Response<Body>>);
+
+impl ApiServer {
+    /// The next request, which must be `method path` (query aside).
+    async fn expect(&mut self, method: Method, path: &str) -> Exchange {
+        let Ok(next) = timeout(STEP, self.0.next_request()).await else {
+            panic!("expected {method} {path}, but no request came (did reconcile end early?)");
+        };
+        let (request, send) = next.expect("client dropped");
+        let (parts, body) = request.into_parts();
+        let bytes = body.collect_bytes().await.unwrap();
+        let seen = Seen {
+            method: parts.method,
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().map(parse_query).unwrap_or_default(),
+            content_type: parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap().to_owned()),
+            body: if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            },
+        };
+        assert_eq!(
+            (&seen.method, seen.path.as_str()),
+            (&method, path),
+            "request out of order"
+        );
+        Exchange { seen, send }
+    }
+
+    /// Fails if any further request arrives.
+    async fn assert_idle(&mut self) {
+        if let Ok(Some((request, _))) =
+            timeout(Duration::from_millis(200), self.0.next_request()).await
+        {
+            panic!("unexpected request {} {}", request.method(), request.uri());
+        }
+    }
+}
+
+fn parse_query(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let mut out = Vec::new();
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex: String = bytes.by_ref().take(2).map(char::from).collect();
+                out.push(u8::from_str_radix(&hex, 16).unwrap());
+            }
+            _ => out.push(b),
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn context() -> (Arc<Context>, ApiServer) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let build = BuildContext {
+        proxy_image: "ghcr.io/ballast-dev/ballast:test".to_owned(),
+    };
+    let ctx = Context::new(
+        client,
+        build,
+        Limits::default(),
+        Arc::new(Metrics::default()),
+        "test".into(),
+    );
+    (Arc::new(ctx), ApiServer(handle))
+}
+
+fn start(bs: &BalancedService, ctx: &Arc<Context>) -> JoinHandle<Result<Action, ReconcileError>> {
+    tokio::spawn(reconcile(Arc::new(bs.clone()), ctx.clone()))
+}
+
+async fn finish(run: JoinHandle<Result<Action, ReconcileError>>) -> Result<Action, ReconcileError> {
+    timeout(STEP, run)
+        .await
+        .expect("reconcile did not return")
+        .unwrap()
+}
+
+/// A settled app Deployment status: all 4 pods updated and available.
+fn settled() -> Value {
+    json!({"replicas": 4, "readyReplicas": 4, "updatedReplicas": 4, "availableReplicas": 4})
+}
+
+/// Answers the ten applies and the ReplicaSet list of a valid spec, checking each.
+/// The app Deployment comes back with `app_status`, the proxy Deployment with 2 ready.
+async fn serve_applies(api: &mut ApiServer, app_status: Value, replica_sets: Value) {
+    for (path, api_version, kind, name) in APPLIES {
+        let req = api.expect(Method::PATCH, path).await;
+        req.assert_apply();
+        let body = req.body();
+        assert_eq!(body["apiVersion"], api_version, "{path}");
+        assert_eq!(body["kind"], kind, "{path}");
+        assert_eq!(body["metadata"]["name"], name, "{path}");
+        assert_eq!(body["metadata"]["namespace"], "shop", "{path}");
+        let owners = body["metadata"]["ownerReferences"].as_array().unwrap();
+        assert_eq!(owners.len(), 1, "{path}");
+        let owner = &owners[0];
+        assert_eq!(owner["apiVersion"], "ballast.dev/v1alpha1", "{path}");
+        assert_eq!(owner["kind"], "BalancedService", "{path}");
+        assert_eq!(owner["name"], "demo", "{path}");
+        assert_eq!(owner["uid"], UID, "{path}");
+        assert_eq!(owner["controller"], true, "{path}");
+        assert!(body.get("status").is_none(), "{path} applies a status");
+        let mut reply = body.clone();
+        match (kind, name) {
+            ("Deployment", "demo") => {
+                reply["metadata"]["generation"] = APP_GENERATION.into();
+                reply["status"] = app_status.clone();
+                reply["status"]["observedGeneration"] = APP_GENERATION.into();
+            }
+            ("Deployment", "demo-proxy") => {
+                reply["metadata"]["generation"] = 1.into();
+                reply["status"] =
+                    json!({"observedGeneration": 1, "replicas": 2, "readyReplicas": 2});
+            }
+            _ => {}
+        }
+        req.reply(&reply);
+    }
+    let req = api.expect(Method::GET, REPLICASETS_PATH).await;
+    assert_eq!(
+        req.param("labelSelector"),
+        Some("ballast.dev/role=app,ballast.dev/service=demo")
+    );
+    req.reply(&json!({
+        "apiVersion": "apps/v1", "kind": "ReplicaSetList",
+        "metadata": {"resourceVersion": "10"}, "items": replica_sets,
+    }));
+}
+
+/// Checks the status write (a forced apply of the status alone) and answers it with the
+/// object carrying that status. Returns the status sent.
+async fn serve_status(api: &mut ApiServer) -> Value {
+    let req = api.expect(Method::PATCH, STATUS_PATH).await;
+    req.assert_apply();
+    let body = req.body();
+    assert_eq!(body["apiVersion"], "ballast.dev/v1alpha1");
+    assert_eq!(body["kind"], "BalancedService");
+    assert!(
+        body.get("spec").is_none(),
+        "status apply must not claim spec fields: {body}"
+    );
+    let status = body["status"].clone();
+    assert_eq!(status["observedGeneration"], 3);
+    let mut object = serde_json::to_value(balanced_service()).unwrap();
+    object["status"] = status.clone();
+    req.reply(&object);
+    status
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+}
+
+fn assert_condition(status: &Value, type_: &str, value: &str, reason: &str) {
+    let c = condition(status, type_);
+    assert_eq!(c["status"], value, "{c}");
+    assert_eq!(c["reason"], reason, "{c}");
+    assert_eq!(c["observedGeneration"], 3, "{c}");
+}
+
+/// Checks an Event about `demo` and answers it (201, echoed). Returns the Event.
+async fn serve_event(api: &mut ApiServer, reason: &str, type_: &str) -> Value {
+    let req = api.expect(Method::POST, EVENTS_PATH).await;
+    let event = req.body().clone();
+    assert_eq!(event["apiVersion"], "events.k8s.io/v1");
+    assert_eq!(event["reason"], reason, "{event}");
+    assert_eq!(event["type"], type_, "{event}");
+    assert_eq!(event["action"], "Reconcile");
+    assert_eq!(event["reportingController"], MANAGER);
+    assert_eq!(event["reportingInstance"], "test");
+    let regarding = &event["regarding"];
+    assert_eq!(regarding["apiVersion"], "ballast.dev/v1alpha1");
+    assert_eq!(regarding["kind"], "BalancedService");
+    assert_eq!(regarding["name"], "demo");
+    assert_eq!(regarding["namespace"], "shop");
+    assert_eq!(regarding["uid"], UID);
+    req.respond(StatusCode::CREATED, &event);
+    event
+}
+
+#[tokio::test]
+async fn a_settled_service_is_applied_in_order_then_reported_available() {
+    let (ctx, mut api) = context();
+    let bs = balanced_service();
+    let run = start(&bs, &ctx);
+
+    serve_applies(&mut api, settled(), json!([])).await;
+    let status = serve_status(&mut api).await;
+    assert_condition(&status, "Available", "True", "AllAvailable");
+    assert_condition(&status, "Progressing", "False", "RolloutComplete");
+    assert_condition(&status, "Degraded", "False", "AsExpected");
+    assert_eq!(status["phase"], "Available");
+    assert_eq!(status["replicas"], 4);
+    assert_eq!(status["availableReplicas"], 4);
+    assert_eq!(status["ready"], "4/4");
+    assert_eq!(
+        status["selector"],
+        "ballast.dev/service=demo,ballast.dev/role=app"
+    );
+    assert_eq!(status["proxy"], json!({"replicas": 2, "readyReplicas": 2}));
+    let revision = crate::build::template_revision(&bs.spec.template);
+    assert_eq!(status["updateRevision"], revision);
+    assert_eq!(status["currentRevision"], revision);
+
+    // First sight of a settled service: no rollout started, nothing degraded, no Event.
+    let action = finish(run).await.unwrap();
+    api.assert_idle().await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert!(
+        ctx.metrics
+            .render()
+            .contains("ballast_operator_reconciles_total 1"),
+        "{}",
+        ctx.metrics.render()
+    );
+}
+
+#[tokio::test]
+async fn an_unchanged_status_is_not_written_again() {
+    let (ctx, mut api) = context();
+    let mut bs = balanced_service();
+    let run = start(&bs, &ctx);
+    serve_applies(&mut api, settled(), json!([])).await;
+    let status = serve_status(&mut api).await;
+    finish(run).await.unwrap();
+    api.assert_idle().await;
+
+    // The next reconcile sees the status it wrote: applies again, but writes nothing else.
+    bs.status = Some(serde_json::from_value(status).unwrap());
+    let run = start(&bs, &ctx);
+    serve_applies(&mut api, settled(), json!([])).await;
+    let action = finish(run).await.unwrap();
+    api.assert_idle().await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+#[tokio::test]
+async fn a_rollout_in_progress_is_reported_with_an_event_and_a_short_requeue() {
+    let (ctx, mut api) = context();
+    let bs = balanced_service();
+    let run = start(&bs, &ctx);
+
+    let rolling =
+        json!({"replicas": 5, "readyReplicas": 4, "updatedReplicas": 2, "availableReplicas": 4});
+    let replica_set = |revision: &str, available: i32| {
+        json!({
+            "metadata": {"name": format!("demo-{revision}"), "namespace": "shop",
+                         "labels": {"ballast.dev/revision": revision}},
+            "status": {"replicas": available, "availableReplicas": available},
+        })
+    };
+    let new_revision = crate::build::template_revision(&bs.spec.template);
+    serve_applies(
+        &mut api,
+        rolling,
+        json!([replica_set("old", 3), replica_set(&new_revision, 1)]),
+    )
+    .await;
+    let status = serve_status(&mut api).await;
+    assert_condition(&status, "Progressing", "True", "RolloutInProgress");
+    assert_condition(&status, "Available", "True", "AllAvailable");
+    assert_eq!(status["phase"], "Progressing");
+    assert_eq!(status["updatedReplicas"], 2);
+    assert_eq!(
+        status["currentRevision"], "old",
+        "most available pods run the old revision"
+    );
+    assert_eq!(status["updateRevision"], new_revision);
+
+    let event = serve_event(&mut api, "RolloutStarted", "Normal").await;
+    assert_eq!(event["note"], "2/4 pods updated, 5 pods in all");
+    let action = finish(run).await.unwrap();
+    api.assert_idle().await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+}
+
+fn invalid_service() -> BalancedService {
+    let mut bs = balanced_service();
+    bs.spec.probes.port = Some(IntOrString::String("nope".into()));
+    bs
+}
+
+#[tokio::test]
+async fn an_invalid_spec_applies_nothing_and_reports_why() {
+    let (ctx, mut api) = context();
+    let run = start(&invalid_service(), &ctx);
+
+    // The first and only write is the status.
+    let status = serve_status(&mut api).await;
+    assert_condition(&status, "Degraded", "True", "InvalidSpec");
+    let message = condition(&status, "Degraded")["message"].as_str().unwrap();
+    assert!(message.contains("spec.probes.port"), "{message}");
+    assert!(message.contains("\"nope\""), "{message}");
+    assert_eq!(status["phase"], "Degraded");
+    assert_eq!(status["conditions"].as_array().unwrap().len(), 1);
+
+    let event = serve_event(&mut api, "InvalidSpec", "Warning").await;
+    assert_eq!(event["note"], condition(&status, "Degraded")["message"]);
+    let action = finish(run).await.unwrap();
+    api.assert_idle().await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+#[tokio::test]
+async fn a_failed_event_does_not_fail_the_reconcile() {
+    let (ctx, mut api) = context();
+    let run = start(&invalid_service(), &ctx);
+    serve_status(&mut api).await;
+    api.expect(Method::POST, EVENTS_PATH)
+        .await
+        .fail(StatusCode::FORBIDDEN, "Forbidden");
+    let action = finish(run).await.unwrap();
+    api.assert_idle().await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+/// Runs a reconcile whose first apply the API server refuses with `code`.
+async fn first_apply_fails(
+    code: StatusCode,
+    reason: &str,
+) -> (Arc<Context>, ApiServer, ReconcileError) {
+    let (ctx, mut api) = context();
+    let run = start(&balanced_service(), &ctx);
+    let (path, ..) = APPLIES[0];
+    let req = api.expect(Method::PATCH, path).await;
+    req.assert_apply();
+    req.fail(code, reason);
+    let error = finish(run).await.unwrap_err();
+    // Nothing after a failed apply: no further object, no status, no Event.
+    api.assert_idle().await;
+    match &error {
+        ReconcileError::ApplyObject { kind, name, source } => {
+            assert_eq!(*kind, "ServiceAccount");
+            assert_eq!(name, "demo-proxy");
+            assert!(
+                matches!(source, kube::Error::Api(s) if s.code == code.as_u16()),
+                "{source:?}"
+            );
+        }
+        other => panic!("expected ApplyObject, got {other:?}"),
+    }
+    let metrics = ctx.metrics.render();
+    assert!(
+        metrics.contains("ballast_operator_reconcile_errors_total{step=\"apply_object\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ballast_operator_reconciles_total 1"),
+        "{metrics}"
+    );
+    (ctx, api, error)
+}
+
+#[tokio::test]
+async fn a_conflict_stops_the_reconcile_at_the_first_apply() {
+    first_apply_fails(StatusCode::CONFLICT, "Conflict").await;
+}
+
+#[tokio::test]
+async fn a_server_error_stops_the_reconcile_at_the_first_apply() {
+    first_apply_fails(StatusCode::INTERNAL_SERVER_ERROR, "InternalError").await;
+}
+
+#[tokio::test]
+async fn repeated_failures_back_off_until_a_success_resets_them() {
+    let (ctx, mut api, error) = first_apply_fails(StatusCode::CONFLICT, "Conflict").await;
+    let bs = Arc::new(balanced_service());
+    let delays: Vec<Action> = (0..3)
+        .map(|_| error_policy(bs.clone(), &error, ctx.clone()))
+        .collect();
+    assert_eq!(
+        delays,
+        [1, 2, 4].map(|s| Action::requeue(Duration::from_secs(s)))
+    );
+
+    // Another object's failures are counted apart.
+    let mut other = balanced_service();
+    other.metadata.name = Some("other".into());
+    assert_eq!(
+        error_policy(Arc::new(other), &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(1))
+    );
+
+    let run = start(&bs, &ctx);
+    serve_applies(&mut api, settled(), json!([])).await;
+    serve_status(&mut api).await;
+    finish(run).await.unwrap();
+    assert_eq!(
+        error_policy(bs, &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(1)),
+        "a successful reconcile resets the backoff"
+    );
+}
+
+#[test]
+fn backoff_doubles_up_to_five_minutes() {
+    let secs = |n| backoff(n).as_secs();
+    assert_eq!(secs(1), 1);
+    assert_eq!(secs(2), 2);
+    assert_eq!(secs(3), 4);
+    assert_eq!(secs(9), 256);
+    assert_eq!(secs(10), 300);
+    assert_eq!(secs(u32::MAX), 300);
+}

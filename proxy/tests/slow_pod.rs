@@ -1,0 +1,78 @@
+//! Steering around a slow pod. In a test binary of its own: it measures latency, and
+//! sharing two cores with a dozen other tests would measure the sharing.
+
+mod support;
+
+use http::StatusCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{Backend, Behaviour, Client, endpoints_arg, proxy};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn backends(octets: std::ops::Range<u8>, behaviour: Behaviour) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for i in octets {
+        out.push(Backend::start(i, behaviour).await);
+    }
+    out
+}
+
+fn refs(backends: &[Backend]) -> Vec<&Backend> {
+    backends.iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_times_slower_pod_gets_far_fewer_requests() {
+    let mut pods = backends(
+        2..6,
+        Behaviour {
+            delay: Duration::from_millis(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    pods.push(
+        Backend::start(
+            6,
+            Behaviour {
+                delay: Duration::from_millis(20),
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    let running = proxy(&["--endpoints", &endpoints_arg(&refs(&pods))]).await;
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (addr, latencies) = (running.listen, latencies.clone());
+        clients.push(tokio::spawn(async move {
+            let mut client = Client::connect(addr).await.unwrap();
+            for _ in 0..300 {
+                let started = Instant::now();
+                assert_eq!(client.get("/").await.unwrap().status, StatusCode::OK);
+                latencies.lock().unwrap().push(started.elapsed());
+            }
+        }));
+    }
+    tokio::time::timeout(LIMIT, futures::future::try_join_all(clients))
+        .await
+        .unwrap()
+        .unwrap();
+    let slow = pods[4].hits();
+    let fast_mean = pods[..4].iter().map(Backend::hits).sum::<u64>() as f64 / 4.0;
+    assert!(
+        (slow as f64) < fast_mean / 4.0,
+        "slow pod got {slow}, fast pods {fast_mean} on average"
+    );
+    let mut l = latencies.lock().unwrap().clone();
+    l.sort();
+    let p99 = l[l.len() * 99 / 100];
+    eprintln!("slow pod {slow} requests, fast pods {fast_mean} on average, p99 {p99:?}");
+    assert!(
+        p99 < Duration::from_millis(20),
+        "p99 {p99:?} should stay near the fast pods' 2 ms"
+    );
+    running.shutdown().await;
+}
