@@ -65,6 +65,9 @@ pub struct OwnedObjects {
 }
 
 impl OwnedObjects {
+    /// How many objects one BalancedService owns.
+    pub const COUNT: usize = 10;
+
     /// The objects in apply order, as JSON documents (for `render` and tests).
     ///
     /// # Errors

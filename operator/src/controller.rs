@@ -77,6 +77,8 @@ pub struct Context {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     failures: Mutex<HashMap<ObjectRef<BalancedService>, u32>>,
+    /// The controller's cache of BalancedServices, for the managed-objects gauges.
+    watched: std::sync::OnceLock<kube::runtime::reflector::Store<BalancedService>>,
 }
 
 impl Context {
@@ -99,6 +101,7 @@ impl Context {
             limits,
             metrics,
             failures: Mutex::new(HashMap::new()),
+            watched: std::sync::OnceLock::new(),
         }
     }
 }
@@ -132,6 +135,10 @@ pub async fn reconcile(
 ) -> Result<Action, ReconcileError> {
     let started = Instant::now();
     let result = reconcile_inner(&bs, &ctx).await;
+    if let Some(store) = ctx.watched.get() {
+        ctx.metrics
+            .set_managed(store.state().len(), OwnedObjects::COUNT);
+    }
     ctx.metrics.observe_reconcile(
         started.elapsed(),
         result.as_ref().err().map(ReconcileError::label),
@@ -313,7 +320,9 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
     let config = watcher::Config::default();
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
-    Controller::new(api::<BalancedService>(&client, namespace), config)
+    let controller = Controller::new(api::<BalancedService>(&client, namespace), config);
+    let _ = ctx.watched.set(controller.store());
+    controller
         .owns(api::<Deployment>(&client, namespace), owned.clone())
         .owns(api::<Service>(&client, namespace), owned.clone())
         .owns(

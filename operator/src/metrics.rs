@@ -2,6 +2,7 @@
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::time::Duration;
@@ -13,6 +14,8 @@ pub struct Metrics {
     reconciles: Counter,
     failures: Family<[(&'static str, &'static str); 1], Counter>,
     duration: Histogram,
+    services: Gauge,
+    objects: Gauge,
 }
 
 impl Default for Metrics {
@@ -32,11 +35,25 @@ impl Default for Metrics {
             "Time one reconcile took",
             duration.clone(),
         );
+        let services = Gauge::default();
+        let objects = Gauge::default();
+        registry.register(
+            "balanced_services",
+            "BalancedServices watched",
+            services.clone(),
+        );
+        registry.register(
+            "managed_objects",
+            "Objects owned for them (Deployments, Services, PDBs, RBAC)",
+            objects.clone(),
+        );
         Self {
             registry,
             reconciles,
             failures,
             duration,
+            services,
+            objects,
         }
     }
 }
@@ -49,6 +66,14 @@ impl Metrics {
         if let Some(step) = error {
             self.failures.get_or_create(&[("step", step)]).inc();
         }
+    }
+
+    /// Records how many BalancedServices are watched, each owning `per_service` objects.
+    pub fn set_managed(&self, services: usize, per_service: usize) {
+        self.services
+            .set(i64::try_from(services).unwrap_or(i64::MAX));
+        self.objects
+            .set(i64::try_from(services * per_service).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition.
