@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod config;
 pub mod discovery;
+pub mod drain;
 pub mod endpoint;
 pub mod load;
 pub mod metrics;

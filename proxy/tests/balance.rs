@@ -5,21 +5,9 @@ mod support;
 
 use http::StatusCode;
 use std::time::Duration;
-use support::{Backend, Behaviour, Client, endpoints_arg, proxy};
+use support::{Backend, Behaviour, Client, backends, endpoints_arg, proxy, refs};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-async fn backends(octets: std::ops::Range<u8>, behaviour: Behaviour) -> Vec<Backend> {
-    let mut out = Vec::new();
-    for i in octets {
-        out.push(Backend::start(i, behaviour).await);
-    }
-    out
-}
-
-fn refs(backends: &[Backend]) -> Vec<&Backend> {
-    backends.iter().collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_keepalive_clients_spread_evenly_over_eight_pods() {

@@ -11,21 +11,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
-use support::{Backend, Behaviour, Client, drain, endpoints_arg, get_json, proxy, raw_exchange};
+use support::{
+    Backend, Behaviour, Client, backends, drain, endpoints_arg, get_json, proxy, raw_exchange, refs,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-async fn backends(octets: std::ops::Range<u8>, behaviour: Behaviour) -> Vec<Backend> {
-    let mut out = Vec::new();
-    for i in octets {
-        out.push(Backend::start(i, behaviour).await);
-    }
-    out
-}
-
-fn refs(backends: &[Backend]) -> Vec<&Backend> {
-    backends.iter().collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_and_terminating_pods_under_load_fails_no_request() {

@@ -160,6 +160,20 @@ async fn handle(
     Ok(response)
 }
 
+/// Starts one backend per last octet in `octets`, all behaving alike.
+pub async fn backends(octets: std::ops::Range<u8>, behaviour: Behaviour) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for i in octets {
+        out.push(Backend::start(i, behaviour).await);
+    }
+    out
+}
+
+/// Borrows every backend (for [`endpoints_arg`]).
+pub fn refs(backends: &[Backend]) -> Vec<&Backend> {
+    backends.iter().collect()
+}
+
 /// Starts the real proxy on 127.0.0.1 with `args` added to test defaults.
 pub async fn proxy(args: &[&str]) -> Running {
     let defaults = [

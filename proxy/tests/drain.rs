@@ -1,0 +1,161 @@
+//! The drain protocol end to end: the real proxy and the `ballast-drain` logic, with
+//! loopback addresses standing in for pod IPs.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use ballast_proxy::drain::{DrainConfig, ReplicaState, drain};
+use http::StatusCode;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+use support::{Backend, Behaviour, Client, get_json, proxy};
+
+fn config(pod: IpAddr, timeout: Duration) -> DrainConfig {
+    DrainConfig {
+        timeout,
+        poll_interval: Duration::from_millis(50),
+        source: Some(pod),
+        call_timeout: Duration::from_secs(1),
+    }
+}
+
+/// Starts a request of `ms` through `listen` and waits until the proxy counts it.
+async fn long_request(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    ms: u64,
+) -> tokio::task::JoinHandle<StatusCode> {
+    let handle = tokio::spawn(async move {
+        let mut c = Client::connect(listen).await.unwrap();
+        c.get(&format!("/delay/{ms}")).await.unwrap().status
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let endpoints = get_json(admin, "/endpoints").await;
+        if endpoints[0]["in_flight"] == 1 {
+            return handle;
+        }
+        assert!(Instant::now() < deadline, "request never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_ends_as_soon_as_the_last_request_does() {
+    let pod = Backend::start(2, Behaviour::default()).await;
+    let replica = proxy(&["--endpoints", &pod.addr.to_string()]).await;
+    let request = long_request(replica.listen, replica.admin, 800).await;
+    let started = Instant::now();
+    let admin = replica.admin;
+    let outcome = drain(
+        &config(pod.addr.ip(), Duration::from_secs(20)),
+        || async move { Ok(vec![admin]) },
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(outcome.drained, "{outcome}");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+        "took {took:?}: it must wait for the request, not for the timeout"
+    );
+    assert_eq!(
+        request.await.unwrap(),
+        StatusCode::OK,
+        "the in-flight request completed"
+    );
+    assert_eq!(outcome.replicas[&admin], ReplicaState::Drained);
+    replica.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_gates_including_one_that_appears_mid_drain() {
+    let pod = Backend::start(2, Behaviour::default()).await;
+    let a = proxy(&["--endpoints", &pod.addr.to_string()]).await;
+    let b = proxy(&["--endpoints", &pod.addr.to_string()]).await;
+    let on_a = long_request(a.listen, a.admin, 500).await;
+    let on_b = long_request(b.listen, b.admin, 1500).await;
+    let rounds = Arc::new(AtomicUsize::new(0));
+    let (admin_a, admin_b) = (a.admin, b.admin);
+    let started = Instant::now();
+    let outcome = drain(&config(pod.addr.ip(), Duration::from_secs(20)), || {
+        let round = rounds.fetch_add(1, Relaxed);
+        // B is "scaled up" only after a few rounds: DNS is re-read every round.
+        async move {
+            Ok(if round < 3 {
+                vec![admin_a]
+            } else {
+                vec![admin_a, admin_b]
+            })
+        }
+    })
+    .await;
+    assert!(outcome.drained, "{outcome}");
+    assert_eq!(outcome.replicas.len(), 2);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1200),
+        "waited for B's request too: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (on_a.await.unwrap(), on_b.await.unwrap()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_replica_is_waited_for_then_reported() {
+    let pod = Backend::start(2, Behaviour::default()).await;
+    let a = proxy(&["--endpoints", &pod.addr.to_string()]).await;
+    let gone: SocketAddr = "127.0.0.13:9".parse().unwrap();
+    let admin = a.admin;
+    let started = Instant::now();
+    let outcome = drain(
+        &config(pod.addr.ip(), Duration::from_millis(600)),
+        || async move { Ok(vec![admin, gone]) },
+    )
+    .await;
+    assert!(
+        !outcome.drained,
+        "an unreachable replica is never assumed drained"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    assert!(matches!(
+        outcome.replicas[&gone],
+        ReplicaState::Unreachable(_)
+    ));
+    assert_eq!(outcome.replicas[&admin], ReplicaState::Drained);
+    let message = outcome.to_string();
+    assert!(
+        message.starts_with("timed out after") && message.contains("127.0.0.13:9: unreachable"),
+        "{message}"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_cannot_drain_another_pod() {
+    let pod = Backend::start(2, Behaviour::default()).await;
+    let a = proxy(&["--endpoints", &pod.addr.to_string()]).await;
+    let admin = a.admin;
+    let stranger: IpAddr = "127.0.0.9".parse().unwrap();
+    let outcome = drain(&config(stranger, Duration::from_secs(5)), || async move {
+        Ok(vec![admin])
+    })
+    .await;
+    assert!(
+        outcome.drained,
+        "nothing to wait for: this proxy does not route to the stranger"
+    );
+    assert_eq!(outcome.replicas[&admin], ReplicaState::Unknown);
+    let endpoints = get_json(admin, "/endpoints").await;
+    assert_eq!(
+        endpoints[0]["state"], "active",
+        "the real pod was not drained"
+    );
+    a.shutdown().await;
+}
