@@ -7,10 +7,11 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, HTTPGetAction,
-    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-    TopologySpreadConstraint,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    GRPCAction, HTTPGetAction, LifecycleHandler, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, SleepAction, TopologySpreadConstraint, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -106,7 +107,7 @@ pub fn build(bs: &BalancedService, ctx: &BuildContext) -> OwnedObjects {
         proxy_admin_service: proxy_admin_service(bs),
         proxy_deployment: proxy_deployment(bs, ctx),
         front_service: front_service(bs),
-        app_deployment: app_deployment(bs),
+        app_deployment: app_deployment(bs, ctx),
         app_pdb: app_pdb(bs),
         proxy_pdb: proxy_pdb(bs),
     }
@@ -613,11 +614,108 @@ pub fn slow_probes(bs: &BalancedService) -> Vec<String> {
         .collect()
 }
 
-/// The drain gate put in front of the app's termination. The drain-gate issue fills
-/// this in (preStop running `ballast-drain`); until then pods terminate as usual.
-fn apply_drain_gate(_bs: &BalancedService, _pod: &mut PodSpec) {}
+/// Where the init container puts `ballast-drain` in every app pod.
+pub const DRAIN_BIN_DIR: &str = "/ballast/bin";
+const DRAIN_VOLUME: &str = "ballast-bin";
 
-fn app_deployment(bs: &BalancedService) -> Deployment {
+/// The drain gate in front of the app's termination: an init container copies the
+/// static `ballast-drain` from the ballast image into an emptyDir (so it runs in any
+/// image, distroless included), and the serving container's preStop hook runs it. The
+/// app gets SIGTERM only once every proxy reports nothing in flight to the pod.
+///
+/// An init container rather than a native sidecar: the helper must exist only while
+/// the hook runs, it needs no lifecycle of its own, and init containers work on every
+/// supported Kubernetes version. A user's own preStop runs after the drain: an exec
+/// command is chained after `--`, a sleep becomes `--then-sleep`.
+fn apply_drain_gate(bs: &BalancedService, ctx: &BuildContext, pod: &mut PodSpec, serving: usize) {
+    let proxies = format!(
+        "{}.{}.svc:{}",
+        proxy_admin_name(bs),
+        bs.metadata.namespace.as_deref().unwrap_or("default"),
+        bs.spec.proxy.admin_port
+    );
+    pod.volumes.get_or_insert_default().push(Volume {
+        name: DRAIN_VOLUME.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity("32Mi".to_owned())),
+            ..EmptyDirVolumeSource::default()
+        }),
+        ..Volume::default()
+    });
+    pod.init_containers.get_or_insert_default().push(Container {
+        name: "ballast-drain-install".to_owned(),
+        image: Some(ctx.proxy_image.clone()),
+        command: Some(vec![
+            "/usr/local/bin/ballast-drain".to_owned(),
+            "install".to_owned(),
+            DRAIN_BIN_DIR.to_owned(),
+        ]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: DRAIN_VOLUME.to_owned(),
+            mount_path: DRAIN_BIN_DIR.to_owned(),
+            ..VolumeMount::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("10m".to_owned())),
+                ("memory".to_owned(), Quantity("16Mi".to_owned())),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_owned(),
+                Quantity("32Mi".to_owned()),
+            )])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(65532),
+            ..restricted_container_security()
+        }),
+        ..Container::default()
+    });
+    let Some(container) = pod.containers.get_mut(serving) else {
+        return;
+    };
+    container
+        .volume_mounts
+        .get_or_insert_default()
+        .push(VolumeMount {
+            name: DRAIN_VOLUME.to_owned(),
+            mount_path: DRAIN_BIN_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    let mut command = vec![
+        format!("{DRAIN_BIN_DIR}/ballast-drain"),
+        format!("--proxies={proxies}"),
+        format!("--timeout={}s", bs.spec.rollout.drain_timeout_seconds),
+    ];
+    let lifecycle = container.lifecycle.get_or_insert_default();
+    match lifecycle.pre_stop.take() {
+        Some(LifecycleHandler {
+            exec: Some(ExecAction {
+                command: Some(user),
+            }),
+            ..
+        }) => {
+            command.push("--".to_owned());
+            command.extend(user);
+        }
+        Some(LifecycleHandler {
+            sleep: Some(SleepAction { seconds }),
+            ..
+        }) => command.push(format!("--then-sleep={seconds}s")),
+        // Other handler kinds are refused by validation.
+        _ => {}
+    }
+    lifecycle.pre_stop = Some(LifecycleHandler {
+        exec: Some(ExecAction {
+            command: Some(command),
+        }),
+        ..LifecycleHandler::default()
+    });
+}
+
+fn app_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
     let spec = &bs.spec;
     let mut template = spec.template.clone();
     let revision = template_revision(&spec.template);
@@ -639,7 +737,7 @@ fn app_deployment(bs: &BalancedService) -> Deployment {
         i64::from(spec.rollout.drain_timeout_seconds)
             + i64::from(spec.rollout.shutdown_grace_seconds),
     );
-    apply_drain_gate(bs, pod);
+    apply_drain_gate(bs, ctx, pod, serving);
 
     let selector = selector_labels(bs, "app");
     Deployment {

@@ -162,6 +162,18 @@ pub fn validate(bs: &BalancedService, limits: &Limits) -> Result<(), InvalidSpec
             format!("{PROXY_PORT} is the proxy's client port; choose another"),
         );
     }
+    for (i, container) in containers.iter().enumerate() {
+        let pre_stop = container
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref());
+        if pre_stop.is_some_and(|h| h.exec.is_none() && h.sleep.is_none()) {
+            fail(
+                &format!("spec.template.spec.containers[{i}].lifecycle.preStop"),
+                "only exec and sleep preStop hooks can run after the drain; turn this one into an exec command".to_owned(),
+            );
+        }
+    }
     let labels = spec
         .template
         .metadata
@@ -278,6 +290,23 @@ mod tests {
                 .any(|m| m.starts_with("spec.template.metadata.labels"))
         );
         assert!(e.iter().any(|m| m.starts_with("spec.proxy.adminPort")));
+    }
+
+    #[test]
+    fn a_pre_stop_that_cannot_run_after_the_drain() {
+        use k8s_openapi::api::core::v1::{HTTPGetAction, Lifecycle, LifecycleHandler};
+        let mut bs = balanced_service();
+        let http = LifecycleHandler {
+            http_get: Some(HTTPGetAction::default()),
+            ..LifecycleHandler::default()
+        };
+        bs.spec.template.spec.as_mut().unwrap().containers[1].lifecycle = Some(Lifecycle {
+            pre_stop: Some(http),
+            ..Lifecycle::default()
+        });
+        assert!(errors(&bs)[0].starts_with(
+            "spec.template.spec.containers[1].lifecycle.preStop: only exec and sleep"
+        ));
     }
 
     #[test]

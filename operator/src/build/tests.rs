@@ -248,3 +248,102 @@ fn render_without_a_uid_has_no_owner_reference() {
             .all(|d| d["metadata"].get("ownerReferences").is_none())
     );
 }
+
+#[test]
+fn the_drain_gate_is_installed_by_an_init_container_and_runs_in_the_serving_container() {
+    let objects = build(&balanced_service(), &ctx());
+    let pod = app_pod(&objects);
+    let init = &pod.init_containers.clone().unwrap()[0];
+    assert_eq!(
+        init.image.as_deref(),
+        Some("ghcr.io/ballast-dev/ballast:test")
+    );
+    assert_eq!(
+        init.command.clone().unwrap(),
+        ["/usr/local/bin/ballast-drain", "install", DRAIN_BIN_DIR]
+    );
+    assert!(
+        pod.volumes
+            .clone()
+            .unwrap()
+            .iter()
+            .any(|v| v.name == "ballast-bin" && v.empty_dir.is_some())
+    );
+    assert!(
+        pod.containers[0].lifecycle.is_none(),
+        "the sidecar is left alone"
+    );
+    let app = &pod.containers[1];
+    let hook = app
+        .lifecycle
+        .clone()
+        .unwrap()
+        .pre_stop
+        .unwrap()
+        .exec
+        .unwrap()
+        .command
+        .unwrap();
+    assert_eq!(
+        hook,
+        [
+            "/ballast/bin/ballast-drain",
+            "--proxies=demo-proxy-admin.shop.svc:9901",
+            "--timeout=30s"
+        ]
+    );
+    let mount = &app.volume_mounts.clone().unwrap()[0];
+    assert_eq!(
+        (mount.mount_path.as_str(), mount.read_only),
+        (DRAIN_BIN_DIR, Some(true))
+    );
+}
+
+#[test]
+fn a_users_own_pre_stop_runs_after_the_drain() {
+    use k8s_openapi::api::core::v1::{ExecAction, Lifecycle, LifecycleHandler, SleepAction};
+    let mut bs = balanced_service();
+    let exec = LifecycleHandler {
+        exec: Some(ExecAction {
+            command: Some(vec!["/bin/flush-cache".into(), "--now".into()]),
+        }),
+        ..LifecycleHandler::default()
+    };
+    bs.spec.template.spec.as_mut().unwrap().containers[1].lifecycle = Some(Lifecycle {
+        pre_stop: Some(exec),
+        ..Lifecycle::default()
+    });
+    let pod = app_pod(&build(&bs, &ctx()));
+    let hook = pod.containers[1]
+        .lifecycle
+        .clone()
+        .unwrap()
+        .pre_stop
+        .unwrap()
+        .exec
+        .unwrap()
+        .command
+        .unwrap();
+    assert_eq!(&hook[3..], ["--", "/bin/flush-cache", "--now"]);
+
+    let sleep = LifecycleHandler {
+        sleep: Some(SleepAction { seconds: 5 }),
+        ..LifecycleHandler::default()
+    };
+    bs.spec.template.spec.as_mut().unwrap().containers[1].lifecycle = Some(Lifecycle {
+        pre_stop: Some(sleep),
+        ..Lifecycle::default()
+    });
+    let pod = app_pod(&build(&bs, &ctx()));
+    let hook = pod.containers[1]
+        .lifecycle
+        .clone()
+        .unwrap()
+        .pre_stop
+        .unwrap()
+        .exec
+        .unwrap()
+        .command
+        .unwrap();
+    assert_eq!(hook.last().map(String::as_str), Some("--then-sleep=5s"));
+}

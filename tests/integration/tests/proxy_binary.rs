@@ -118,3 +118,40 @@ async fn websocket_echo_through_the_proxy_and_sigterm_exits_cleanly() {
         "exit 0 after SIGTERM"
     );
 }
+
+#[test]
+fn ballast_drain_installs_itself_and_runs_the_pods_own_pre_stop_after_a_bounded_wait() {
+    let dir = std::env::temp_dir().join(format!("ballast-drain-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let status = std::process::Command::new(workspace_bin("ballast-drain"))
+        .args(["install", dir.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let installed = dir.join("ballast-drain");
+    let marker = dir.join("user-pre-stop-ran");
+    // No proxy answers on this address: the helper waits for the timeout, says why,
+    // exits 0 (the pod must stop), and then runs the pod's own hook.
+    let started = std::time::Instant::now();
+    let output = std::process::Command::new(&installed)
+        .args([
+            "--proxies",
+            "127.0.0.14:9",
+            "--timeout",
+            "400ms",
+            "--",
+            "touch",
+            marker.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("timed out after") && stderr.contains("127.0.0.14:9: unreachable"),
+        "{stderr}"
+    );
+    assert!(marker.exists(), "the pod's own preStop ran after the drain");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
