@@ -129,6 +129,14 @@ pub struct Settings {
     #[arg(long, env = "BALLAST_MAX_HEADER_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_header_bytes: Option<usize>,
+    /// Access log: one JSON line per request to `stdout` or a file path [default: off].
+    #[arg(long, env = "BALLAST_ACCESS_LOG")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<String>,
+    /// Keep query strings in the access log's `path` [default: false].
+    #[arg(long, env = "BALLAST_ACCESS_LOG_QUERY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log_query: Option<bool>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "BALLAST_LOG_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -170,6 +178,10 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// JSON logs.
     pub json_logs: bool,
+    /// Where the access log goes, if anywhere.
+    pub access_log: Option<crate::access_log::Destination>,
+    /// Keep query strings in the access log.
+    pub access_log_query: bool,
 }
 
 /// A configuration that cannot be used; `Display` prints one line per problem.
@@ -375,6 +387,11 @@ impl Settings {
                 header_read_timeout,
                 max_header_bytes,
                 json_logs,
+                access_log: self.access_log.as_deref().map(|d| match d {
+                    "stdout" | "-" => crate::access_log::Destination::Stdout,
+                    path => crate::access_log::Destination::File(path.into()),
+                }),
+                access_log_query: self.access_log_query.unwrap_or(false),
             }),
             _ => Err(InvalidConfig(problems)),
         }

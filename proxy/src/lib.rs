@@ -7,6 +7,7 @@
 //! [`admin`] serves health, metrics, the endpoint table and the drain API.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod discovery;

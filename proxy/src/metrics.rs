@@ -28,6 +28,8 @@ pub struct Metrics {
     pub drain_requests: Counter,
     /// Upgraded connections (WebSocket) tunnelled.
     pub upgrades: Counter,
+    /// Access-log records dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
 }
 
 #[derive(Debug)]
@@ -82,6 +84,12 @@ impl Metrics {
             "Upgraded connections (WebSocket) tunnelled",
             upgrades.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access-log records dropped because the writer fell behind",
+            access_log_dropped.clone(),
+        );
         registry.register_collector(Box::new(EndpointCollector(endpoints)));
         Self {
             registry,
@@ -91,6 +99,7 @@ impl Metrics {
             rejected,
             drain_requests,
             upgrades,
+            access_log_dropped,
         }
     }
 

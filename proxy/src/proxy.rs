@@ -1,6 +1,7 @@
 //! The client-facing service: one request in, one endpoint chosen per request, safe
 //! retries, precise errors.
 
+use crate::access_log::{AccessLog, AccessRecord};
 use crate::load::RetryBudget;
 use crate::metrics::Metrics;
 use crate::pool::{self, BoxError, ConnectConfig, Sender, UpstreamBody};
@@ -46,6 +47,7 @@ pub struct ProxyConfig {
 #[derive(Clone, Debug)]
 pub struct Proxy {
     registry: Arc<Registry>,
+    access_log: Option<AccessLog>,
     /// Set when the proxy itself shuts down: HTTP/1.1 responses then carry
     /// `Connection: close` so clients move to another replica between requests.
     closing: Arc<std::sync::atomic::AtomicBool>,
@@ -87,11 +89,18 @@ impl Proxy {
     ) -> Self {
         Self {
             registry,
+            access_log: None,
             closing: Arc::default(),
             metrics,
             config: Arc::new(config),
             budget: Arc::new(budget),
         }
+    }
+
+    /// Logs every request through `log`.
+    pub fn with_access_log(mut self, log: AccessLog) -> Self {
+        self.access_log = Some(log);
+        self
     }
 
     /// From now on, ask HTTP/1.1 clients to reconnect (elsewhere) after each response.
@@ -132,8 +141,65 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 }
 
 impl ProxyService {
-    async fn handle(&self, mut request: Request<Incoming>) -> Response<ResponseBody> {
+    async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
+        let Some(log) = self.proxy.access_log.clone() else {
+            return self.forward(request, started, None).await;
+        };
+        let record = AccessRecord {
+            time: k8s_openapi::jiff::Timestamp::now().to_string(),
+            client: self.client,
+            method: request.method().to_string(),
+            path: if log.with_query {
+                request
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |pq| pq.as_str())
+                    .to_owned()
+            } else {
+                request.uri().path().to_owned()
+            },
+            status: 0,
+            bytes_in: request.body().size_hint().exact().unwrap_or(0),
+            bytes_out: 0,
+            duration_ms: 0.0,
+            upstream: None,
+            pod: None,
+            attempts: 0,
+            reused: false,
+            request_id: String::new(),
+            upgraded: false,
+            error: None,
+        };
+        let mut pending = Pending {
+            log,
+            record,
+            started,
+        };
+        let mut response = self.forward(request, started, Some(&mut pending)).await;
+        pending.record.status = response.status().as_u16();
+        pending.record.error = response
+            .headers()
+            .get("x-ballast-error")
+            .and_then(|v| ERROR_KINDS.iter().copied().find(|k| v == *k));
+        match response.extensions_mut().remove::<UpstreamLog>() {
+            // Logged when the response body ends (see `TrackedBody::finish`).
+            Some(UpstreamLog(slot)) => {
+                if let Ok(mut slot) = slot.lock() {
+                    *slot = Some(pending);
+                }
+            }
+            None => pending.finish(0),
+        }
+        response
+    }
+
+    async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        started: Instant,
+        mut log: Option<&mut Pending>,
+    ) -> Response<ResponseBody> {
         if let Err(reason) = check_framing(request.headers()) {
             self.proxy
                 .metrics
@@ -144,6 +210,9 @@ impl ProxyService {
             return local_response(StatusCode::BAD_REQUEST, "bad-request", reason);
         }
         let request_id = ensure_request_id(request.headers_mut());
+        if let Some(log) = log.as_deref_mut() {
+            log.record.request_id.clone_from(&request_id);
+        }
         let upgrade = is_upgrade(&request);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
@@ -189,7 +258,21 @@ impl ProxyService {
             };
             tried.push(endpoint.address);
             match self.attempt(&endpoint, &parts, &mut body, started).await {
-                Ok(response) => {
+                Ok(mut response) => {
+                    if let Some(log) = log.as_deref_mut() {
+                        let record = &mut log.record;
+                        record.attempts = tried.len() as u32;
+                        record.upstream = Some(endpoint.address);
+                        record.pod = endpoint.pod();
+                        record.reused = response.body().reused;
+                        record.upgraded = client_upgrade.is_some();
+                        if let RequestBody::Replayable(bytes) = &body {
+                            record.bytes_in = bytes.len() as u64;
+                        }
+                        let slot: LogSlot = Arc::new(std::sync::Mutex::new(None));
+                        response.body_mut().log = Some(slot.clone());
+                        response.extensions_mut().insert(UpstreamLog(slot));
+                    }
                     if let Some(client_upgrade) = client_upgrade {
                         return self.finish_upgrade(response, client_upgrade, endpoint);
                     }
@@ -232,7 +315,7 @@ impl ProxyService {
         started: Instant,
     ) -> Result<Response<TrackedBody>, AttemptFailure> {
         let proxy = &self.proxy;
-        let (sender, _reused) = match pool::checkout(endpoint, proxy.config.connect).await {
+        let (sender, reused) = match pool::checkout(endpoint, proxy.config.connect).await {
             Ok(checkout) => checkout,
             Err(e) => {
                 endpoint.failures.fetch_add(1, Relaxed);
@@ -330,6 +413,7 @@ impl ProxyService {
                 let exchange = exchange.with_sender(if keep_alive { sender } else { None });
                 let mut body = TrackedBody::new(incoming, exchange);
                 body.upgrade = upgrade;
+                body.reused = reused;
                 Ok(Response::from_parts(head, body))
             }
             Ok((Err(e), _)) => {
@@ -450,6 +534,11 @@ pub struct TrackedBody {
     inner: Incoming,
     exchange: Option<Exchange>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The upstream connection came from the pool.
+    reused: bool,
+    /// Where the access-log record waits for the end of the body.
+    log: Option<LogSlot>,
+    bytes_out: u64,
 }
 
 impl TrackedBody {
@@ -458,6 +547,9 @@ impl TrackedBody {
             inner,
             exchange: Some(exchange),
             upgrade: None,
+            reused: false,
+            log: None,
+            bytes_out: 0,
         };
         if body.inner.is_end_stream() {
             body.finish(true);
@@ -468,6 +560,11 @@ impl TrackedBody {
     fn finish(&mut self, completed: bool) {
         if let Some(mut exchange) = self.exchange.take() {
             exchange.completed = completed;
+        }
+        if let Some(slot) = self.log.take()
+            && let Some(pending) = slot.lock().ok().and_then(|mut p| p.take())
+        {
+            pending.finish(self.bytes_out);
         }
     }
 
@@ -485,6 +582,11 @@ impl Body for TrackedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes_out += data.len() as u64;
+        }
         match &polled {
             Poll::Ready(None) => self.finish(true),
             Poll::Ready(Some(Err(_))) => self.finish(false),
@@ -761,5 +863,46 @@ mod tests {
         let id = ensure_request_id(&mut h);
         assert_eq!(id.len(), 32);
         assert_eq!(h["x-request-id"], id.as_str());
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        // Dropped at or before the end (an empty body is never polled; a client may
+        // leave mid-body): the record is written now.
+        let completed = self.inner.is_end_stream();
+        self.finish(completed);
+    }
+}
+
+/// An access-log record waiting for the response to end.
+#[derive(Debug)]
+struct Pending {
+    log: AccessLog,
+    record: AccessRecord,
+    started: Instant,
+}
+
+type LogSlot = Arc<std::sync::Mutex<Option<Pending>>>;
+
+/// Response extension: the slot the record goes into once the handler knows the status.
+#[derive(Clone, Debug)]
+struct UpstreamLog(LogSlot);
+
+/// The `x-ballast-error` kinds, as fixed strings for the log.
+const ERROR_KINDS: [&str; 6] = [
+    "bad-request",
+    "bad-body",
+    "no-endpoint",
+    "connect-failed",
+    "upstream-failed",
+    "upstream-timeout",
+];
+
+impl Pending {
+    fn finish(mut self, bytes_out: u64) {
+        self.record.bytes_out = bytes_out;
+        self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.log.record(self.record);
     }
 }

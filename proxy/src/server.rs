@@ -1,5 +1,6 @@
 //! Listeners, the discovery feed and the proxy's own graceful shutdown.
 
+use crate::access_log::AccessLog;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::discovery;
@@ -23,6 +24,15 @@ use tokio::time::Instant;
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The access log could not be opened.
+    #[error("cannot open the access log {destination}")]
+    AccessLog {
+        /// Where it should go.
+        destination: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A listener could not bind.
     #[error("cannot listen on {address}")]
     Bind {
@@ -105,6 +115,22 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             Instant::now(),
         ),
     );
+    let proxy = match &config.access_log {
+        Some(destination) => {
+            let log = AccessLog::start(
+                destination.clone(),
+                config.access_log_query,
+                metrics.access_log_dropped.clone(),
+            )
+            .await
+            .map_err(|source| StartError::AccessLog {
+                destination: format!("{destination:?}"),
+                source,
+            })?;
+            proxy.with_access_log(log)
+        }
+        None => proxy,
+    };
     let admin = Admin {
         registry: registry.clone(),
         metrics,

@@ -680,3 +680,131 @@ async fn endpoints_and_metrics_report_per_pod_numbers() {
     );
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_records_successes_retries_local_answers_and_upgrades() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = std::env::temp_dir().join(format!("ballast-access-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let pods = backends(2..4, Behaviour::default()).await;
+    let running = proxy(&[
+        "--endpoints",
+        &endpoints_arg(&refs(&pods)),
+        "--algorithm",
+        "round-robin",
+        "--access-log",
+        log.to_str().unwrap(),
+    ])
+    .await;
+    let mut c = Client::connect(running.listen).await.unwrap();
+    for _ in 0..2 {
+        let req = http::Request::get("/hello?secret=1")
+            .header("host", "t")
+            .header("x-request-id", "req-1")
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(c.send(req).await.unwrap().status, StatusCode::OK);
+    }
+    c.get("/warm").await.unwrap();
+    c.get("/warm").await.unwrap();
+    pods[1].kill();
+    for _ in 0..2 {
+        assert_eq!(c.get("/after-kill").await.unwrap().status, StatusCode::OK);
+    }
+    let mut stream = tokio::net::TcpStream::connect(running.listen)
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = [0u8; 256];
+    let _ = stream.read(&mut head).await.unwrap();
+    drop(stream);
+    let empty = dir.join("empty.json");
+    std::fs::write(&empty, "[]").unwrap();
+    let nobody = proxy(&[
+        "--endpoints-file",
+        empty.to_str().unwrap(),
+        "--access-log",
+        log.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(
+        Client::connect(nobody.listen)
+            .await
+            .unwrap()
+            .get("/lonely")
+            .await
+            .unwrap()
+            .status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |path: &str| {
+        lines
+            .iter()
+            .filter(|l| l["path"] == path)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let hello = find("/hello");
+    assert_eq!(hello.len(), 2, "query stripped by default: {lines:?}");
+    assert_eq!(
+        (hello[0]["method"].as_str(), hello[0]["status"].as_u64()),
+        (Some("GET"), Some(200))
+    );
+    assert_eq!(hello[0]["request_id"], "req-1");
+    assert_eq!(hello[0]["attempts"], 1);
+    assert!(
+        hello[0]["upstream"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.")
+    );
+    assert!(hello[0]["bytes_out"].as_u64().unwrap() > 0);
+    assert!(hello[0]["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(hello[0]["time"].as_str().unwrap().ends_with('Z'));
+    let after = find("/after-kill");
+    assert!(
+        after
+            .iter()
+            .any(|l| l["attempts"] == 2 && l["status"] == 200),
+        "one request was retried: {after:?}"
+    );
+    assert!(
+        after
+            .iter()
+            .all(|l| l["upstream"] == pods[0].addr.to_string())
+    );
+    assert!(
+        find("/warm").iter().any(|l| l["reused"] == true),
+        "pooled connections are reported"
+    );
+    let upgrade = find("/upgrade");
+    assert_eq!(
+        (
+            upgrade[0]["status"].as_u64(),
+            upgrade[0]["upgraded"].as_bool()
+        ),
+        (Some(101), Some(true))
+    );
+    let lonely = find("/lonely");
+    assert_eq!(
+        (lonely[0]["status"].as_u64(), lonely[0]["error"].as_str()),
+        (Some(503), Some("no-endpoint"))
+    );
+    assert!(lonely[0]["upstream"].is_null());
+    running.shutdown().await;
+    nobody.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,130 @@
+//! Optional access log: one JSON line per request, written off the request path.
+//!
+//! Requests hand a record to a bounded channel; one task serializes and writes them
+//! through a buffer, flushing whenever the channel runs empty. When the writer cannot
+//! keep up, records are dropped and counted (`ballast_access_log_dropped_total`) rather
+//! than slowing requests down.
+
+use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+/// Where the log goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// Standard output.
+    Stdout,
+    /// A file, appended to.
+    File(PathBuf),
+}
+
+/// One request, as logged.
+#[derive(Clone, Debug, Serialize)]
+pub struct AccessRecord {
+    /// When the request arrived (RFC 3339, UTC).
+    pub time: String,
+    /// Client address.
+    pub client: SocketAddr,
+    /// Method.
+    pub method: String,
+    /// Path, without the query unless configured.
+    pub path: String,
+    /// Status sent to the client.
+    pub status: u16,
+    /// Request body bytes received.
+    pub bytes_in: u64,
+    /// Response body bytes sent.
+    pub bytes_out: u64,
+    /// From request to the end of the response, in milliseconds.
+    pub duration_ms: f64,
+    /// Endpoint that answered, if any.
+    pub upstream: Option<SocketAddr>,
+    /// Its pod name, when known.
+    pub pod: Option<String>,
+    /// Endpoints tried.
+    pub attempts: u32,
+    /// Whether the upstream connection was reused from the pool.
+    pub reused: bool,
+    /// The request id (kept or generated).
+    pub request_id: String,
+    /// True for an upgraded connection (WebSocket); duration covers the whole tunnel.
+    pub upgraded: bool,
+    /// Why the proxy answered itself (`no-endpoint`, `upstream-failed`, ...), if it did.
+    pub error: Option<&'static str>,
+}
+
+/// Handle that request tasks log through.
+#[derive(Clone, Debug)]
+pub struct AccessLog {
+    tx: mpsc::Sender<AccessRecord>,
+    dropped: Counter,
+    /// Keep the query string in `path`.
+    pub with_query: bool,
+}
+
+/// Records buffered between requests and the writer.
+const CAPACITY: usize = 16 * 1024;
+
+impl AccessLog {
+    /// Starts the writer task.
+    ///
+    /// # Errors
+    /// When the file cannot be opened.
+    pub async fn start(
+        destination: Destination,
+        with_query: bool,
+        dropped: Counter,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel(CAPACITY);
+        match destination {
+            Destination::Stdout => {
+                tokio::spawn(write(rx, tokio::io::stdout()));
+            }
+            Destination::File(path) => {
+                let file = tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .await?;
+                tokio::spawn(write(rx, file));
+            }
+        }
+        Ok(Self {
+            tx,
+            dropped,
+            with_query,
+        })
+    }
+
+    /// Queues a record; never waits.
+    pub fn record(&self, record: AccessRecord) {
+        if self.tx.try_send(record).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+async fn write<W: tokio::io::AsyncWrite + Unpin>(mut rx: mpsc::Receiver<AccessRecord>, out: W) {
+    let mut out = tokio::io::BufWriter::with_capacity(64 * 1024, out);
+    let mut line = Vec::with_capacity(512);
+    while let Some(record) = rx.recv().await {
+        let mut next = Some(record);
+        while let Some(record) = next {
+            line.clear();
+            if serde_json::to_writer(&mut line, &record).is_ok() {
+                line.push(b'\n');
+                if let Err(e) = out.write_all(&line).await {
+                    tracing::warn!(error = %e, "access log write failed");
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        // Caught up: make what was written visible.
+        if let Err(e) = out.flush().await {
+            tracing::warn!(error = %e, "access log flush failed");
+        }
+    }
+}
