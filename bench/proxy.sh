@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark ballast-proxy against direct access, nginx and haproxy on loopback.
 #
-#   bash bench/proxy.sh [--duration 10s] [--quick] [--sections 1,2,3,4] [--no-build]
+#   bash bench/proxy.sh [--duration 10s] [--quick] [--sections 1,2,3,4,5] [--no-build]
 #
 # Every process this script starts is a child it stops by PID on exit (also on
 # failure or Ctrl-C). All traffic stays on 127.0.0.0/8. Raw wrk output and
@@ -13,7 +13,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DURATION=10s
 DURATION_SET=0
 QUICK=0
-SECTIONS=1,2,3,4
+SECTIONS=1,2,3,4,5
 BUILD=1
 
 usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -242,11 +242,13 @@ share_stats() {
 }
 
 # ----------------------------------------------------------------- proxies --
-start_ballast() { # ENDPOINTS_CSV
+start_ballast() { # ENDPOINTS_CSV [extra ballast-proxy flags]
+    local endpoints=$1
+    shift
     require_free "$BALLAST_ADDR" "$BALLAST_ADMIN"
     RUST_LOG=warn "$PROXY_BIN" --listen "$BALLAST_ADDR" --admin-listen "$BALLAST_ADMIN" \
-        --endpoints "$1" --algorithm p2c-ewma --warmup 0s \
-        --shutdown-delay 0s --drain-timeout 1s >>"$LOGS/ballast.log" 2>&1 &
+        --endpoints "$endpoints" --algorithm p2c-ewma --warmup 0s \
+        --shutdown-delay 0s --drain-timeout 1s "$@" >>"$LOGS/ballast.log" 2>&1 &
     PROXY_PID=$!
     track "$PROXY_PID"
     wait_http "http://$BALLAST_ADMIN/ready" 20 "$PROXY_PID" || die "ballast-proxy not ready; see $LOGS/ballast.log"
@@ -541,11 +543,42 @@ section_memory() {
     say "Both rows use the same backends (the $small-endpoint row uses the first $small), so the RSS difference is the cost of the extra endpoints."
 }
 
+# ------------------------------------------------------------- section 5 --
+section_access_log() {
+    local n=4 name
+    say ""
+    say "## 5. Access log off vs on (4 backends, 0 ms; wrk -t2 -c32 keep-alive)"
+    say ""
+    start_backends "$n" 0
+    declare -A rps p50 p99 cpureq errs
+    for name in off on; do
+        if [[ $name == on ]]; then
+            start_ballast "$(backend_list "$n")" --access-log "$TMP/access.log"
+        else
+            start_ballast "$(backend_list "$n")"
+        fi
+        measure "s5-log-$name" 2 32
+        stop_proxy
+        rps[$name]=$WRK_RPS p50[$name]=$WRK_P50 p99[$name]=$WRK_P99 cpureq[$name]=$CPU_US_REQ errs[$name]=$WRK_ERRS
+    done
+    stop_backends
+    local lines
+    lines=$(wc -l <"$TMP/access.log" 2>/dev/null || echo 0)
+    new_table 5
+    row "access log" "req/s" "req/s vs off" "p50 ms" "p99 ms" "proxy CPU us/req" "lines written" "wrk errors"
+    for name in off on; do
+        row "$name" "${rps[$name]}" "$(calc "${rps[$name]} / ${rps[off]}")" "$(calc "${p50[$name]}" 3)" \
+            "$(calc "${p99[$name]}" 3)" "${cpureq[$name]}" "$([[ $name == on ]] && echo "$lines" || echo -)" "${errs[$name]}"
+    done
+    print_table "$TABLE"
+}
+
 # ------------------------------------------------------------------ main --
 header
 want 1 && section_throughput
 want 2 && section_balance
 want 3 && section_slow
 want 4 && section_memory
+want 5 && section_access_log
 say ""
 log "summary written to ${SUMMARY#"$ROOT"/}"

@@ -24,8 +24,9 @@ pub enum Destination {
 /// One request, as logged.
 #[derive(Clone, Debug, Serialize)]
 pub struct AccessRecord {
-    /// When the request arrived (RFC 3339, UTC).
-    pub time: String,
+    /// When the request arrived (RFC 3339, UTC; formatted by the writer task).
+    #[serde(serialize_with = "rfc3339")]
+    pub time: std::time::SystemTime,
     /// Client address.
     pub client: SocketAddr,
     /// Method.
@@ -54,6 +55,16 @@ pub struct AccessRecord {
     pub upgraded: bool,
     /// Why the proxy answered itself (`no-endpoint`, `upstream-failed`, ...), if it did.
     pub error: Option<&'static str>,
+}
+
+fn rfc3339<S: serde::Serializer>(
+    time: &std::time::SystemTime,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match k8s_openapi::jiff::Timestamp::try_from(*time) {
+        Ok(timestamp) => serializer.collect_str(&timestamp),
+        Err(_) => serializer.serialize_none(),
+    }
 }
 
 /// Handle that request tasks log through.
@@ -110,21 +121,31 @@ impl AccessLog {
 async fn write<W: tokio::io::AsyncWrite + Unpin>(mut rx: mpsc::Receiver<AccessRecord>, out: W) {
     let mut out = tokio::io::BufWriter::with_capacity(64 * 1024, out);
     let mut line = Vec::with_capacity(512);
-    while let Some(record) = rx.recv().await {
-        let mut next = Some(record);
-        while let Some(record) = next {
-            line.clear();
-            if serde_json::to_writer(&mut line, &record).is_ok() {
-                line.push(b'\n');
-                if let Err(e) = out.write_all(&line).await {
-                    tracing::warn!(error = %e, "access log write failed");
+    // Flushing whenever the channel runs empty would cost a write(2) per request under
+    // steady load; flush on a short timer instead (and when the buffer fills).
+    let mut flush = tokio::time::interval(std::time::Duration::from_millis(100));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dirty = false;
+    loop {
+        tokio::select! {
+            record = rx.recv() => {
+                let Some(record) = record else { break };
+                line.clear();
+                if serde_json::to_writer(&mut line, &record).is_ok() {
+                    line.push(b'\n');
+                    if let Err(e) = out.write_all(&line).await {
+                        tracing::warn!(error = %e, "access log write failed");
+                    }
+                    dirty = true;
                 }
             }
-            next = rx.try_recv().ok();
-        }
-        // Caught up: make what was written visible.
-        if let Err(e) = out.flush().await {
-            tracing::warn!(error = %e, "access log flush failed");
+            _ = flush.tick(), if dirty => {
+                if let Err(e) = out.flush().await {
+                    tracing::warn!(error = %e, "access log flush failed");
+                }
+                dirty = false;
+            }
         }
     }
+    let _ = out.flush().await;
 }

@@ -147,7 +147,7 @@ impl ProxyService {
             return self.forward(request, started, None).await;
         };
         let record = AccessRecord {
-            time: k8s_openapi::jiff::Timestamp::now().to_string(),
+            time: std::time::SystemTime::now(),
             client: self.client,
             method: request.method().to_string(),
             path: if log.with_query {
