@@ -129,6 +129,26 @@ pub struct Settings {
     #[arg(long, env = "BALLAST_MAX_HEADER_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_header_bytes: Option<usize>,
+    /// Session affinity key: `header:NAME`, `cookie:NAME` or `client-ip` [default: off].
+    #[arg(long, env = "BALLAST_AFFINITY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<String>,
+    /// With affinity, an endpoint takes at most this times the mean in-flight load [default: 1.25].
+    #[arg(long, env = "BALLAST_AFFINITY_LOAD_FACTOR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_load_factor: Option<f64>,
+    /// Lifetime of the affinity cookie the proxy sets [default: 1h].
+    #[arg(long, env = "BALLAST_AFFINITY_COOKIE_TTL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_cookie_ttl: Option<String>,
+    /// Mark the affinity cookie Secure [default: false].
+    #[arg(long, env = "BALLAST_AFFINITY_COOKIE_SECURE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_cookie_secure: Option<bool>,
+    /// With `client-ip` affinity, use the first X-Forwarded-For hop [default: false].
+    #[arg(long, env = "BALLAST_AFFINITY_TRUST_FORWARDED_FOR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_trust_forwarded_for: Option<bool>,
     /// Access log: one JSON line per request to `stdout` or a file path [default: off].
     #[arg(long, env = "BALLAST_ACCESS_LOG")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -178,6 +198,8 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// JSON logs.
     pub json_logs: bool,
+    /// Session affinity.
+    pub affinity: Option<crate::affinity::AffinityConfig>,
     /// Where the access log goes, if anywhere.
     pub access_log: Option<crate::access_log::Destination>,
     /// Keep query strings in the access log.
@@ -278,6 +300,11 @@ impl Settings {
             Duration::from_secs(30),
         );
         let drain_ttl = duration("drain-ttl", &self.drain_ttl, drain_timeout * 2);
+        let cookie_ttl = duration(
+            "affinity-cookie-ttl",
+            &self.affinity_cookie_ttl,
+            Duration::from_secs(3600),
+        );
         let header_read_timeout = duration(
             "header-read-timeout",
             &self.header_read_timeout,
@@ -333,6 +360,46 @@ impl Settings {
             }
         };
 
+        let load_factor = self.affinity_load_factor.unwrap_or(1.25);
+        if !(load_factor > 1.0 && load_factor <= 10.0) {
+            problems.push(format!(
+                "--affinity-load-factor: {load_factor} is outside (1, 10]"
+            ));
+        }
+        let affinity_source = match self.affinity.as_deref() {
+            None => None,
+            Some("client-ip") => Some(crate::affinity::KeySource::ClientIp),
+            Some(other) => match other.split_once(':') {
+                Some(("header", name)) => match http::HeaderName::from_bytes(name.as_bytes()) {
+                    Ok(name) => Some(crate::affinity::KeySource::Header(name)),
+                    Err(_) => {
+                        problems.push(format!("--affinity: {name:?} is not a header name"));
+                        None
+                    }
+                },
+                Some(("cookie", name))
+                    if !name.is_empty()
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+                {
+                    Some(crate::affinity::KeySource::Cookie(name.to_owned()))
+                }
+                _ => {
+                    problems.push(format!(
+                        "--affinity: {other:?} is not header:NAME, cookie:NAME or client-ip"
+                    ));
+                    None
+                }
+            },
+        };
+        let affinity = affinity_source.map(|source| crate::affinity::AffinityConfig {
+            source,
+            load_factor,
+            cookie_ttl,
+            cookie_secure: self.affinity_cookie_secure.unwrap_or(false),
+            trust_forwarded_for: self.affinity_trust_forwarded_for.unwrap_or(false),
+        });
         let sources = [
             self.endpoints_file.is_some(),
             self.endpoints.is_some(),
@@ -387,6 +454,7 @@ impl Settings {
                 header_read_timeout,
                 max_header_bytes,
                 json_logs,
+                affinity,
                 access_log: self.access_log.as_deref().map(|d| match d {
                     "stdout" | "-" => crate::access_log::Destination::Stdout,
                     path => crate::access_log::Destination::File(path.into()),

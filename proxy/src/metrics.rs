@@ -30,6 +30,9 @@ pub struct Metrics {
     pub upgrades: Counter,
     /// Access-log records dropped because the writer fell behind.
     pub access_log_dropped: Counter,
+    /// Affinity keys sent away from their own endpoint because it was draining,
+    /// ejected or not ready.
+    pub affinity_moved: Counter,
 }
 
 #[derive(Debug)]
@@ -90,6 +93,12 @@ impl Metrics {
             "Access-log records dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        let affinity_moved = Counter::default();
+        registry.register(
+            "affinity_moved",
+            "Affinity keys sent away from their endpoint because it was draining, ejected or not ready",
+            affinity_moved.clone(),
+        );
         registry.register_collector(Box::new(EndpointCollector(endpoints)));
         Self {
             registry,
@@ -100,6 +109,7 @@ impl Metrics {
             drain_requests,
             upgrades,
             access_log_dropped,
+            affinity_moved,
         }
     }
 

@@ -41,6 +41,8 @@ pub struct ProxyConfig {
     pub response_timeout: Option<Duration>,
     /// Attempts per request, the first included.
     pub max_attempts: u32,
+    /// Session affinity, when configured.
+    pub affinity: Option<crate::affinity::AffinityConfig>,
 }
 
 /// The proxy, shared by all client connections.
@@ -242,9 +244,26 @@ impl ProxyService {
         proxy.budget.record_request(started);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last: Option<AttemptFailure> = None;
+        let affinity = proxy
+            .config
+            .affinity
+            .as_ref()
+            .and_then(|a| Some((a.key(&parts.headers, self.client)?, a.load_factor)));
         loop {
             let now = Instant::now();
-            let Some(endpoint) = proxy.registry.select(now, &tried) else {
+            let selected = match &affinity {
+                Some((key, load_factor)) => proxy
+                    .registry
+                    .select_affine(now, &tried, key.hash, *load_factor)
+                    .map(|(endpoint, moved)| {
+                        if moved {
+                            proxy.metrics.affinity_moved.inc();
+                        }
+                        endpoint
+                    }),
+                None => proxy.registry.select(now, &tried),
+            };
+            let Some(endpoint) = selected else {
                 if let Some(failure) = last {
                     return failure_response(&failure, &request_id);
                 }
@@ -272,6 +291,12 @@ impl ProxyService {
                         let slot: LogSlot = Arc::new(std::sync::Mutex::new(None));
                         response.body_mut().log = Some(slot.clone());
                         response.extensions_mut().insert(UpstreamLog(slot));
+                    }
+                    if let Some(cookie) =
+                        affinity.as_ref().and_then(|(k, _)| k.set_cookie.as_deref())
+                        && let Ok(value) = HeaderValue::from_str(cookie)
+                    {
+                        response.headers_mut().append(header::SET_COOKIE, value);
                     }
                     if let Some(client_upgrade) = client_upgrade {
                         return self.finish_upgrade(response, client_upgrade, endpoint);

@@ -126,6 +126,8 @@ pub struct EndpointState {
 pub struct Snapshot {
     /// Sorted by address.
     pub endpoints: Vec<Arc<EndpointState>>,
+    /// Consistent-hash ring over `endpoints` (session affinity).
+    pub ring: crate::affinity::Ring,
 }
 
 /// All endpoints, current and leaving.
@@ -425,8 +427,10 @@ impl Registry {
             }
         }
         all.retain(|address, state| set.iter().any(|e| e.address == *address) || !state.is_idle());
-        self.snapshot
-            .store(Arc::new(Snapshot { endpoints: listed }));
+        self.snapshot.store(Arc::new(Snapshot {
+            ring: crate::affinity::Ring::new(&listed.iter().map(|e| e.address).collect::<Vec<_>>()),
+            endpoints: listed,
+        }));
     }
 
     /// Housekeeping, run about once a second: expires unconfirmed drain marks, ends
@@ -496,6 +500,55 @@ impl Registry {
             .last_picked
             .store(self.picks.fetch_add(1, Relaxed) + 1, Relaxed);
         Some(chosen.clone())
+    }
+
+    /// Picks the endpoint for a request with affinity key `key`: the first one
+    /// clockwise on the ring that is eligible and under its bounded load (see
+    /// [`crate::affinity`]). Returns it and whether the key's own endpoint was skipped
+    /// because it is draining, ejected or not ready (the key "moved").
+    pub fn select_affine(
+        &self,
+        now: Instant,
+        tried: &[SocketAddr],
+        key: u64,
+        load_factor: f64,
+    ) -> Option<(Arc<EndpointState>, bool)> {
+        let snapshot = self.snapshot.load();
+        let eligible =
+            |e: &EndpointState| !e.is_draining() && e.ready.load(Relaxed) && !e.is_ejected(now);
+        let (count, total) = snapshot
+            .endpoints
+            .iter()
+            .filter(|e| eligible(e))
+            .fold((0, 0), |(n, t), e| (n + 1, t + e.in_flight.load(Relaxed)));
+        let mut moved = false;
+        for index in snapshot.ring.walk(key) {
+            let Some(endpoint) = snapshot.endpoints.get(index) else {
+                continue;
+            };
+            if tried.contains(&endpoint.address) {
+                continue;
+            }
+            if !eligible(endpoint) {
+                moved = true;
+                continue;
+            }
+            let limit = crate::affinity::bound(
+                total,
+                count,
+                load_factor,
+                endpoint.weight(now, self.config.warmup),
+            );
+            if endpoint.in_flight.load(Relaxed) + 1 > limit {
+                continue;
+            }
+            endpoint
+                .last_picked
+                .store(self.picks.fetch_add(1, Relaxed) + 1, Relaxed);
+            return Some((endpoint.clone(), moved));
+        }
+        // Nothing eligible under its bound: balance as without affinity.
+        self.select(now, tried).map(|e| (e, true))
     }
 
     /// Counts a failure (connect error, reset, timeout or 5xx) against `endpoint`, and

@@ -108,6 +108,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             connect: config.connect,
             response_timeout: config.response_timeout,
             max_attempts: config.retry_attempts,
+            affinity: config.affinity.clone(),
         },
         RetryBudget::new(
             config.retry_budget_ratio,

@@ -808,3 +808,63 @@ async fn access_log_records_successes_retries_local_answers_and_upgrades() {
     nobody.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_and_cookie_affinity_keep_a_session_on_one_pod() {
+    let pods = backends(2..6, Behaviour::default()).await;
+    let running = proxy(&[
+        "--endpoints",
+        &endpoints_arg(&refs(&pods)),
+        "--affinity",
+        "header:x-user",
+    ])
+    .await;
+    let mut c = Client::connect(running.listen).await.unwrap();
+    let mut owners = std::collections::HashSet::new();
+    for user in 0..20 {
+        let mut served = std::collections::HashSet::new();
+        for _ in 0..5 {
+            let req = http::Request::get("/")
+                .header("host", "t")
+                .header("x-user", format!("user-{user}"))
+                .body(Full::default())
+                .unwrap();
+            served.insert(c.send(req).await.unwrap().served_by().unwrap());
+        }
+        assert_eq!(served.len(), 1, "user-{user} stayed on one pod");
+        owners.extend(served);
+    }
+    assert!(owners.len() >= 3, "users spread over the pods: {owners:?}");
+    running.shutdown().await;
+
+    let running = proxy(&[
+        "--endpoints",
+        &endpoints_arg(&refs(&pods)),
+        "--affinity",
+        "cookie:sticky",
+    ])
+    .await;
+    let mut c = Client::connect(running.listen).await.unwrap();
+    let first = c.get("/").await.unwrap();
+    let cookie = first.headers["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.starts_with("sticky=") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    for _ in 0..10 {
+        let req = http::Request::get("/")
+            .header("host", "t")
+            .header("cookie", pair.as_str())
+            .body(Full::default())
+            .unwrap();
+        let r = c.send(req).await.unwrap();
+        assert_eq!(
+            r.served_by(),
+            first.served_by(),
+            "the cookie pins the session"
+        );
+        assert!(r.headers.get("set-cookie").is_none(), "set only once");
+    }
+    running.shutdown().await;
+}

@@ -280,3 +280,78 @@ async fn an_unmeasured_endpoint_gets_a_first_request_among_fast_warm_ones() {
         "never picked: {counts:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn one_hot_key_never_pushes_an_endpoint_past_the_bounded_load() {
+    let registry = Registry::new(config(Algorithm::P2cEwma));
+    let endpoints: Vec<_> = (2..6).map(|i| Endpoint::ready(addr(i))).collect();
+    registry.apply(&set(&endpoints), Instant::now());
+    let hot = crate::affinity::hash(b"celebrity");
+    let mut outstanding = Vec::new();
+    for _ in 0..40 {
+        let (endpoint, _) = registry
+            .select_affine(Instant::now(), &[], hot, 1.25)
+            .unwrap();
+        endpoint.in_flight.fetch_add(1, Relaxed);
+        outstanding.push(endpoint);
+    }
+    let loads: Vec<u64> = (2..6)
+        .map(|i| registry.get(addr(i)).unwrap().in_flight.load(Relaxed))
+        .collect();
+    let mean = 40.0 / 4.0;
+    assert!(
+        loads.iter().all(|l| (*l as f64) <= 1.25 * mean + 1.0),
+        "{loads:?}"
+    );
+    assert!(
+        loads.iter().filter(|l| **l > 0).count() >= 3,
+        "the hot key spilled over: {loads:?}"
+    );
+    // With nothing in flight the key goes back to its own endpoint every time.
+    for e in &outstanding {
+        e.in_flight.store(0, Relaxed);
+    }
+    let first = registry
+        .select_affine(Instant::now(), &[], hot, 1.25)
+        .unwrap()
+        .0
+        .address;
+    for _ in 0..10 {
+        assert_eq!(
+            registry
+                .select_affine(Instant::now(), &[], hot, 1.25)
+                .unwrap()
+                .0
+                .address,
+            first
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_endpoints_keys_move_and_come_back() {
+    let registry = Registry::new(config(Algorithm::P2cEwma));
+    let endpoints: Vec<_> = (2..6).map(|i| Endpoint::ready(addr(i))).collect();
+    registry.apply(&set(&endpoints), Instant::now());
+    let key = crate::affinity::hash(b"session-7");
+    let (owner, moved) = registry
+        .select_affine(Instant::now(), &[], key, 1.25)
+        .unwrap();
+    assert!(!moved);
+    registry.request_drain(owner.address.ip(), Instant::now());
+    let (elsewhere, moved) = registry
+        .select_affine(Instant::now(), &[], key, 1.25)
+        .unwrap();
+    assert!(moved && elsewhere.address != owner.address);
+    tokio::time::advance(Duration::from_secs(60)).await;
+    registry.tick(Instant::now());
+    assert_eq!(
+        registry
+            .select_affine(Instant::now(), &[], key, 1.25)
+            .unwrap()
+            .0
+            .address,
+        owner.address,
+        "back after the mark expired"
+    );
+}
