@@ -547,16 +547,17 @@ section_memory() {
 section_access_log() {
     local n=4 name
     say ""
-    say "## 5. Access log off vs on (4 backends, 0 ms; wrk -t2 -c32 keep-alive)"
+    say "## 5. Access log and affinity vs the plain proxy (4 backends, 0 ms; wrk -t2 -c32 keep-alive)"
     say ""
     start_backends "$n" 0
     declare -A rps p50 p99 cpureq errs
-    for name in off on; do
-        if [[ $name == on ]]; then
-            start_ballast "$(backend_list "$n")" --access-log "$TMP/access.log"
-        else
-            start_ballast "$(backend_list "$n")"
-        fi
+    for name in off on affinity; do
+        case $name in
+            on) start_ballast "$(backend_list "$n")" --access-log "$TMP/access.log" ;;
+            # wrk sends from one IP: one hot key, spread over the pods by the load bound.
+            affinity) start_ballast "$(backend_list "$n")" --affinity client-ip ;;
+            *) start_ballast "$(backend_list "$n")" ;;
+        esac
         measure "s5-log-$name" 2 32
         stop_proxy
         rps[$name]=$WRK_RPS p50[$name]=$WRK_P50 p99[$name]=$WRK_P99 cpureq[$name]=$CPU_US_REQ errs[$name]=$WRK_ERRS
@@ -565,8 +566,8 @@ section_access_log() {
     local lines
     lines=$(wc -l <"$TMP/access.log" 2>/dev/null || echo 0)
     new_table 5
-    row "access log" "req/s" "req/s vs off" "p50 ms" "p99 ms" "proxy CPU us/req" "lines written" "wrk errors"
-    for name in off on; do
+    row "variant" "req/s" "req/s vs plain" "p50 ms" "p99 ms" "proxy CPU us/req" "log lines written" "wrk errors"
+    for name in off on affinity; do
         row "$name" "${rps[$name]}" "$(calc "${rps[$name]} / ${rps[off]}")" "$(calc "${p50[$name]}" 3)" \
             "$(calc "${p99[$name]}" 3)" "${cpureq[$name]}" "$([[ $name == on ]] && echo "$lines" || echo -)" "${errs[$name]}"
     done

@@ -362,6 +362,91 @@ pub struct BalancingSpec {
 
     /// Temporarily stop sending to a pod that keeps failing.
     pub outlier_detection: OutlierDetectionSpec,
+
+    /// Session affinity for stateful apps (local caches, sessions, reconnecting
+    /// WebSockets). Off unless set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<AffinitySpec>,
+}
+
+/// Session affinity: consistent hashing with bounded loads. A key always goes to the
+/// same pod while the set of pods is stable; adding or removing one pod moves about 1/N
+/// of the keys; no pod takes more than `loadFactorPercent` of the mean in-flight load,
+/// so one hot key spills over instead of melting one pod. Draining pods are skipped.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.type != 'Header' || has(self.header)",
+        "message": "type Header needs header",
+    },
+]))]
+pub struct AffinitySpec {
+    /// Where the key comes from: `Header`, `Cookie` or `ClientIP`.
+    #[serde(rename = "type")]
+    pub type_: AffinityType,
+
+    /// Header carrying the key (type `Header`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+    )]
+    pub header: Option<String>,
+
+    /// The cookie (type `Cookie`); the proxy sets it on the first response.
+    #[serde(default)]
+    pub cookie: AffinityCookie,
+
+    /// With `ClientIP`, take the address from the first X-Forwarded-For hop (only when
+    /// a trusted gateway sets it).
+    #[serde(default)]
+    pub trust_forwarded_for: bool,
+
+    /// Most in-flight load one pod takes, as a percentage of the mean (101 to 1000).
+    #[serde(default = "default_load_factor_percent")]
+    #[schemars(range(min = 101, max = 1000))]
+    pub load_factor_percent: i32,
+}
+
+/// Affinity key source.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AffinityType {
+    /// A request header.
+    Header,
+    /// A cookie set by the proxy.
+    Cookie,
+    /// The client's IP address.
+    #[serde(rename = "ClientIP")]
+    ClientIp,
+}
+
+/// The affinity cookie.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AffinityCookie {
+    /// Cookie name.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_.-]+$"))]
+    pub name: String,
+    /// Lifetime in seconds.
+    #[schemars(range(min = 1, max = 31536000))]
+    pub ttl_seconds: i32,
+    /// Mark it `Secure` (sent over HTTPS only).
+    pub secure: bool,
+}
+
+impl Default for AffinityCookie {
+    fn default() -> Self {
+        Self {
+            name: "ballast-session".to_owned(),
+            ttl_seconds: 3600,
+            secure: false,
+        }
+    }
+}
+
+fn default_load_factor_percent() -> i32 {
+    125
 }
 
 /// Load-balancing algorithm.

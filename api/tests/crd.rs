@@ -322,6 +322,21 @@ fn rule_cases() -> Vec<RuleCase> {
             ],
         },
         RuleCase {
+            rule_contains: "self.type != 'Header' || has(self.header)",
+            passing: &[
+                (
+                    "/spec/balancing/affinity",
+                    || json!({"type": "Header", "header": "x-user"}),
+                ),
+                ("/spec/balancing/affinity", || json!({"type": "Cookie"})),
+                (
+                    "/spec/balancing/affinity",
+                    || json!({"type": "ClientIP", "trustForwardedFor": true}),
+                ),
+            ],
+            failing: &[("/spec/balancing/affinity", || json!({"type": "Header"}))],
+        },
+        RuleCase {
             rule_contains: "!(has(self.minAvailable) && has(self.maxUnavailable))",
             passing: &[("/spec/disruption", || json!({"minAvailable": 1}))],
             failing: &[(

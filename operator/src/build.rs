@@ -332,6 +332,37 @@ const PROXY_SHUTDOWN_DELAY_SECONDS: i64 = 5;
 /// How long the proxy then waits for in-flight requests.
 const PROXY_DRAIN_SECONDS: i64 = 30;
 
+fn affinity_args(bs: &BalancedService) -> Vec<(&'static str, String)> {
+    use ballast_api::spec::AffinityType;
+    let Some(affinity) = &bs.spec.balancing.affinity else {
+        return Vec::new();
+    };
+    let key = match affinity.type_ {
+        AffinityType::Header => format!("header:{}", affinity.header.clone().unwrap_or_default()),
+        AffinityType::Cookie => format!("cookie:{}", affinity.cookie.name),
+        AffinityType::ClientIp => "client-ip".to_owned(),
+    };
+    vec![
+        ("--affinity", key),
+        (
+            "--affinity-load-factor",
+            format!("{:.2}", f64::from(affinity.load_factor_percent) / 100.0),
+        ),
+        (
+            "--affinity-cookie-ttl",
+            format!("{}s", affinity.cookie.ttl_seconds),
+        ),
+        (
+            "--affinity-cookie-secure",
+            affinity.cookie.secure.to_string(),
+        ),
+        (
+            "--affinity-trust-forwarded-for",
+            affinity.trust_forwarded_for.to_string(),
+        ),
+    ]
+}
+
 /// Command-line arguments of `ballast-proxy` from `spec.balancing` and `spec.rollout`.
 pub fn proxy_args(bs: &BalancedService) -> Vec<String> {
     let spec = &bs.spec;
@@ -407,6 +438,7 @@ pub fn proxy_args(bs: &BalancedService) -> Vec<String> {
         ("--log-format", "json".to_owned()),
     ]
     .into_iter()
+    .chain(affinity_args(bs))
     .map(|(flag, value)| format!("{flag}={value}"))
     .collect()
 }

@@ -347,3 +347,33 @@ fn a_users_own_pre_stop_runs_after_the_drain() {
         .unwrap();
     assert_eq!(hook.last().map(String::as_str), Some("--then-sleep=5s"));
 }
+
+#[test]
+fn affinity_becomes_proxy_flags() {
+    use ballast_api::spec::{AffinityCookie, AffinitySpec, AffinityType};
+    let mut bs = balanced_service();
+    assert!(
+        !proxy_args(&bs).iter().any(|a| a.starts_with("--affinity")),
+        "off by default"
+    );
+    bs.spec.balancing.affinity = Some(AffinitySpec {
+        type_: AffinityType::Cookie,
+        header: None,
+        cookie: AffinityCookie {
+            name: "cart".into(),
+            ttl_seconds: 600,
+            secure: true,
+        },
+        trust_forwarded_for: false,
+        load_factor_percent: 150,
+    });
+    let args = proxy_args(&bs);
+    for want in [
+        "--affinity=cookie:cart",
+        "--affinity-load-factor=1.50",
+        "--affinity-cookie-ttl=600s",
+        "--affinity-cookie-secure=true",
+    ] {
+        assert!(args.contains(&want.to_owned()), "{want} in {args:?}");
+    }
+}
