@@ -380,6 +380,10 @@ pub struct BalancingSpec {
         "rule": "self.type != 'Header' || has(self.header)",
         "message": "type Header needs header",
     },
+    {
+        "rule": "self.cookie.sameSite != 'None' || self.cookie.secure",
+        "message": "cookie.sameSite None needs cookie.secure (browsers drop it otherwise)",
+    },
 ]))]
 pub struct AffinitySpec {
     /// Where the key comes from: `Header`, `Cookie` or `ClientIP`.
@@ -433,6 +437,20 @@ pub struct AffinityCookie {
     pub ttl_seconds: i32,
     /// Mark it `Secure` (sent over HTTPS only).
     pub secure: bool,
+    /// Its `SameSite` attribute.
+    pub same_site: SameSite,
+}
+
+/// `SameSite` attribute of the affinity cookie.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SameSite {
+    /// Sent on top-level navigations from other sites.
+    #[default]
+    Lax,
+    /// Never sent from other sites.
+    Strict,
+    /// Always sent; requires `secure`.
+    None,
 }
 
 impl Default for AffinityCookie {
@@ -441,6 +459,7 @@ impl Default for AffinityCookie {
             name: "ballast-session".to_owned(),
             ttl_seconds: 3600,
             secure: false,
+            same_site: SameSite::Lax,
         }
     }
 }

@@ -337,6 +337,17 @@ fn rule_cases() -> Vec<RuleCase> {
             failing: &[("/spec/balancing/affinity", || json!({"type": "Header"}))],
         },
         RuleCase {
+            rule_contains: "self.cookie.sameSite != 'None' || self.cookie.secure",
+            passing: &[(
+                "/spec/balancing/affinity",
+                || json!({"type": "Cookie", "cookie": {"sameSite": "None", "secure": true}}),
+            )],
+            failing: &[(
+                "/spec/balancing/affinity",
+                || json!({"type": "Cookie", "cookie": {"sameSite": "None"}}),
+            )],
+        },
+        RuleCase {
             rule_contains: "!(has(self.minAvailable) && has(self.maxUnavailable))",
             passing: &[("/spec/disruption", || json!({"minAvailable": 1}))],
             failing: &[(

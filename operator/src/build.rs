@@ -357,6 +357,10 @@ fn affinity_args(bs: &BalancedService) -> Vec<(&'static str, String)> {
             affinity.cookie.secure.to_string(),
         ),
         (
+            "--affinity-cookie-same-site",
+            format!("{:?}", affinity.cookie.same_site),
+        ),
+        (
             "--affinity-trust-forwarded-for",
             affinity.trust_forwarded_for.to_string(),
         ),

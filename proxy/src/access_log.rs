@@ -80,7 +80,8 @@ pub struct AccessLog {
 const CAPACITY: usize = 16 * 1024;
 
 impl AccessLog {
-    /// Starts the writer task.
+    /// Starts the writer task. It ends, after a last flush, once every handle is
+    /// dropped; await the returned task to be sure the log is complete.
     ///
     /// # Errors
     /// When the file cannot be opened.
@@ -88,26 +89,27 @@ impl AccessLog {
         destination: Destination,
         with_query: bool,
         dropped: Counter,
-    ) -> std::io::Result<Self> {
+    ) -> std::io::Result<(Self, tokio::task::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(CAPACITY);
-        match destination {
-            Destination::Stdout => {
-                tokio::spawn(write(rx, tokio::io::stdout()));
-            }
+        let writer = match destination {
+            Destination::Stdout => tokio::spawn(write(rx, tokio::io::stdout())),
             Destination::File(path) => {
                 let file = tokio::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(&path)
                     .await?;
-                tokio::spawn(write(rx, file));
+                tokio::spawn(write(rx, file))
             }
-        }
-        Ok(Self {
-            tx,
-            dropped,
-            with_query,
-        })
+        };
+        Ok((
+            Self {
+                tx,
+                dropped,
+                with_query,
+            },
+            writer,
+        ))
     }
 
     /// Queues a record; never waits.

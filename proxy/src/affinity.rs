@@ -34,6 +34,8 @@ pub struct AffinityConfig {
     pub cookie_ttl: Duration,
     /// Mark that cookie `Secure`.
     pub cookie_secure: bool,
+    /// Its `SameSite` attribute: `Lax`, `Strict` or `None`.
+    pub cookie_same_site: String,
     /// Take the client IP from the first X-Forwarded-For hop.
     pub trust_forwarded_for: bool,
 }
@@ -63,8 +65,9 @@ impl AffinityConfig {
                 None => {
                     let token = format!("{:032x}", fastrand::u128(..));
                     let mut set = format!(
-                        "{name}={token}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax",
-                        self.cookie_ttl.as_secs()
+                        "{name}={token}; Path=/; Max-Age={}; HttpOnly; SameSite={}",
+                        self.cookie_ttl.as_secs(),
+                        self.cookie_same_site
                     );
                     if self.cookie_secure {
                         set.push_str("; Secure");
@@ -257,6 +260,7 @@ mod tests {
             load_factor: 1.25,
             cookie_ttl: Duration::from_secs(3600),
             cookie_secure: true,
+            cookie_same_site: "Lax".into(),
             trust_forwarded_for: true,
         };
         let mut headers = HeaderMap::new();

@@ -145,6 +145,10 @@ pub struct Settings {
     #[arg(long, env = "BALLAST_AFFINITY_COOKIE_SECURE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity_cookie_secure: Option<bool>,
+    /// SameSite attribute of the affinity cookie: Lax, Strict or None [default: Lax].
+    #[arg(long, env = "BALLAST_AFFINITY_COOKIE_SAME_SITE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_cookie_same_site: Option<String>,
     /// With `client-ip` affinity, use the first X-Forwarded-For hop [default: false].
     #[arg(long, env = "BALLAST_AFFINITY_TRUST_FORWARDED_FOR")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -393,11 +397,24 @@ impl Settings {
                 }
             },
         };
+        let same_site = self
+            .affinity_cookie_same_site
+            .clone()
+            .unwrap_or_else(|| "Lax".to_owned());
+        if !["Lax", "Strict", "None"].contains(&same_site.as_str()) {
+            problems.push(format!(
+                "--affinity-cookie-same-site: {same_site:?} is not Lax, Strict or None"
+            ));
+        }
+        if same_site == "None" && self.affinity_cookie_secure != Some(true) {
+            problems.push("--affinity-cookie-same-site None needs --affinity-cookie-secure true (browsers drop it otherwise)".to_owned());
+        }
         let affinity = affinity_source.map(|source| crate::affinity::AffinityConfig {
             source,
             load_factor,
             cookie_ttl,
             cookie_secure: self.affinity_cookie_secure.unwrap_or(false),
+            cookie_same_site: same_site,
             trust_forwarded_for: self.affinity_trust_forwarded_for.unwrap_or(false),
         });
         let sources = [

@@ -53,6 +53,9 @@ pub struct Proxy {
     /// Set when the proxy itself shuts down: HTTP/1.1 responses then carry
     /// `Connection: close` so clients move to another replica between requests.
     closing: Arc<std::sync::atomic::AtomicBool>,
+    /// Open upgraded tunnels (WebSocket), and the signal that cuts them at the end of
+    /// the proxy's own drain.
+    tunnels: Arc<Tunnels>,
     metrics: Arc<Metrics>,
     config: Arc<ProxyConfig>,
     budget: Arc<RetryBudget>,
@@ -93,6 +96,7 @@ impl Proxy {
             registry,
             access_log: None,
             closing: Arc::default(),
+            tunnels: Arc::default(),
             metrics,
             config: Arc::new(config),
             budget: Arc::new(budget),
@@ -103,6 +107,17 @@ impl Proxy {
     pub fn with_access_log(mut self, log: AccessLog) -> Self {
         self.access_log = Some(log);
         self
+    }
+
+    /// Waits until every tunnel has closed or `deadline` passes, then cuts the rest.
+    /// Returns how many had to be cut.
+    pub async fn close_tunnels(&self, deadline: Instant) -> usize {
+        while self.tunnels.open.load(Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let forced = self.tunnels.open.load(Relaxed);
+        self.tunnels.cut.send_replace(true);
+        forced
     }
 
     /// From now on, ask HTTP/1.1 clients to reconnect (elsewhere) after each response.
@@ -488,6 +503,9 @@ impl ProxyService {
         endpoint.connections.fetch_add(1, Relaxed);
         endpoint.in_flight.fetch_add(1, Relaxed);
         metrics.upgrades.inc();
+        let tunnels = self.proxy.tunnels.clone();
+        tunnels.open.fetch_add(1, Relaxed);
+        let mut cut = tunnels.cut.subscribe();
         tokio::spawn(async move {
             let joined = async {
                 let upstream = upstream_upgrade.ok_or("upstream did not upgrade")?.await?;
@@ -497,9 +515,17 @@ impl ProxyService {
                 tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
                 Ok::<_, BoxError>(())
             };
-            if let Err(e) = joined.await {
-                tracing::debug!(endpoint = %endpoint.address, error = %e, "upgraded connection ended with an error");
+            tokio::select! {
+                result = joined => {
+                    if let Err(e) = result {
+                        tracing::debug!(endpoint = %endpoint.address, error = %e, "upgraded connection ended with an error");
+                    }
+                }
+                _ = cut.wait_for(|cut| *cut) => {
+                    tracing::warn!(endpoint = %endpoint.address, "upgraded connection closed: the proxy is stopping");
+                }
             }
+            tunnels.open.fetch_sub(1, Relaxed);
             endpoint.in_flight.fetch_sub(1, Relaxed);
             endpoint.connections.fetch_sub(1, Relaxed);
             drop(body);
@@ -929,5 +955,21 @@ impl Pending {
         self.record.bytes_out = bytes_out;
         self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         self.log.record(self.record);
+    }
+}
+
+/// Upgraded tunnels of this proxy.
+#[derive(Debug)]
+struct Tunnels {
+    open: std::sync::atomic::AtomicUsize,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Tunnels {
+    fn default() -> Self {
+        Self {
+            open: std::sync::atomic::AtomicUsize::new(0),
+            cut: tokio::sync::watch::Sender::new(false),
+        }
     }
 }

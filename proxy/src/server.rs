@@ -116,9 +116,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             Instant::now(),
         ),
     );
-    let proxy = match &config.access_log {
+    let (proxy, log_writer) = match &config.access_log {
         Some(destination) => {
-            let log = AccessLog::start(
+            let (log, writer) = AccessLog::start(
                 destination.clone(),
                 config.access_log_query,
                 metrics.access_log_dropped.clone(),
@@ -128,9 +128,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 destination: format!("{destination:?}"),
                 source,
             })?;
-            proxy.with_access_log(log)
+            (proxy.with_access_log(log), Some(writer))
         }
-        None => proxy,
+        None => (proxy, None),
     };
     let admin = Admin {
         registry: registry.clone(),
@@ -151,12 +151,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let shutdown = Arc::new(Notify::new());
     let task = tokio::spawn(serve(
         config,
-        listener,
-        admin_listener,
+        (listener, admin_listener),
         proxy,
         admin,
         ready,
         shutdown.clone(),
+        log_writer,
     ));
     tracing::info!(%listen, admin = %admin_addr, "ballast-proxy listening");
     Ok(Running {
@@ -200,12 +200,12 @@ async fn housekeeping(registry: Arc<Registry>, idle_timeout: Duration) {
 
 async fn serve(
     config: Config,
-    listener: TcpListener,
-    admin_listener: TcpListener,
+    (listener, admin_listener): (TcpListener, TcpListener),
     proxy: Proxy,
     admin: Admin,
     ready: Arc<AtomicBool>,
     shutdown: Arc<Notify>,
+    log_writer: Option<JoinHandle<()>>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -258,13 +258,33 @@ async fn serve(
     tracing::info!(
         "closing client connections (HTTP/1.1 Connection: close, HTTP/2 GOAWAY) and finishing in-flight requests"
     );
+    let deadline = Instant::now() + config.drain_timeout;
     match tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all client connections closed"),
         Err(_) => {
             tracing::warn!(timeout = ?config.drain_timeout, "drain timeout reached; closing remaining connections")
         }
     }
+    // Upgraded connections (WebSocket) left hyper's hands at the upgrade: they get the
+    // rest of the drain time, then are cut and counted.
+    let forced = proxy.close_tunnels(deadline).await;
+    if forced > 0 {
+        tracing::warn!(
+            forced,
+            "upgraded connections still open at the drain timeout were closed"
+        );
+    }
     admin_task.abort();
+    // Last access-log records: the writer flushes and ends once the proxy (and every
+    // connection's copy of it) is gone.
+    drop(proxy);
+    if let Some(writer) = log_writer
+        && tokio::time::timeout(Duration::from_secs(2), writer)
+            .await
+            .is_err()
+    {
+        tracing::warn!("access log not flushed within 2s of shutdown");
+    }
 }
 
 async fn serve_admin(listener: TcpListener, admin: Admin) {

@@ -868,3 +868,40 @@ async fn header_and_cookie_affinity_keep_a_session_on_one_pod() {
     }
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_tunnel_holds_the_proxy_shutdown_until_the_drain_timeout_then_is_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pod = Backend::start(2, Behaviour::default()).await;
+    let running = proxy(&[
+        "--endpoints",
+        &pod.addr.to_string(),
+        "--drain-timeout",
+        "700ms",
+    ])
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(running.listen)
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = [0u8; 256];
+    let n = stream.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 101"));
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), running.shutdown())
+        .await
+        .expect("shutdown ends");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(600),
+        "the open tunnel was given the drain time: {took:?}"
+    );
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the tunnel was closed at the timeout");
+}

@@ -363,6 +363,7 @@ fn affinity_becomes_proxy_flags() {
             name: "cart".into(),
             ttl_seconds: 600,
             secure: true,
+            same_site: ballast_api::spec::SameSite::Strict,
         },
         trust_forwarded_for: false,
         load_factor_percent: 150,
@@ -373,6 +374,7 @@ fn affinity_becomes_proxy_flags() {
         "--affinity-load-factor=1.50",
         "--affinity-cookie-ttl=600s",
         "--affinity-cookie-secure=true",
+        "--affinity-cookie-same-site=Strict",
     ] {
         assert!(args.contains(&want.to_owned()), "{want} in {args:?}");
     }

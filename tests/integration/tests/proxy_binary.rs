@@ -77,6 +77,8 @@ async fn websocket_echo_through_the_proxy_and_sigterm_exits_cleanly() {
     let (_b, b) = app("127.0.0.3");
     let listen = format!("127.0.0.1:{}", free_port([127, 0, 0, 1]));
     let admin = format!("127.0.0.1:{}", free_port([127, 0, 0, 1]));
+    let log = std::env::temp_dir().join(format!("ballast-ws-access-{}.log", std::process::id()));
+    let endpoints = format!("{a},{b}");
     let mut proxy = Process::spawn(
         &proxy_bin(),
         &[
@@ -85,9 +87,14 @@ async fn websocket_echo_through_the_proxy_and_sigterm_exits_cleanly() {
             "--admin-listen",
             &admin,
             "--endpoints",
-            &format!("{a},{b}"),
+            &endpoints,
+            // No delay: the log must still be complete when the process exits.
             "--shutdown-delay",
-            "200ms",
+            "0s",
+            "--drain-timeout",
+            "3s",
+            "--access-log",
+            log.to_str().unwrap(),
         ],
     );
     wait_ready(&admin).await;
@@ -107,6 +114,7 @@ async fn websocket_echo_through_the_proxy_and_sigterm_exits_cleanly() {
         assert_eq!(echo, Message::text(text));
     }
     ws.close(None).await.unwrap();
+    drop(ws);
 
     proxy.sigterm();
     let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(10)))
