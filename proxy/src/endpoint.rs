@@ -63,6 +63,11 @@ impl EndpointSet {
         self.0.iter()
     }
 
+    /// True when `address` is in the set (binary search: the set is sorted).
+    pub fn contains(&self, address: SocketAddr) -> bool {
+        self.0.binary_search_by_key(&address, |e| e.address).is_ok()
+    }
+
     /// Number of endpoints.
     pub fn len(&self) -> usize {
         self.0.len()

@@ -130,6 +130,15 @@ pub struct Snapshot {
     pub ring: crate::affinity::Ring,
 }
 
+impl Snapshot {
+    /// True when discovery lists `address` (binary search: endpoints are sorted).
+    pub fn lists(&self, address: SocketAddr) -> bool {
+        self.endpoints
+            .binary_search_by_key(&address, |e| e.address)
+            .is_ok()
+    }
+}
+
 /// All endpoints, current and leaving.
 #[derive(Debug)]
 pub struct Registry {
@@ -411,7 +420,7 @@ impl Registry {
             listed.push(state);
         }
         for (address, state) in all.iter() {
-            if set.iter().any(|e| e.address == *address) {
+            if set.contains(*address) {
                 continue;
             }
             if state
@@ -426,7 +435,7 @@ impl Registry {
                 }));
             }
         }
-        all.retain(|address, state| set.iter().any(|e| e.address == *address) || !state.is_idle());
+        all.retain(|address, state| set.contains(*address) || !state.is_idle());
         self.snapshot.store(Arc::new(Snapshot {
             ring: crate::affinity::Ring::new(&listed.iter().map(|e| e.address).collect::<Vec<_>>()),
             endpoints: listed,
@@ -456,9 +465,7 @@ impl Registry {
             }
         }
         let listed = self.snapshot.load();
-        all.retain(|address, state| {
-            listed.endpoints.iter().any(|e| e.address == *address) || !state.is_idle()
-        });
+        all.retain(|address, state| listed.lists(*address) || !state.is_idle());
     }
 
     /// Picks the endpoint for one request, skipping `tried`. Eligible: ready, not
@@ -626,7 +633,7 @@ impl Registry {
         let mut reports: Vec<_> = all
             .values()
             .map(|s| {
-                let is_listed = listed.endpoints.iter().any(|e| e.address == s.address);
+                let is_listed = listed.lists(s.address);
                 s.report(now, self.config.warmup, is_listed)
             })
             .collect();
