@@ -188,15 +188,24 @@ where
 }
 
 /// Resolves `host:port` (a DNS name or an IP) to every address, as the headless proxy
-/// admin Service publishes one A record per replica.
+/// admin Service publishes one A record per replica. `target` may list several
+/// `host:port`s separated by commas; the result is their union. A name that does not
+/// resolve fails the round (it is retried), so no replica is silently left out.
 ///
 /// # Errors
 /// The resolver's message.
 pub async fn resolve(target: &str) -> Result<Vec<SocketAddr>, String> {
-    let mut addresses: Vec<SocketAddr> = tokio::net::lookup_host(target)
-        .await
-        .map_err(|e| format!("{target}: {e}"))?
-        .collect();
+    let mut addresses = Vec::new();
+    for one in target.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        addresses.extend(
+            tokio::net::lookup_host(one)
+                .await
+                .map_err(|e| format!("{one}: {e}"))?,
+        );
+    }
+    if addresses.is_empty() {
+        return Err(format!("{target:?}: no address"));
+    }
     addresses.sort();
     addresses.dedup();
     Ok(addresses)
@@ -246,4 +255,23 @@ async fn call(
     tokio::time::timeout(config.call_timeout, exchange)
         .await
         .map_err(|_| "no answer in time".to_owned())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve;
+
+    #[tokio::test]
+    async fn resolves_a_comma_separated_list_to_the_union() {
+        let got = resolve("127.0.0.3:9901, 127.0.0.2:9901,127.0.0.3:9901")
+            .await
+            .unwrap();
+        let want: Vec<std::net::SocketAddr> = vec![
+            "127.0.0.2:9901".parse().unwrap(),
+            "127.0.0.3:9901".parse().unwrap(),
+        ];
+        assert_eq!(got, want);
+        assert!(resolve(" , ").await.is_err());
+        assert!(resolve("127.0.0.2").await.is_err(), "a port is required");
+    }
 }

@@ -22,8 +22,9 @@ use std::time::Duration;
     after_help = "ballast-drain install DIR: copy this binary into DIR"
 )]
 struct Args {
-    /// The proxies' admin Service, `<name>-proxy-admin.<namespace>.svc:9901`; every
-    /// address it resolves to is a replica. Re-resolved each round.
+    /// The proxies' admin Service, `<name>-proxy-admin.<namespace>.svc:9901` (or several
+    /// `host:port`s separated by commas); every address it resolves to is a replica.
+    /// Re-resolved each round.
     #[arg(long, env = "BALLAST_DRAIN_PROXIES")]
     proxies: String,
     /// Stop waiting after this long (the pod stops anyway).
