@@ -83,26 +83,37 @@ impl AdminService {
                     admin.metrics.drain_requests.inc();
                     json(StatusCode::OK, &report)
                 }
-                None => {
-                    tracing::warn!(%caller, "drain refused: the caller is not an endpoint");
-                    json(
-                        StatusCode::FORBIDDEN,
-                        &serde_json::json!({"error": format!("{caller} is not an endpoint of this proxy; a pod can drain only itself")}),
-                    )
-                }
+                None => not_an_endpoint(caller),
             },
+            (&Method::POST, "/drain/timeout") => {
+                match admin.registry.drain_timed_out(caller, now) {
+                    Some(report) => json(StatusCode::OK, &report),
+                    None => not_an_endpoint(caller),
+                }
+            }
+            (&Method::GET, "/drains") => json(StatusCode::OK, &admin.registry.drains()),
             (&Method::GET, "/drain") => {
                 json(StatusCode::OK, &admin.registry.drain_report(caller, now))
             }
-            (_, "/live" | "/ready" | "/metrics" | "/endpoints" | "/drain") => {
-                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-            }
+            (
+                _,
+                "/live" | "/ready" | "/metrics" | "/endpoints" | "/drain" | "/drain/timeout"
+                | "/drains",
+            ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /ready, /live, /metrics, /endpoints, /drain",
+                "not found: try /ready, /live, /metrics, /endpoints, /drain, /drains",
             ),
         }
     }
+}
+
+fn not_an_endpoint(caller: std::net::IpAddr) -> Response<ResponseBody> {
+    tracing::warn!(%caller, "drain refused: the caller is not an endpoint");
+    json(
+        StatusCode::FORBIDDEN,
+        &serde_json::json!({"error": format!("{caller} is not an endpoint of this proxy; a pod can drain only itself")}),
+    )
 }
 
 fn text(status: StatusCode, body: &str) -> Response<ResponseBody> {

@@ -146,7 +146,10 @@ where
             } else {
                 Method::POST
             };
-            async move { (address, method.clone(), call(address, method, config).await) }
+            async move {
+                let result = call(address, method.clone(), "/drain", config).await;
+                (address, method, result)
+            }
         });
         for (address, method, result) in futures::future::join_all(calls).await {
             let state = match result {
@@ -177,6 +180,9 @@ where
         let drained = !replicas.is_empty() && replicas.values().all(ReplicaState::is_done);
         let now = Instant::now();
         if drained || now >= deadline {
+            if !drained {
+                report_timeout(&replicas, config).await;
+            }
             return Outcome {
                 drained,
                 replicas,
@@ -211,9 +217,24 @@ pub async fn resolve(target: &str) -> Result<Vec<SocketAddr>, String> {
     Ok(addresses)
 }
 
+/// Tells every replica that still had something open that this pod stops anyway, so
+/// the forced termination is counted (best effort: one call each).
+async fn report_timeout(replicas: &BTreeMap<SocketAddr, ReplicaState>, config: &DrainConfig) {
+    let calls = replicas
+        .iter()
+        .filter(|(_, state)| matches!(state, ReplicaState::Pending { .. }))
+        .map(|(&address, _)| async move {
+            if let Err(e) = call(address, Method::POST, "/drain/timeout", config).await {
+                tracing::warn!(%address, error = %e, "reporting the drain timeout failed");
+            }
+        });
+    futures::future::join_all(calls).await;
+}
+
 async fn call(
     address: SocketAddr,
     method: Method,
+    path: &str,
     config: &DrainConfig,
 ) -> Result<(StatusCode, Bytes), String> {
     let exchange = async {
@@ -235,7 +256,7 @@ async fn call(
         tokio::spawn(conn);
         let request = Request::builder()
             .method(method)
-            .uri("/drain")
+            .uri(path)
             .header(http::header::HOST, address.to_string())
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;

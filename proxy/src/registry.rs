@@ -10,7 +10,7 @@ use crate::load::{EjectionPolicy, Health, PeakEwma, may_eject, warmup_weight};
 use crate::pool::Pool;
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -69,6 +69,58 @@ pub struct DrainMark {
     pub since_wall: SystemTime,
 }
 
+/// How a drain went, so far: what the rollout gate reports on status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct DrainProgress {
+    /// When nothing was left in flight or open for the first time while draining.
+    drained_at: Option<SystemTime>,
+    /// What was still open when the pod's drain helper gave up (`POST /drain/timeout`).
+    forced: Option<OpenCounts>,
+}
+
+/// Requests and connections still open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct OpenCounts {
+    /// Requests in flight.
+    pub in_flight: u64,
+    /// Open connections (tunnels included).
+    pub connections: u64,
+}
+
+/// A finished drain: an endpoint that was draining and is now forgotten (no longer
+/// listed, nothing open). `GET /drains` lists the most recent ones.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DrainRecord {
+    /// Pod IP and port.
+    pub address: SocketAddr,
+    /// Pod name.
+    pub pod: Option<String>,
+    /// Why it drained.
+    pub reason: DrainReason,
+    /// Seconds since the Unix epoch when draining began.
+    pub since: f64,
+    /// Milliseconds from the start of the drain until nothing was in flight or open.
+    pub drained_after_ms: u64,
+    /// Set when the pod's drain helper reached its timeout with requests or connections
+    /// still open: what was open then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forced: Option<OpenCounts>,
+    /// Requests this proxy sent to the endpoint, in all.
+    pub requests: u64,
+    /// Its 5xx answers and failures without an answer, in all.
+    pub errors: u64,
+}
+
+/// Finished drains kept for `GET /drains`: enough for a rollout of hundreds of pods
+/// between two polls of the operator.
+const DRAIN_HISTORY: usize = 1024;
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
 /// What an endpoint is doing, as reported on `/endpoints` and `/drain`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -114,9 +166,14 @@ pub struct EndpointState {
     ejected: AtomicBool,
     drain: Mutex<Option<DrainMark>>,
     draining: AtomicBool,
+    progress: Mutex<DrainProgress>,
     /// Sequence number of the last selection of this endpoint (P2C tie-break).
     last_picked: AtomicU64,
     added: Instant,
+    /// Nanoseconds after `added` when discovery first reported it ready: the slow-start
+    /// ramp starts there, not when the endpoint was first listed (a pod is listed
+    /// unready for as long as its probes and readiness gate take). `u64::MAX`: not yet.
+    ready_after: AtomicU64,
     ramp: bool,
     pub(crate) pool: Pool,
 }
@@ -149,6 +206,8 @@ pub struct Registry {
     updates: AtomicU64,
     next: AtomicUsize,
     picks: AtomicU64,
+    /// Finished drains, newest last.
+    history: Mutex<VecDeque<DrainRecord>>,
 }
 
 /// Peak-EWMA costs closer than this ratio count as equal (see [`p2c`]).
@@ -208,6 +267,16 @@ pub struct EndpointReport {
     pub ewma_ms: f64,
     /// Slow-start weight, 0.1 to 1.
     pub weight: f64,
+    /// Seconds since the Unix epoch when draining began.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draining_since: Option<f64>,
+    /// Milliseconds from the start of the drain until nothing was open, once that
+    /// happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drained_after_ms: Option<u64>,
+    /// What was open when the pod's drain helper gave up, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forced: Option<OpenCounts>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -235,8 +304,10 @@ impl EndpointState {
             ejected: AtomicBool::new(false),
             drain: Mutex::new(None),
             draining: AtomicBool::new(false),
+            progress: Mutex::new(DrainProgress::default()),
             last_picked: AtomicU64::new(0),
             added: now,
+            ready_after: AtomicU64::new(if ready { 0 } else { u64::MAX }),
             ramp,
             pool: Pool::default(),
         }
@@ -263,6 +334,9 @@ impl EndpointState {
         *drain = mark;
         self.draining.store(mark.is_some(), Relaxed);
         drop(drain);
+        if mark.is_none() {
+            *lock(&self.progress) = DrainProgress::default();
+        }
         if mark.is_some() && !was {
             // No new request will use them; close now rather than at the idle timeout.
             self.pool.close_idle();
@@ -275,7 +349,13 @@ impl EndpointState {
 
     fn weight(&self, now: Instant, warmup: Duration) -> f64 {
         if self.ramp {
-            warmup_weight(now.saturating_duration_since(self.added), warmup)
+            let ready_after = self.ready_after.load(Relaxed);
+            let ready_for = if ready_after == u64::MAX {
+                Duration::ZERO
+            } else {
+                now.saturating_duration_since(self.added + Duration::from_nanos(ready_after))
+            };
+            warmup_weight(ready_for, warmup)
         } else {
             1.0
         }
@@ -327,6 +407,9 @@ impl EndpointState {
     }
 
     fn report(&self, now: Instant, warmup: Duration, listed: bool) -> EndpointReport {
+        self.note_progress();
+        let mark = self.drain_mark();
+        let progress = *lock(&self.progress);
         let discovered = lock(&self.discovered).clone();
         let opened = self.connections_opened.load(Relaxed);
         let requests = self.requests.load(Relaxed);
@@ -352,11 +435,61 @@ impl EndpointState {
             errors: self.responses[4].load(Relaxed) + self.failures.load(Relaxed),
             ewma_ms: lock(&self.ewma).estimate(now) / 1e6,
             weight: self.weight(now, warmup),
+            draining_since: mark.map(|m| unix_seconds(m.since_wall)),
+            drained_after_ms: mark.zip(progress.drained_at).map(|(m, at)| {
+                at.duration_since(m.since_wall)
+                    .unwrap_or_default()
+                    .as_millis()
+                    .try_into()
+                    .unwrap_or(u64::MAX)
+            }),
+            forced: progress.forced,
         }
     }
 
     fn is_idle(&self) -> bool {
         self.in_flight.load(Relaxed) == 0 && self.connections.load(Relaxed) == 0
+    }
+
+    /// Notes the moment a draining endpoint first has nothing open. Called whenever
+    /// its counts are read (the drain helper polls every 100 ms) and by the tick.
+    fn note_progress(&self) {
+        if self.is_draining() && self.is_idle() {
+            let mut progress = lock(&self.progress);
+            if progress.drained_at.is_none() {
+                progress.drained_at = Some(SystemTime::now());
+            }
+        }
+    }
+
+    fn open_counts(&self) -> OpenCounts {
+        OpenCounts {
+            in_flight: self.in_flight.load(Relaxed),
+            connections: self.connections.load(Relaxed),
+        }
+    }
+
+    /// The record of a finished drain, when it drained.
+    fn drain_record(&self) -> Option<DrainRecord> {
+        let mark = self.drain_mark()?;
+        self.note_progress();
+        let progress = *lock(&self.progress);
+        let drained_at = progress.drained_at.unwrap_or_else(SystemTime::now);
+        Some(DrainRecord {
+            address: self.address,
+            pod: self.pod(),
+            reason: mark.reason,
+            since: unix_seconds(mark.since_wall),
+            drained_after_ms: drained_at
+                .duration_since(mark.since_wall)
+                .unwrap_or_default()
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+            forced: progress.forced,
+            requests: self.requests.load(Relaxed),
+            errors: self.responses[4].load(Relaxed) + self.failures.load(Relaxed),
+        })
     }
 }
 
@@ -370,6 +503,7 @@ impl Registry {
             updates: AtomicU64::new(0),
             next: AtomicUsize::new(0),
             picks: AtomicU64::new(0),
+            history: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -404,6 +538,12 @@ impl Registry {
                 .clone();
             *lock(&state.discovered) = endpoint.clone();
             state.ready.store(endpoint.ready, Relaxed);
+            if endpoint.ready && state.ready_after.load(Relaxed) == u64::MAX {
+                let after = now.saturating_duration_since(state.added).as_nanos();
+                state
+                    .ready_after
+                    .store(after.try_into().unwrap_or(u64::MAX - 1), Relaxed);
+            }
             let mark = state.drain_mark();
             if endpoint.terminating {
                 if mark.is_none_or(|m| m.reason != DrainReason::Terminating) {
@@ -435,7 +575,7 @@ impl Registry {
                 }));
             }
         }
-        all.retain(|address, state| set.contains(*address) || !state.is_idle());
+        self.forget_idle(&mut all, |address| set.contains(address));
         self.snapshot.store(Arc::new(Snapshot {
             ring: crate::affinity::Ring::new(&listed.iter().map(|e| e.address).collect::<Vec<_>>()),
             endpoints: listed,
@@ -447,6 +587,7 @@ impl Registry {
     pub fn tick(&self, now: Instant) {
         let mut all = lock(&self.all);
         for state in all.values() {
+            state.note_progress();
             if let Some(mark) = state.drain_mark() {
                 let discovered_terminating = lock(&state.discovered).terminating;
                 if mark.reason == DrainReason::Requested
@@ -465,7 +606,50 @@ impl Registry {
             }
         }
         let listed = self.snapshot.load();
-        all.retain(|address, state| listed.lists(*address) || !state.is_idle());
+        self.forget_idle(&mut all, |address| listed.lists(address));
+    }
+
+    /// Forgets endpoints that are no longer listed and have nothing open, recording
+    /// how their drain went.
+    fn forget_idle(
+        &self,
+        all: &mut HashMap<SocketAddr, Arc<EndpointState>>,
+        listed: impl Fn(SocketAddr) -> bool,
+    ) {
+        let mut history = lock(&self.history);
+        all.retain(|address, state| {
+            let keep = listed(*address) || !state.is_idle();
+            if !keep && let Some(record) = state.drain_record() {
+                if history.len() == DRAIN_HISTORY {
+                    history.pop_front();
+                }
+                history.push_back(record);
+            }
+            keep
+        });
+    }
+
+    /// The most recent finished drains, oldest first.
+    pub fn drains(&self) -> Vec<DrainRecord> {
+        lock(&self.history).iter().cloned().collect()
+    }
+
+    /// The pod with IP `ip` reports that its drain helper gave up waiting: records what
+    /// was still open, so the rollout counts it as a forced termination. `None` when no
+    /// endpoint has that IP.
+    pub fn drain_timed_out(&self, ip: IpAddr, now: Instant) -> Option<DrainReport> {
+        let all = lock(&self.all);
+        let mut found = false;
+        for state in all.values().filter(|s| s.address.ip() == ip) {
+            found = true;
+            let open = state.open_counts();
+            if state.is_draining() && open != OpenCounts::default() {
+                tracing::warn!(endpoint = %state.address, pod = ?state.pod(), in_flight = open.in_flight, connections = open.connections, "drain timed out: the pod stops with requests or connections open");
+                lock(&state.progress).forced.get_or_insert(open);
+            }
+        }
+        drop(all);
+        found.then(|| self.drain_report(ip, now))
     }
 
     /// Picks the endpoint for one request, skipping `tried`. Eligible: ready, not
@@ -607,6 +791,7 @@ impl Registry {
         let all = lock(&self.all);
         let mut report = DrainReport::default();
         for state in all.values().filter(|s| s.address.ip() == ip) {
+            state.note_progress();
             report.known = true;
             report.in_flight += state.in_flight.load(Relaxed);
             report.connections += state.connections.load(Relaxed);

@@ -159,3 +159,55 @@ async fn a_pod_cannot_drain_another_pod() {
     );
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_times_out_is_recorded_as_forced() {
+    let pod = Backend::start(2, Behaviour::default()).await;
+    let dir = std::env::temp_dir().join(format!("ballast-forced-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("endpoints.yaml");
+    std::fs::write(
+        &file,
+        format!("- {{address: \"{}\", ready: true}}\n", pod.addr),
+    )
+    .unwrap();
+    let replica = proxy(&["--endpoints-file", file.to_str().unwrap()]).await;
+    let request = long_request(replica.listen, replica.admin, 1500).await;
+    let admin = replica.admin;
+    let outcome = drain(
+        &config(pod.addr.ip(), Duration::from_millis(300)),
+        || async move { Ok(vec![admin]) },
+    )
+    .await;
+    assert!(!outcome.drained, "{outcome}");
+    let endpoints = get_json(admin, "/endpoints").await;
+    assert_eq!(
+        endpoints[0]["forced"],
+        serde_json::json!({"in_flight": 1, "connections": 1}),
+        "the helper told the proxy what was still open: {endpoints}"
+    );
+    assert!(endpoints[0]["draining_since"].is_number());
+    assert_eq!(request.await.unwrap(), StatusCode::OK);
+    // Discovery drops the pod; once nothing is open the drain is history.
+    std::fs::write(&file, "[]\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let drains = loop {
+        let drains = get_json(admin, "/drains").await;
+        if drains.as_array().is_some_and(|d| !d.is_empty()) {
+            break drains;
+        }
+        assert!(Instant::now() < deadline, "never recorded: {drains}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let record = &drains[0];
+    assert_eq!(record["address"], pod.addr.to_string());
+    assert_eq!(record["forced"]["in_flight"], 1);
+    assert_eq!(record["requests"], 1);
+    let after = record["drained_after_ms"].as_u64().unwrap();
+    assert!(
+        (1000..5000).contains(&after),
+        "drained when the request ended: {after} ms"
+    );
+    replica.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -114,6 +114,78 @@ async fn slow_start_ramps_new_endpoints_but_not_the_first_set() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn slow_start_begins_when_the_endpoint_becomes_ready() {
+    let registry = Registry::new(config(Algorithm::LeastRequest));
+    registry.apply(&set(&[Endpoint::ready(addr(2))]), Instant::now());
+    let mut starting = Endpoint::ready(addr(3));
+    starting.ready = false;
+    let both = |new: &Endpoint| set(&[Endpoint::ready(addr(2)), new.clone()]);
+    registry.apply(&both(&starting), Instant::now());
+    // Listed but unready for longer than the warmup (probes, readiness gate).
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert!((registry.reports(Instant::now())[1].weight - 0.1).abs() < 1e-9);
+    starting.ready = true;
+    registry.apply(&both(&starting), Instant::now());
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let weight = registry.reports(Instant::now())[1].weight;
+    assert!(
+        (0.5..0.6).contains(&weight),
+        "half way up the ramp: {weight}"
+    );
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert_eq!(registry.reports(Instant::now())[1].weight, 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_finished_drain_is_recorded_with_its_duration_and_what_was_forced() {
+    let registry = Registry::new(config(Algorithm::RoundRobin));
+    registry.apply(
+        &set(&[Endpoint::ready(addr(2)), Endpoint::ready(addr(3))]),
+        Instant::now(),
+    );
+    let slow = registry.get(addr(3)).unwrap();
+    slow.in_flight.store(1, Relaxed);
+    slow.connections.store(1, Relaxed);
+    let ip = addr(3).ip();
+    assert!(registry.request_drain(ip, Instant::now()).is_some());
+    assert!(
+        registry
+            .drain_timed_out(addr(9).ip(), Instant::now())
+            .is_none()
+    );
+    registry.drain_timed_out(ip, Instant::now());
+    let report = &registry.reports(Instant::now())[1];
+    assert!(report.draining_since.is_some());
+    assert_eq!(report.drained_after_ms, None, "still open");
+    assert_eq!(
+        report.forced,
+        Some(OpenCounts {
+            in_flight: 1,
+            connections: 1
+        })
+    );
+    // Discovery drops it while a request is still open: not forgotten yet.
+    registry.apply(&set(&[Endpoint::ready(addr(2))]), Instant::now());
+    assert!(registry.drains().is_empty());
+    slow.in_flight.store(0, Relaxed);
+    slow.connections.store(0, Relaxed);
+    registry.tick(Instant::now());
+    let drains = registry.drains();
+    assert_eq!(drains.len(), 1, "{drains:?}");
+    assert_eq!(drains[0].address, addr(3));
+    // Requested by the pod, then confirmed by discovery removing it.
+    assert_eq!(drains[0].reason, DrainReason::Removed);
+    assert!(drains[0].forced.is_some());
+    // An endpoint removed without ever draining through a pod request is recorded too.
+    registry.apply(&set(&[]), Instant::now());
+    registry.tick(Instant::now());
+    let drains = registry.drains();
+    assert_eq!(drains.len(), 2);
+    assert_eq!(drains[1].reason, DrainReason::Removed);
+    assert_eq!(drains[1].forced, None);
+}
+
+#[tokio::test(start_paused = true)]
 async fn terminating_endpoints_drain_and_serve_only_as_a_fallback() {
     let registry = Registry::new(config(Algorithm::RoundRobin));
     let mut leaving = Endpoint::ready(addr(2));
