@@ -85,6 +85,9 @@ pub struct DrainingPod {
 pub struct RolloutSummary {
     /// Revision rolled out.
     pub revision: String,
+    /// Revision the pods ran before (the one a rollback restores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_revision: Option<String>,
     /// When the rollout started.
     pub started_at: Time,
     /// When it completed; unset while it runs.
@@ -98,14 +101,39 @@ pub struct RolloutSummary {
     pub longest_drain_millis: i64,
     /// Drains that hit `drainTimeoutSeconds` with requests or connections still open.
     pub forced_terminations: i32,
+    /// Requests the proxies sent during the rollout.
+    #[serde(default)]
+    pub requests: RevisionCounts,
     /// Failed requests (5xx or connection failure) the proxies saw during the rollout.
-    pub failed_requests: FailedRequests,
+    pub failed_requests: RevisionCounts,
+    /// Set when ballast paused (or rolled back) this rollout because it went badly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<RolloutPause>,
 }
 
-/// Failed requests split by the revision of the pod that served them.
+/// Why and when a rollout was paused.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutPause {
+    /// When it was paused.
+    pub at: Time,
+    /// The threshold that was crossed, with the numbers.
+    pub reason: String,
+    /// `metadata.generation` when it was paused: any later spec change resumes.
+    pub generation: i64,
+    /// True once resumed (spec change or the `ballast.dev/resume` annotation). A resumed
+    /// rollout is not paused again.
+    #[serde(default)]
+    pub resumed: bool,
+    /// True when the previous pod template was restored instead of pausing.
+    #[serde(default)]
+    pub rolled_back: bool,
+}
+
+/// Request counts split by the revision of the pod that served them.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
-pub struct FailedRequests {
+pub struct RevisionCounts {
     /// On pods of the previous revision.
     pub old_revision: i64,
     /// On pods of the revision being rolled out.

@@ -12,9 +12,12 @@ pub mod cli;
 pub mod controller;
 #[cfg(test)]
 mod fixtures;
+pub mod gate;
 pub mod leader;
 pub mod metrics;
+pub mod observe;
 pub mod render;
+pub mod rollout;
 pub mod status;
 pub mod validate;
 

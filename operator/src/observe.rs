@@ -1,0 +1,267 @@
+//! What the operator reads from the cluster besides its own objects: the app pods and
+//! what every ready proxy replica reports on its admin port (`/endpoints`, `/drains`).
+//! The types are the subset of the proxy's JSON the operator uses; the decisions over
+//! them are pure functions in `gate` and `rollout`.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Pod;
+use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use crate::build::REVISION_LABEL;
+
+/// The pod condition of the readiness gate.
+pub const ROUTABLE_CONDITION: &str = "ballast.dev/routable";
+
+/// An app pod, as the gate and the rollout tracking see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppPod {
+    /// Pod name.
+    pub name: String,
+    /// Pod IP, once it has one.
+    pub ip: Option<IpAddr>,
+    /// Its `ballast.dev/revision` label.
+    pub revision: Option<String>,
+    /// Being deleted (has a deletion timestamp).
+    pub deleting: bool,
+    /// Current value of the `ballast.dev/routable` condition, if set.
+    pub routable: Option<bool>,
+    /// Its message.
+    pub routable_message: Option<String>,
+}
+
+impl AppPod {
+    /// The fields of `pod` the operator uses.
+    pub fn from_pod(pod: &Pod) -> Self {
+        let status = pod.status.as_ref();
+        let routable = status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == ROUTABLE_CONDITION));
+        Self {
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            ip: status
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse().ok()),
+            revision: pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(REVISION_LABEL))
+                .cloned(),
+            deleting: pod.metadata.deletion_timestamp.is_some(),
+            routable: routable.map(|c| c.status == "True"),
+            routable_message: routable.and_then(|c| c.message.clone()),
+        }
+    }
+}
+
+/// A proxy replica that is ready: the ones whose view gates app pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyPod {
+    /// Pod name.
+    pub name: String,
+    /// Its admin listener.
+    pub admin: SocketAddr,
+}
+
+impl ProxyPod {
+    /// `Some` for a ready, running proxy pod with an IP. The admin port is the
+    /// container port named `admin`, else `default_port`.
+    pub fn from_pod(pod: &Pod, default_port: i32) -> Option<Self> {
+        if pod.metadata.deletion_timestamp.is_some() {
+            return None;
+        }
+        let status = pod.status.as_ref()?;
+        let ready = status
+            .conditions
+            .as_ref()?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        let ip: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
+        let port = pod
+            .spec
+            .as_ref()
+            .into_iter()
+            .flat_map(|s| &s.containers)
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some("admin"))
+            .map_or(default_port, |p| p.container_port);
+        let port = u16::try_from(port).ok()?;
+        ready.then(|| Self {
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            admin: SocketAddr::new(ip, port),
+        })
+    }
+}
+
+/// One endpoint as a proxy reports it on `/endpoints`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct EndpointView {
+    /// Pod IP and port.
+    pub address: Option<SocketAddr>,
+    /// Pod name (from the EndpointSlice).
+    pub pod: Option<String>,
+    /// `active`, `draining`, `ejected` or `not-ready`.
+    pub state: String,
+    /// Still listed by the proxy's discovery.
+    pub listed: bool,
+    /// Requests in flight.
+    pub in_flight: u64,
+    /// Open connections.
+    pub connections: u64,
+    /// Requests sent, in all.
+    pub requests: u64,
+    /// 5xx answers and failures without an answer, in all.
+    pub errors: u64,
+    /// Unix seconds when it began draining.
+    pub draining_since: Option<f64>,
+    /// Set once nothing is open any more.
+    pub drained_after_ms: Option<u64>,
+    /// Set when the pod's drain helper gave up with something open.
+    pub forced: Option<OpenCounts>,
+}
+
+/// Requests and connections still open when a drain was forced.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct OpenCounts {
+    /// Requests in flight.
+    pub in_flight: u64,
+    /// Open connections.
+    pub connections: u64,
+}
+
+/// A finished drain, from `/drains`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DrainView {
+    /// Pod IP and port.
+    pub address: Option<SocketAddr>,
+    /// Pod name.
+    pub pod: Option<String>,
+    /// Unix seconds when it began draining.
+    pub since: f64,
+    /// Milliseconds until nothing was open.
+    pub drained_after_ms: u64,
+    /// What was open when the drain was forced.
+    pub forced: Option<OpenCounts>,
+    /// Requests sent to it, in all.
+    pub requests: u64,
+    /// Its failures, in all.
+    pub errors: u64,
+}
+
+impl EndpointView {
+    /// The pod: the EndpointSlice's name, else the app pod with that IP.
+    pub fn pod_key(&self, pods: &[AppPod]) -> Option<String> {
+        pod_key(self.pod.as_ref(), self.address, pods)
+    }
+}
+
+impl DrainView {
+    /// The pod: the EndpointSlice's name, else the app pod with that IP.
+    pub fn pod_key(&self, pods: &[AppPod]) -> Option<String> {
+        pod_key(self.pod.as_ref(), self.address, pods)
+    }
+}
+
+fn pod_key(name: Option<&String>, address: Option<SocketAddr>, pods: &[AppPod]) -> Option<String> {
+    name.cloned().or_else(|| {
+        let ip = address?.ip();
+        pods.iter()
+            .find(|p| p.ip == Some(ip))
+            .map(|p| p.name.clone())
+    })
+}
+
+/// What one ready proxy replica reported.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProxyReport {
+    /// `/endpoints`.
+    pub endpoints: Vec<EndpointView>,
+    /// `/drains`.
+    pub drains: Vec<DrainView>,
+}
+
+/// One ready proxy replica and its report, or why it could not be read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProxyObservation {
+    /// Pod name.
+    pub proxy: String,
+    /// The report, or the error text.
+    pub report: Result<ProxyReport, String>,
+}
+
+/// Reads the proxies' admin endpoints, over plain HTTP with a short timeout.
+#[derive(Clone, Debug)]
+pub struct ProxyReader {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    timeout: Duration,
+}
+
+impl ProxyReader {
+    /// A reader giving each call `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        Self {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            timeout,
+        }
+    }
+
+    /// Reads every proxy concurrently.
+    pub async fn observe(&self, proxies: &[ProxyPod]) -> Vec<ProxyObservation> {
+        futures::future::join_all(proxies.iter().map(|proxy| async move {
+            let report = async {
+                Ok(ProxyReport {
+                    endpoints: self.get(proxy.admin, "/endpoints").await?,
+                    drains: self.get(proxy.admin, "/drains").await?,
+                })
+            }
+            .await;
+            ProxyObservation {
+                proxy: proxy.name.clone(),
+                report,
+            }
+        }))
+        .await
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        admin: SocketAddr,
+        path: &str,
+    ) -> Result<T, String> {
+        let uri: http::Uri = format!("http://{admin}{path}")
+            .parse()
+            .map_err(|e| format!("{admin}{path}: {e}"))?;
+        let exchange = async {
+            let response = self
+                .client
+                .get(uri)
+                .await
+                .map_err(|e| format!("GET {admin}{path}: {}", crate::error_chain(&e)))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("GET {admin}{path}: {e}"))?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(format!("GET {admin}{path}: answered {status}"));
+            }
+            serde_json::from_slice(&body).map_err(|e| format!("GET {admin}{path}: {e}"))
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| format!("GET {admin}{path}: no answer within {:?}", self.timeout))?
+    }
+}
