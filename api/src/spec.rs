@@ -236,8 +236,8 @@ pub enum ProbeScheme {
         "message": "maxSurge and maxUnavailable cannot both be zero: the rollout could never make progress",
     },
     {
-        "rule": "self.progressDeadlineSeconds > self.minReadySeconds",
-        "message": "progressDeadlineSeconds must be greater than minReadySeconds",
+        "rule": "self.progressDeadlineSeconds > self.minReadySeconds && self.progressDeadlineSeconds > self.warmupSeconds",
+        "message": "progressDeadlineSeconds must be greater than minReadySeconds and warmupSeconds (a new pod counts as available once its warmup is over)",
     },
 ]))]
 pub struct RolloutSpec {
@@ -260,7 +260,8 @@ pub struct RolloutSpec {
     ]))]
     pub max_unavailable: IntOrString,
 
-    /// Seconds a new pod must be ready before it counts as available.
+    /// Seconds a new pod must be ready before it counts as available. The Deployment
+    /// gets the larger of this and `warmupSeconds`.
     #[schemars(range(min = 0, max = 3600))]
     pub min_ready_seconds: i32,
 

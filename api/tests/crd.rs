@@ -302,9 +302,12 @@ fn rule_cases() -> Vec<RuleCase> {
             rule_contains: "self.progressDeadlineSeconds > self.minReadySeconds",
             passing: &[(
                 "/spec/rollout",
-                || json!({"minReadySeconds": 30, "progressDeadlineSeconds": 31}),
+                || json!({"minReadySeconds": 30, "warmupSeconds": 30, "progressDeadlineSeconds": 31}),
             )],
-            failing: &[("/spec/rollout", || json!({"minReadySeconds": 600}))],
+            failing: &[
+                ("/spec/rollout", || json!({"minReadySeconds": 600})),
+                ("/spec/rollout", || json!({"warmupSeconds": 600})),
+            ],
         },
         RuleCase {
             rule_contains: INT_OR_STRING_PERCENT,

@@ -8,10 +8,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    GRPCAction, HTTPGetAction, LifecycleHandler, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, SleepAction, TopologySpreadConstraint, Volume,
-    VolumeMount,
+    GRPCAction, HTTPGetAction, LifecycleHandler, ObjectFieldSelector, PodReadinessGate,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, SleepAction,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -774,6 +774,17 @@ fn app_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
             + i64::from(spec.rollout.shutdown_grace_seconds),
     );
     apply_drain_gate(bs, ctx, pod, serving);
+    // Ready only once every proxy lists the pod (see `gate`): with maxUnavailable 0 no
+    // old pod goes before the proxies can route to its replacement.
+    let gates = pod.readiness_gates.get_or_insert_default();
+    if !gates
+        .iter()
+        .any(|g| g.condition_type == crate::observe::ROUTABLE_CONDITION)
+    {
+        gates.push(PodReadinessGate {
+            condition_type: crate::observe::ROUTABLE_CONDITION.to_owned(),
+        });
+    }
 
     let selector = selector_labels(bs, "app");
     Deployment {
@@ -791,7 +802,13 @@ fn app_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
                     max_unavailable: Some(spec.rollout.max_unavailable.clone()),
                 }),
             }),
-            min_ready_seconds: Some(spec.rollout.min_ready_seconds),
+            // A new pod counts as available once its slow-start ramp is over, so the
+            // old pod it replaces leaves only when the new one takes its full share.
+            min_ready_seconds: Some(
+                spec.rollout
+                    .min_ready_seconds
+                    .max(spec.rollout.warmup_seconds),
+            ),
             progress_deadline_seconds: Some(spec.rollout.progress_deadline_seconds),
             revision_history_limit: Some(10),
             template,

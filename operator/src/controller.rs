@@ -6,7 +6,7 @@ use ballast_api::status::BalancedServiceStatus;
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -22,10 +22,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::build::{BuildContext, MANAGER, OwnedObjects, build, selector_labels, slow_probes};
+use crate::build::{
+    BuildContext, MANAGER, OwnedObjects, build, selector_labels, slow_probes, template_revision,
+};
+use crate::gate::{self, Verdict};
 use crate::metrics::Metrics;
+use crate::observe::{AppPod, ProxyObservation, ProxyPod, ProxyReader, ROUTABLE_CONDITION};
+use crate::rollout::{self, Inputs, Memory, Tracked};
 use crate::status::{Observed, compute, transitions};
 use crate::validate::{Limits, validate};
+
+/// Set this annotation (any value) on a BalancedService to resume a rollout ballast
+/// paused; the operator removes it once acted on.
+pub const RESUME_ANNOTATION: &str = "ballast.dev/resume";
+
+/// Longest wait for one proxy's admin answer.
+const PROXY_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a reconcile failed to do.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +56,21 @@ pub enum ReconcileError {
     /// Listing the app's ReplicaSets failed.
     #[error("listing ReplicaSets failed")]
     ListReplicaSets(#[source] kube::Error),
+    /// Listing the app or proxy pods failed.
+    #[error("listing pods failed")]
+    ListPods(#[source] kube::Error),
+    /// Writing a pod's `ballast.dev/routable` condition failed.
+    #[error("setting the readiness gate of pod {pod} failed")]
+    PatchPodStatus {
+        /// The pod.
+        pod: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Removing the resume annotation failed.
+    #[error("removing the {RESUME_ANNOTATION} annotation failed")]
+    ClearResume(#[source] kube::Error),
     /// Writing the status failed.
     #[error("writing status failed")]
     PatchStatus(#[source] kube::Error),
@@ -58,6 +85,9 @@ impl ReconcileError {
         match self {
             Self::ApplyObject { .. } => "apply_object",
             Self::ListReplicaSets(_) => "list_replicasets",
+            Self::ListPods(_) => "list_pods",
+            Self::PatchPodStatus { .. } => "patch_pod_status",
+            Self::ClearResume(_) => "clear_resume",
             Self::PatchStatus(_) => "patch_status",
             Self::MissingNamespace => "missing_namespace",
         }
@@ -77,6 +107,10 @@ pub struct Context {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     failures: Mutex<HashMap<ObjectRef<BalancedService>, u32>>,
+    /// Reads the proxies' admin endpoints.
+    pub proxies: ProxyReader,
+    /// Rollout counters per BalancedService, between reconciles.
+    memory: Mutex<HashMap<ObjectRef<BalancedService>, Memory>>,
     /// The controller's cache of BalancedServices, for the managed-objects gauges.
     watched: std::sync::OnceLock<kube::runtime::reflector::Store<BalancedService>>,
 }
@@ -101,6 +135,8 @@ impl Context {
             limits,
             metrics,
             failures: Mutex::new(HashMap::new()),
+            proxies: ProxyReader::new(PROXY_READ_TIMEOUT),
+            memory: Mutex::new(HashMap::new()),
             watched: std::sync::OnceLock::new(),
         }
     }
@@ -154,35 +190,44 @@ pub async fn reconcile(
 
 async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, ReconcileError> {
     let namespace = bs.namespace().ok_or(ReconcileError::MissingNamespace)?;
+    let now = k8s_openapi::jiff::Timestamp::now();
     let (observed, invalid) = match validate(bs, &ctx.limits) {
         Err(invalid) => {
             tracing::warn!(name = %bs.name_any(), %namespace, error = %invalid, "invalid spec: nothing applied");
             (Observed::default(), Some(invalid))
         }
         Ok(()) => {
-            let objects = build(bs, &ctx.build);
+            let (pods, proxies) = observe(ctx, bs, &namespace).await?;
+            let tracked = track(ctx, bs, &pods, &proxies, now);
+            let mut objects = build(bs, &ctx.build);
+            let rollout = tracked.last_rollout.as_ref();
+            let replica_sets = list_replica_sets(ctx, bs, &namespace).await?;
+            let rollback = rollout
+                .filter(|r| {
+                    r.paused
+                        .as_ref()
+                        .is_some_and(|p| p.rolled_back && !p.resumed)
+                })
+                .and_then(|r| previous_template(&replica_sets, r.previous_revision.as_deref()));
+            match (rollout.and_then(|r| r.paused.as_ref()), rollback) {
+                (Some(p), Some(template)) if !p.resumed && running(rollout) => {
+                    objects.app_deployment.spec.template = template;
+                }
+                (Some(p), _) if !p.resumed && running(rollout) => {
+                    objects.app_deployment.spec.paused = Some(true);
+                }
+                _ => {}
+            }
             let mut observed = apply(&ctx.client, &namespace, &objects).await?;
             observed.slow_probes = slow_probes(bs);
-            let selector = selector_labels(bs, "app")
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",");
-            observed.replica_sets = Api::<ReplicaSet>::namespaced(ctx.client.clone(), &namespace)
-                .list(&ListParams::default().labels(&selector))
-                .await
-                .map_err(ReconcileError::ListReplicaSets)?
-                .items;
+            observed.replica_sets = replica_sets;
+            observed.gate_waiting = set_gates(ctx, &namespace, &pods, &proxies).await?;
+            observed.tracked = Some(tracked);
             (observed, None)
         }
     };
     let before = bs.status.clone().unwrap_or_default();
-    let status = compute(
-        bs,
-        &observed,
-        invalid.as_ref(),
-        Time(k8s_openapi::jiff::Timestamp::now()),
-    );
+    let status = compute(bs, &observed, invalid.as_ref(), Time(now));
     if status != before {
         let body = StatusApply {
             api_version: BalancedService::api_version(&()).into_owned(),
@@ -198,7 +243,24 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
             .await
             .map_err(ReconcileError::PatchStatus)?;
     }
-    for transition in transitions(&before, &status) {
+    let resumed_by_annotation = bs.annotations().contains_key(RESUME_ANNOTATION);
+    if resumed_by_annotation && invalid.is_none() {
+        // Acted on (or nothing to resume): remove it so it does not resume the next pause.
+        let patch = serde_json::json!({"metadata": {"annotations": {RESUME_ANNOTATION: null}}});
+        Api::<BalancedService>::namespaced(ctx.client.clone(), &namespace)
+            .patch(
+                &bs.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(ReconcileError::ClearResume)?;
+    }
+    let mut events = transitions(&before, &status);
+    if let Some(tracked) = &observed.tracked {
+        events.extend(tracked.events.iter().cloned());
+    }
+    for transition in events {
         let event = Event {
             type_: if transition.warning {
                 EventType::Warning
@@ -219,13 +281,216 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
         .conditions
         .iter()
         .any(|c| c.type_ == "Progressing" && c.status == "True");
-    // Owned objects wake the controller on change; the requeue is a safety net, short
-    // while a rollout moves.
-    Ok(Action::requeue(if rolling {
-        Duration::from_secs(5)
-    } else {
-        Duration::from_secs(300)
-    }))
+    // Pods, ReplicaSets and owned objects wake the controller on change. The proxies'
+    // views do not, so they are polled: every second while a pod waits for its gate or
+    // drains, every 5 s during a rollout, every 30 s for the balance figure otherwise.
+    Ok(Action::requeue(
+        if !observed.gate_waiting.is_empty() || !status.draining.is_empty() {
+            Duration::from_secs(1)
+        } else if rolling {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(30)
+        },
+    ))
+}
+
+/// True while the rollout on status has not finished.
+fn running(rollout: Option<&ballast_api::status::RolloutSummary>) -> bool {
+    rollout.is_some_and(|r| r.finished_at.is_none())
+}
+
+/// The app pods, and the ready proxy pods (how many, and what each reports).
+async fn observe(
+    ctx: &Context,
+    bs: &BalancedService,
+    namespace: &str,
+) -> Result<(Vec<AppPod>, Vec<ProxyObservation>), ReconcileError> {
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), namespace);
+    let list = |role: &'static str| {
+        let selector = label_selector(bs, role);
+        let pods = pods.clone();
+        async move {
+            pods.list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(ReconcileError::ListPods)
+        }
+    };
+    let app: Vec<AppPod> = list("app")
+        .await?
+        .items
+        .iter()
+        .map(AppPod::from_pod)
+        .collect();
+    let proxies: Vec<ProxyPod> = list("proxy")
+        .await?
+        .items
+        .iter()
+        .filter_map(|p| ProxyPod::from_pod(p, bs.spec.proxy.admin_port))
+        .collect();
+    let observations = ctx.proxies.observe(&proxies).await;
+    for o in &observations {
+        if let Err(e) = &o.report {
+            tracing::warn!(name = %bs.name_any(), proxy = %o.proxy, error = %e, "reading a proxy failed");
+        }
+    }
+    Ok((app, observations))
+}
+
+fn label_selector(bs: &BalancedService, role: &str) -> String {
+    selector_labels(bs, role)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+async fn list_replica_sets(
+    ctx: &Context,
+    bs: &BalancedService,
+    namespace: &str,
+) -> Result<Vec<ReplicaSet>, ReconcileError> {
+    Ok(Api::<ReplicaSet>::namespaced(ctx.client.clone(), namespace)
+        .list(&ListParams::default().labels(&label_selector(bs, "app")))
+        .await
+        .map_err(ReconcileError::ListReplicaSets)?
+        .items)
+}
+
+/// Rollout tracking with this BalancedService's memory, and the pause decision.
+fn track(
+    ctx: &Context,
+    bs: &BalancedService,
+    pods: &[AppPod],
+    proxies: &[ProxyObservation],
+    now: k8s_openapi::jiff::Timestamp,
+) -> Tracked {
+    let now_unix = now.as_millisecond() as f64 / 1000.0;
+    let update_revision = template_revision(&bs.spec.template);
+    let previous = bs.status.as_ref().and_then(|s| s.last_rollout.as_ref());
+    let mut memory = ctx.memory.lock().unwrap_or_else(PoisonError::into_inner);
+    let memory = memory.entry(ObjectRef::from(bs)).or_default();
+    let mut tracked = rollout::track(
+        memory,
+        &Inputs {
+            now: now_unix,
+            update_revision: &update_revision,
+            pods,
+            proxies,
+            previous,
+        },
+    );
+    let generation = bs.metadata.generation.unwrap_or_default();
+    let annotated = bs.annotations().contains_key(RESUME_ANNOTATION);
+    if let Some(summary) = tracked.last_rollout.as_mut() {
+        match summary.paused.as_mut() {
+            Some(pause) if rollout::resumes(pause, generation, annotated) => {
+                pause.resumed = true;
+                tracked.events.push(crate::status::Transition {
+                    reason: "RolloutResumed",
+                    message: format!("rollout of revision {} resumed", summary.revision),
+                    warning: false,
+                });
+            }
+            Some(_) => {}
+            None => {
+                let thresholds = &bs.spec.rollout.pause_when;
+                if let Some(reason) = rollout::pause_reason(thresholds, summary) {
+                    let rollback = thresholds.rollback && summary.previous_revision.is_some();
+                    tracked.events.push(crate::status::Transition {
+                        reason: if rollback {
+                            "RolledBack"
+                        } else {
+                            "RolloutPaused"
+                        },
+                        message: if rollback {
+                            format!(
+                                "rolling back to revision {}: {reason}",
+                                summary.previous_revision.clone().unwrap_or_default()
+                            )
+                        } else {
+                            format!("rollout of revision {} paused: {reason}", summary.revision)
+                        },
+                        warning: true,
+                    });
+                    summary.paused = Some(rollout::pause(reason, now_unix, generation, rollback));
+                }
+            }
+        }
+    }
+    tracked
+}
+
+/// The pod template of the ReplicaSet running `revision`, to roll back to.
+fn previous_template(
+    replica_sets: &[ReplicaSet],
+    revision: Option<&str>,
+) -> Option<k8s_openapi::api::core::v1::PodTemplateSpec> {
+    let revision = revision?;
+    let rs = replica_sets.iter().find(|rs| {
+        rs.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(crate::build::REVISION_LABEL))
+            .is_some_and(|r| r == revision)
+    })?;
+    let mut template = rs.spec.template.clone()?;
+    // The Deployment controller adds this label to each ReplicaSet's copy.
+    if let Some(labels) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
+        labels.remove("pod-template-hash");
+    }
+    Some(template)
+}
+
+/// Writes the `ballast.dev/routable` condition of every pod whose verdict changed.
+/// Returns the pods waiting for the proxies, with why.
+async fn set_gates(
+    ctx: &Context,
+    namespace: &str,
+    pods: &[AppPod],
+    proxies: &[ProxyObservation],
+) -> Result<Vec<(String, String)>, ReconcileError> {
+    let api = Api::<Pod>::namespaced(ctx.client.clone(), namespace);
+    let mut waiting = Vec::new();
+    for pod in pods {
+        let verdict = gate::decide(pod, proxies);
+        if let Verdict::NotRoutable(why) = &verdict {
+            waiting.push((pod.name.clone(), why.clone()));
+        }
+        let Some((value, message)) = gate::change(pod, &verdict) else {
+            continue;
+        };
+        // Strategic merge: conditions merge by type, so kubelet's own stay untouched
+        // on every Kubernetes version.
+        let patch = serde_json::json!({"status": {"conditions": [{
+            "type": ROUTABLE_CONDITION,
+            "status": if value { "True" } else { "False" },
+            "reason": if value { gate::REASON_LISTED } else { gate::REASON_WAITING },
+            "message": message,
+            "lastTransitionTime": Time(k8s_openapi::jiff::Timestamp::now()),
+        }]}});
+        match api
+            .patch_status(
+                &pod.name,
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(pod = %pod.name, routable = value, %message, "readiness gate set")
+            }
+            // Deleted meanwhile: nothing to gate.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(source) => {
+                return Err(ReconcileError::PatchPodStatus {
+                    pod: pod.name.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(waiting)
 }
 
 /// Applies every owned object in order: the proxies' identity and permissions first
@@ -332,6 +597,14 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         .owns(api::<ServiceAccount>(&client, namespace), owned.clone())
         .owns(api::<Role>(&client, namespace), owned.clone())
         .owns(api::<RoleBinding>(&client, namespace), owned)
+        .watches(
+            api::<Pod>(&client, namespace),
+            watcher::Config::default().labels(crate::build::SERVICE_LABEL),
+            |pod| {
+                let name = pod.labels().get(crate::build::SERVICE_LABEL)?;
+                Some(ObjectRef::new(name).within(&pod.namespace()?))
+            },
+        )
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {

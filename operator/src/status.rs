@@ -19,6 +19,10 @@ pub struct Observed {
     pub replica_sets: Vec<ReplicaSet>,
     /// Containers whose own readiness probe slows rollouts.
     pub slow_probes: Vec<String>,
+    /// App pods whose readiness gate waits for the proxies, with why.
+    pub gate_waiting: Vec<(String, String)>,
+    /// What the proxies reported, when they were read.
+    pub tracked: Option<crate::rollout::Tracked>,
 }
 
 /// A status change worth an Event.
@@ -79,9 +83,18 @@ pub fn compute(
                 .and_then(|s| s.ready_replicas)
                 .unwrap_or(0),
         });
-        status.last_rollout = previous.last_rollout.clone();
-        status.balance = previous.balance.clone();
-        status.draining = previous.draining.clone();
+        match &observed.tracked {
+            Some(tracked) => {
+                status.last_rollout = tracked.last_rollout.clone();
+                status.balance = tracked.balance.clone().or_else(|| previous.balance.clone());
+                status.draining = tracked.draining.clone();
+            }
+            None => {
+                status.last_rollout = previous.last_rollout.clone();
+                status.balance = previous.balance.clone();
+                status.draining = previous.draining.clone();
+            }
+        }
     }
 
     let deadline_exceeded = observed
@@ -104,9 +117,30 @@ pub fn compute(
         || status.replicas > status.updated_replicas
         || !app_generation_seen;
 
+    let pause = status
+        .last_rollout
+        .as_ref()
+        .filter(|r| r.finished_at.is_none())
+        .and_then(|r| r.paused.as_ref().map(|p| (r, p)))
+        .filter(|(_, p)| !p.resumed);
     let mut conditions = Vec::new();
     let (degraded, reason, message) = match (invalid, deadline_exceeded) {
         (Some(e), _) => (true, "InvalidSpec", format!("nothing was changed: {e}")),
+        (None, _) if pause.is_some_and(|(_, p)| p.rolled_back) => (
+            true,
+            "RolledBack",
+            pause
+                .map(|(r, p)| {
+                    format!(
+                        "revision {} was rolled back to {}: {}; change the spec or set the {} annotation to try again",
+                        r.revision,
+                        r.previous_revision.clone().unwrap_or_default(),
+                        p.reason,
+                        crate::controller::RESUME_ANNOTATION
+                    )
+                })
+                .unwrap_or_default(),
+        ),
         (None, true) => (
             true,
             "ProgressDeadlineExceeded",
@@ -153,7 +187,23 @@ pub fn compute(
         conditions.push(condition(
             &previous, AVAILABLE, available, reason, message, generation, &now,
         ));
-        let (progressing, reason, message) = if deadline_exceeded {
+        let (progressing, reason, message) = if let Some((r, p)) = pause {
+            let (reason, verb) = if p.rolled_back {
+                ("RolledBack", "rolled back")
+            } else {
+                ("RolloutPaused", "paused")
+            };
+            (
+                false,
+                reason,
+                format!(
+                    "rollout of revision {} {verb}: {}; change the spec or set the {} annotation to resume",
+                    r.revision,
+                    p.reason,
+                    crate::controller::RESUME_ANNOTATION
+                ),
+            )
+        } else if deadline_exceeded {
             (
                 false,
                 "ProgressDeadlineExceeded",
@@ -163,14 +213,17 @@ pub fn compute(
                 ),
             )
         } else if rolling {
-            (
-                true,
-                "RolloutInProgress",
-                format!(
-                    "{}/{desired} pods updated, {} pods in all",
-                    status.updated_replicas, status.replicas
-                ),
-            )
+            let mut message = format!(
+                "{}/{desired} pods updated, {} pods in all",
+                status.updated_replicas, status.replicas
+            );
+            if let Some((pod, why)) = observed.gate_waiting.first() {
+                message.push_str(&format!(
+                    "; {} pods wait for the proxies to list them ({pod}: {why})",
+                    observed.gate_waiting.len()
+                ));
+            }
+            (true, "RolloutInProgress", message)
         } else {
             (
                 false,
@@ -226,9 +279,24 @@ pub fn transitions(
             });
         }
         if now.status == "False" && now.reason == "RolloutComplete" && was_true {
+            let mut message = now.message.clone();
+            if let Some(r) = after
+                .last_rollout
+                .as_ref()
+                .filter(|r| r.finished_at.is_some())
+            {
+                message.push_str(&format!(
+                    " after {}s: {} pods drained (longest {} ms), {} forced, {} failed requests",
+                    r.duration_seconds,
+                    r.pods_drained,
+                    r.longest_drain_millis,
+                    r.forced_terminations,
+                    r.failed_requests.old_revision + r.failed_requests.new_revision
+                ));
+            }
             out.push(Transition {
                 reason: "RolloutComplete",
-                message: now.message.clone(),
+                message,
                 warning: false,
             });
         }
@@ -333,8 +401,13 @@ fn phase(conditions: &[Condition]) -> &'static str {
             .iter()
             .any(|c| c.type_ == t && c.status == "True")
     };
+    let paused = conditions
+        .iter()
+        .any(|c| c.type_ == PROGRESSING && c.reason == "RolloutPaused");
     if is(DEGRADED) {
         "Degraded"
+    } else if paused {
+        "Paused"
     } else if is(PROGRESSING) {
         "Progressing"
     } else if is(AVAILABLE) {

@@ -77,12 +77,20 @@ fn app_deployment_gets_probes_grace_period_and_rollout_strategy() {
     assert_eq!(strategy.max_surge, Some(IntOrString::String("25%".into())));
     assert_eq!(strategy.max_unavailable, Some(IntOrString::Int(0)));
     assert_eq!(spec.progress_deadline_seconds, Some(600));
+    assert_eq!(
+        spec.min_ready_seconds,
+        Some(10),
+        "a pod counts as available once its 10 s warmup is over"
+    );
     let pod = app_pod(&objects);
     assert_eq!(
         pod.termination_grace_period_seconds,
         Some(30 + 15),
         "drainTimeout + shutdownGrace"
     );
+    let gates = pod.readiness_gates.clone().unwrap();
+    assert_eq!(gates.len(), 1);
+    assert_eq!(gates[0].condition_type, "ballast.dev/routable");
     // Probes go to the container serving the port, not the first one.
     assert!(pod.containers[0].readiness_probe.is_none());
     let app = &pod.containers[1];
@@ -101,6 +109,26 @@ fn app_deployment_gets_probes_grace_period_and_rollout_strategy() {
         startup.failure_threshold,
         Some(150),
         "300 s startup budget / 2 s period"
+    );
+}
+
+#[test]
+fn a_users_readiness_gates_are_kept_and_ours_added_once() {
+    let mut bs = balanced_service();
+    bs.spec.rollout.min_ready_seconds = 45;
+    let theirs = |t: &str| k8s_openapi::api::core::v1::PodReadinessGate {
+        condition_type: t.to_owned(),
+    };
+    bs.spec.template.spec.as_mut().unwrap().readiness_gates = Some(vec![
+        theirs("example.com/warm"),
+        theirs("ballast.dev/routable"),
+    ]);
+    let objects = build(&bs, &ctx());
+    assert_eq!(objects.app_deployment.spec.min_ready_seconds, Some(45));
+    let gates = app_pod(&objects).readiness_gates.clone().unwrap();
+    assert_eq!(
+        gates,
+        [theirs("example.com/warm"), theirs("ballast.dev/routable")]
     );
 }
 

@@ -17,6 +17,7 @@ const UID: &str = "7f0c2f9e-0000-4000-8000-000000000001";
 const STATUS_PATH: &str = "/apis/ballast.dev/v1alpha1/namespaces/shop/balancedservices/demo/status";
 const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
 const REPLICASETS_PATH: &str = "/apis/apps/v1/namespaces/shop/replicasets";
+const PODS_PATH: &str = "/api/v1/namespaces/shop/pods";
 
 /// Every owned object in the order it must be applied: path, apiVersion, kind, name.
 const APPLIES: [(&str, &str, &str, &str); 10] = [
@@ -254,9 +255,40 @@ fn settled() -> Value {
     json!({"replicas": 4, "readyReplicas": 4, "updatedReplicas": 4, "availableReplicas": 4})
 }
 
-/// Answers the ten applies and the ReplicaSet list of a valid spec, checking each.
+/// Answers the reads before the applies: app pods, proxy pods, ReplicaSets.
+async fn serve_reads(api: &mut ApiServer, app_pods: Value, proxy_pods: Value, replica_sets: Value) {
+    for (role, items) in [("app", app_pods), ("proxy", proxy_pods)] {
+        let req = api.expect(Method::GET, PODS_PATH).await;
+        assert_eq!(
+            req.param("labelSelector"),
+            Some(format!("ballast.dev/role={role},ballast.dev/service=demo").as_str())
+        );
+        req.reply(&json!({
+            "apiVersion": "v1", "kind": "PodList",
+            "metadata": {"resourceVersion": "10"}, "items": items,
+        }));
+    }
+    let req = api.expect(Method::GET, REPLICASETS_PATH).await;
+    assert_eq!(
+        req.param("labelSelector"),
+        Some("ballast.dev/role=app,ballast.dev/service=demo")
+    );
+    req.reply(&json!({
+        "apiVersion": "apps/v1", "kind": "ReplicaSetList",
+        "metadata": {"resourceVersion": "10"}, "items": replica_sets,
+    }));
+}
+
+/// Answers the reads (no pods) and the ten applies of a valid spec, checking each.
 /// The app Deployment comes back with `app_status`, the proxy Deployment with 2 ready.
 async fn serve_applies(api: &mut ApiServer, app_status: Value, replica_sets: Value) {
+    serve_reads(api, json!([]), json!([]), replica_sets).await;
+    serve_apply_only(api, app_status).await;
+}
+
+/// Answers the ten applies, checking each; returns the app Deployment applied.
+async fn serve_apply_only(api: &mut ApiServer, app_status: Value) -> Value {
+    let mut app = Value::Null;
     for (path, api_version, kind, name) in APPLIES {
         let req = api.expect(Method::PATCH, path).await;
         req.assert_apply();
@@ -277,6 +309,7 @@ async fn serve_applies(api: &mut ApiServer, app_status: Value, replica_sets: Val
         let mut reply = body.clone();
         match (kind, name) {
             ("Deployment", "demo") => {
+                app = body.clone();
                 reply["metadata"]["generation"] = APP_GENERATION.into();
                 reply["status"] = app_status.clone();
                 reply["status"]["observedGeneration"] = APP_GENERATION.into();
@@ -290,15 +323,7 @@ async fn serve_applies(api: &mut ApiServer, app_status: Value, replica_sets: Val
         }
         req.reply(&reply);
     }
-    let req = api.expect(Method::GET, REPLICASETS_PATH).await;
-    assert_eq!(
-        req.param("labelSelector"),
-        Some("ballast.dev/role=app,ballast.dev/service=demo")
-    );
-    req.reply(&json!({
-        "apiVersion": "apps/v1", "kind": "ReplicaSetList",
-        "metadata": {"resourceVersion": "10"}, "items": replica_sets,
-    }));
+    app
 }
 
 /// Checks the status write (a forced apply of the status alone) and answers it with the
@@ -384,7 +409,7 @@ async fn a_settled_service_is_applied_in_order_then_reported_available() {
     // First sight of a settled service: no rollout started, nothing degraded, no Event.
     let action = finish(run).await.unwrap();
     api.assert_idle().await;
-    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
     assert!(
         ctx.metrics
             .render()
@@ -410,7 +435,7 @@ async fn an_unchanged_status_is_not_written_again() {
     serve_applies(&mut api, settled(), json!([])).await;
     let action = finish(run).await.unwrap();
     api.assert_idle().await;
-    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
 }
 
 #[tokio::test]
@@ -477,7 +502,7 @@ async fn an_invalid_spec_applies_nothing_and_reports_why() {
     assert_eq!(event["note"], condition(&status, "Degraded")["message"]);
     let action = finish(run).await.unwrap();
     api.assert_idle().await;
-    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
 }
 
 #[tokio::test]
@@ -490,7 +515,7 @@ async fn a_failed_event_does_not_fail_the_reconcile() {
         .fail(StatusCode::FORBIDDEN, "Forbidden");
     let action = finish(run).await.unwrap();
     api.assert_idle().await;
-    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
 }
 
 /// Runs a reconcile whose first apply the API server refuses with `code`.
@@ -500,6 +525,7 @@ async fn first_apply_fails(
 ) -> (Arc<Context>, ApiServer, ReconcileError) {
     let (ctx, mut api) = context();
     let run = start(&balanced_service(), &ctx);
+    serve_reads(&mut api, json!([]), json!([]), json!([])).await;
     let (path, ..) = APPLIES[0];
     let req = api.expect(Method::PATCH, path).await;
     req.assert_apply();
@@ -580,4 +606,337 @@ fn backoff_doubles_up_to_five_minutes() {
     assert_eq!(secs(9), 256);
     assert_eq!(secs(10), 300);
     assert_eq!(secs(u32::MAX), 300);
+}
+
+/// A running `ballast-proxy` (the real one, in process) listing `endpoints` from a file
+/// the test rewrites, with its admin API on 127.0.0.1.
+struct RealProxy {
+    running: ballast_proxy::server::Running,
+    file: std::path::PathBuf,
+}
+
+impl RealProxy {
+    async fn start(tag: &str, endpoints: &[&str]) -> Self {
+        use clap::Parser;
+        let file = std::env::temp_dir().join(format!(
+            "ballast-operator-{tag}-{}.yaml",
+            std::process::id()
+        ));
+        let proxy = Self {
+            running: ballast_proxy::server::start(
+                ballast_proxy::config::Settings::parse_from([
+                    "ballast-proxy",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                    "--endpoints-file",
+                    file.to_str().unwrap(),
+                    "--shutdown-delay",
+                    "0s",
+                ])
+                .resolve()
+                .unwrap(),
+            )
+            .await
+            .unwrap(),
+            file,
+        };
+        proxy.list(endpoints).await;
+        proxy
+    }
+
+    /// Rewrites the endpoints file and waits until the proxy lists exactly these.
+    async fn list(&self, endpoints: &[&str]) {
+        let yaml: String = endpoints
+            .iter()
+            .map(|a| format!("- {{address: \"{a}\", ready: false}}\n"))
+            .collect();
+        std::fs::write(
+            &self.file,
+            if yaml.is_empty() {
+                "[]\n".to_owned()
+            } else {
+                yaml
+            },
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let listed: Vec<String> = self
+                .running
+                .registry
+                .reports(tokio::time::Instant::now())
+                .iter()
+                .filter(|r| r.listed)
+                .map(|r| r.address.to_string())
+                .collect();
+            if listed == endpoints {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "proxy lists {listed:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The proxy as the pod list shows it: ready, its admin port named `admin`.
+    fn pod(&self, name: &str) -> Value {
+        json!({
+            "metadata": {"name": name, "namespace": "shop",
+                         "labels": {"ballast.dev/service": "demo", "ballast.dev/role": "proxy"}},
+            "spec": {"containers": [{"name": "proxy", "image": "ballast",
+                     "ports": [{"name": "admin", "containerPort": self.running.admin.port()}]}]},
+            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+        })
+    }
+}
+
+fn app_pod(name: &str, ip: &str, revision: &str, routable: Option<&str>) -> Value {
+    let mut conditions = vec![json!({"type": "Ready", "status": "False"})];
+    if let Some(value) = routable {
+        conditions.push(json!({"type": ROUTABLE_CONDITION, "status": value, "message": "m"}));
+    }
+    json!({
+        "metadata": {"name": name, "namespace": "shop",
+                     "labels": {"ballast.dev/service": "demo", "ballast.dev/role": "app",
+                                "ballast.dev/revision": revision}},
+        "status": {"podIP": ip, "conditions": conditions},
+    })
+}
+
+/// Expects the strategic-merge patch of one pod's `ballast.dev/routable` condition.
+async fn serve_gate(api: &mut ApiServer, pod: &str) -> Value {
+    let req = api
+        .expect(Method::PATCH, &format!("{PODS_PATH}/{pod}/status"))
+        .await;
+    assert_eq!(
+        req.seen.content_type.as_deref(),
+        Some("application/strategic-merge-patch+json")
+    );
+    let conditions = req.body()["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(conditions.len(), 1, "only our condition: {conditions:?}");
+    assert_eq!(conditions[0]["type"], ROUTABLE_CONDITION);
+    req.reply(&app_pod(pod, "127.0.0.6", "x", None));
+    conditions[0].clone()
+}
+
+/// Answers whatever else the reconcile sends (a status write when a duration ticked
+/// over, Events) until it is quiet; returns `(method, path, body)` of each.
+async fn serve_rest(api: &mut ApiServer) -> Vec<(Method, String, Value)> {
+    let mut seen = Vec::new();
+    while let Ok(Some((request, send))) =
+        timeout(Duration::from_millis(300), api.0.next_request()).await
+    {
+        let (parts, body) = request.into_parts();
+        let body: Value = serde_json::from_slice(&body.collect_bytes().await.unwrap()).unwrap();
+        let code = if parts.method == Method::POST {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        let reply = if parts.uri.path() == EVENTS_PATH {
+            body.clone()
+        } else {
+            serde_json::to_value(balanced_service()).unwrap()
+        };
+        let response = Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+            .unwrap();
+        send.send_response(response);
+        seen.push((parts.method, parts.uri.path().to_owned(), body));
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pod_turns_routable_once_every_ready_proxy_lists_it() {
+    let a = RealProxy::start("gate-a", &["127.0.0.5:8080", "127.0.0.6:8080"]).await;
+    let b = RealProxy::start("gate-b", &["127.0.0.5:8080"]).await;
+    let (ctx, mut api) = context();
+    let bs = balanced_service();
+    let new_revision = crate::build::template_revision(&bs.spec.template);
+    let pods = json!([
+        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
+        app_pod("demo-new", "127.0.0.6", &new_revision, None),
+    ]);
+    let proxies = json!([a.pod("demo-proxy-a"), b.pod("demo-proxy-b")]);
+
+    let run = start(&bs, &ctx);
+    serve_reads(&mut api, pods.clone(), proxies.clone(), json!([])).await;
+    serve_apply_only(&mut api, settled()).await;
+    // B does not list the new pod yet: its gate is set False, with why.
+    let gate = serve_gate(&mut api, "demo-new").await;
+    assert_eq!(gate["status"], "False");
+    assert_eq!(gate["reason"], "WaitingForProxies");
+    assert_eq!(
+        gate["message"],
+        "127.0.0.6 not yet in the endpoints of proxy demo-proxy-b"
+    );
+    let status = serve_status(&mut api).await;
+    let rollout = &status["lastRollout"];
+    assert_eq!(rollout["revision"], new_revision.as_str());
+    assert_eq!(rollout["previousRevision"], "old");
+    let action = finish(run).await.unwrap();
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(1)),
+        "a waiting pod is re-checked every second"
+    );
+    api.assert_idle().await;
+
+    // B's watch catches up: the gate opens. The old pod's True is left alone.
+    b.list(&["127.0.0.5:8080", "127.0.0.6:8080"]).await;
+    let mut bs = bs;
+    bs.status = Some(serde_json::from_value(status).unwrap());
+    let pods = json!([
+        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
+        app_pod("demo-new", "127.0.0.6", &new_revision, Some("False")),
+    ]);
+    let run = start(&bs, &ctx);
+    serve_reads(&mut api, pods.clone(), proxies.clone(), json!([])).await;
+    serve_apply_only(&mut api, settled()).await;
+    let gate = serve_gate(&mut api, "demo-new").await;
+    assert_eq!(gate["status"], "True");
+    assert_eq!(gate["reason"], "ListedByAllProxies");
+    let rest = serve_rest(&mut api).await;
+    assert!(
+        rest.iter().all(|(_, path, _)| path == STATUS_PATH),
+        "{rest:?}"
+    );
+    finish(run).await.unwrap();
+
+    // A proxy that cannot be read changes nothing: both pods keep their condition.
+    let gone = json!({
+        "metadata": {"name": "demo-proxy-c", "namespace": "shop"},
+        "spec": {"containers": [{"name": "proxy", "image": "ballast",
+                 "ports": [{"name": "admin", "containerPort": 9}]}]},
+        "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+    });
+    let pods = json!([
+        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
+        app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),
+    ]);
+    let run = start(&bs, &ctx);
+    serve_reads(
+        &mut api,
+        pods,
+        json!([a.pod("demo-proxy-a"), gone]),
+        json!([]),
+    )
+    .await;
+    serve_apply_only(&mut api, settled()).await;
+    let rest = serve_rest(&mut api).await;
+    assert!(
+        rest.iter().all(|(_, path, _)| path == STATUS_PATH),
+        "no pod condition written: {rest:?}"
+    );
+    finish(run).await.unwrap();
+    a.running.shutdown().await;
+    b.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_drain_over_the_threshold_pauses_the_deployment() {
+    let proxy = RealProxy::start("pause", &["127.0.0.5:8080", "127.0.0.6:8080"]).await;
+    let (ctx, mut api) = context();
+    let mut bs = balanced_service();
+    bs.spec.rollout.pause_when.forced_drains = Some(1);
+    let new_revision = crate::build::template_revision(&bs.spec.template);
+    let pods = json!([
+        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
+        app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),
+    ]);
+    let proxies = json!([proxy.pod("demo-proxy-a")]);
+    // The old pod drains with a request still open, and its helper gives up.
+    let registry = &proxy.running.registry;
+    let old: std::net::SocketAddr = "127.0.0.5:8080".parse().unwrap();
+    registry
+        .get(old)
+        .unwrap()
+        .in_flight
+        .store(1, std::sync::atomic::Ordering::Relaxed);
+    let now = tokio::time::Instant::now();
+    registry.request_drain(old.ip(), now).unwrap();
+    registry.drain_timed_out(old.ip(), now).unwrap();
+
+    let run = start(&bs, &ctx);
+    serve_reads(&mut api, pods, proxies, json!([])).await;
+    let app = serve_apply_only(&mut api, settled()).await;
+    assert_eq!(app["spec"]["paused"], true, "the app Deployment is paused");
+    let status = serve_status(&mut api).await;
+    assert_condition(&status, "Progressing", "False", "RolloutPaused");
+    assert_eq!(status["phase"], "Paused");
+    let rollout = &status["lastRollout"];
+    assert_eq!(rollout["forcedTerminations"], 1);
+    assert!(
+        rollout["paused"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 drains reached the timeout"),
+        "{rollout}"
+    );
+    assert_eq!(status["draining"][0]["pod"], "demo-old");
+    assert_eq!(status["draining"][0]["inFlight"], 1);
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let req = api.expect(Method::POST, EVENTS_PATH).await;
+        reasons.push(req.body()["reason"].as_str().unwrap().to_owned());
+        let body = req.body().clone();
+        req.respond(StatusCode::CREATED, &body);
+    }
+    reasons.sort();
+    assert_eq!(reasons, ["ForcedDrain", "RolloutPaused"]);
+    finish(run).await.unwrap();
+    api.assert_idle().await;
+
+    // The resume annotation resumes it (and is removed); the Deployment is unpaused.
+    bs.status = Some(serde_json::from_value(status).unwrap());
+    bs.metadata.annotations = Some([(RESUME_ANNOTATION.to_owned(), "yes".to_owned())].into());
+    let pods = json!([
+        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
+        app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),
+    ]);
+    let run = start(&bs, &ctx);
+    serve_reads(
+        &mut api,
+        pods,
+        json!([proxy.pod("demo-proxy-a")]),
+        json!([]),
+    )
+    .await;
+    let app = serve_apply_only(&mut api, settled()).await;
+    assert!(app["spec"].get("paused").is_none(), "{}", app["spec"]);
+    let status = serve_status(&mut api).await;
+    assert_eq!(status["lastRollout"]["paused"]["resumed"], true);
+    let req = api
+        .expect(
+            Method::PATCH,
+            "/apis/ballast.dev/v1alpha1/namespaces/shop/balancedservices/demo",
+        )
+        .await;
+    assert_eq!(
+        req.body(),
+        &json!({"metadata": {"annotations": {RESUME_ANNOTATION: null}}})
+    );
+    let object = serde_json::to_value(balanced_service()).unwrap();
+    req.reply(&object);
+    let reasons: Vec<String> = serve_rest(&mut api)
+        .await
+        .into_iter()
+        .filter(|(_, path, _)| path == EVENTS_PATH)
+        .map(|(_, _, body)| body["reason"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        reasons.contains(&"RolloutResumed".to_owned()),
+        "{reasons:?}"
+    );
+    finish(run).await.unwrap();
+    proxy.running.shutdown().await;
 }
