@@ -940,3 +940,56 @@ async fn a_forced_drain_over_the_threshold_pauses_the_deployment() {
     finish(run).await.unwrap();
     proxy.running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_rollback_the_previous_template_is_restored_instead() {
+    let proxy = RealProxy::start("rollback", &["127.0.0.5:8080", "127.0.0.6:8080"]).await;
+    let (ctx, mut api) = context();
+    let mut bs = balanced_service();
+    bs.spec.rollout.pause_when.forced_drains = Some(1);
+    bs.spec.rollout.pause_when.rollback = true;
+    let new_revision = crate::build::template_revision(&bs.spec.template);
+    let pods = json!([
+        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
+        app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),
+    ]);
+    let registry = &proxy.running.registry;
+    let old: std::net::SocketAddr = "127.0.0.5:8080".parse().unwrap();
+    registry.get(old).unwrap().connections.store(1, std::sync::atomic::Ordering::Relaxed);
+    let now = tokio::time::Instant::now();
+    registry.request_drain(old.ip(), now).unwrap();
+    registry.drain_timed_out(old.ip(), now).unwrap();
+    let old_rs = json!({
+        "metadata": {"name": "demo-5d8f", "namespace": "shop",
+                     "labels": {"ballast.dev/revision": "old", "pod-template-hash": "5d8f"}},
+        "spec": {"selector": {"matchLabels": {"ballast.dev/service": "demo"}},
+                 "template": {"metadata": {"labels": {"ballast.dev/revision": "old",
+                                                      "pod-template-hash": "5d8f"}},
+                              "spec": {"containers": [{"name": "app", "image": "demo:0"}]}}},
+        "status": {"replicas": 3, "availableReplicas": 3},
+    });
+
+    let run = start(&bs, &ctx);
+    serve_reads(&mut api, pods, json!([proxy.pod("demo-proxy-a")]), json!([old_rs])).await;
+    let app = serve_apply_only(&mut api, settled()).await;
+    let template = &app["spec"]["template"];
+    assert_eq!(template["spec"]["containers"][0]["image"], "demo:0");
+    assert_eq!(
+        template["metadata"]["labels"],
+        json!({"ballast.dev/revision": "old"}),
+        "the ReplicaSet's pod-template-hash is not copied"
+    );
+    assert!(app["spec"].get("paused").is_none());
+    let status = serve_status(&mut api).await;
+    assert_condition(&status, "Progressing", "False", "RolledBack");
+    assert_condition(&status, "Degraded", "True", "RolledBack");
+    assert_eq!(status["lastRollout"]["paused"]["rolledBack"], true);
+    let reasons: Vec<String> = serve_rest(&mut api)
+        .await
+        .into_iter()
+        .map(|(_, _, body)| body["reason"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(reasons.contains(&"RolledBack".to_owned()), "{reasons:?}");
+    finish(run).await.unwrap();
+    proxy.running.shutdown().await;
+}
