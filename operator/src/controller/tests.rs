@@ -955,7 +955,11 @@ async fn with_rollback_the_previous_template_is_restored_instead() {
     ]);
     let registry = &proxy.running.registry;
     let old: std::net::SocketAddr = "127.0.0.5:8080".parse().unwrap();
-    registry.get(old).unwrap().connections.store(1, std::sync::atomic::Ordering::Relaxed);
+    registry
+        .get(old)
+        .unwrap()
+        .connections
+        .store(1, std::sync::atomic::Ordering::Relaxed);
     let now = tokio::time::Instant::now();
     registry.request_drain(old.ip(), now).unwrap();
     registry.drain_timed_out(old.ip(), now).unwrap();
@@ -970,7 +974,13 @@ async fn with_rollback_the_previous_template_is_restored_instead() {
     });
 
     let run = start(&bs, &ctx);
-    serve_reads(&mut api, pods, json!([proxy.pod("demo-proxy-a")]), json!([old_rs])).await;
+    serve_reads(
+        &mut api,
+        pods,
+        json!([proxy.pod("demo-proxy-a")]),
+        json!([old_rs]),
+    )
+    .await;
     let app = serve_apply_only(&mut api, settled()).await;
     let template = &app["spec"]["template"];
     assert_eq!(template["spec"]["containers"][0]["image"], "demo:0");
