@@ -585,7 +585,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
     let config = watcher::Config::default();
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
-    let controller = Controller::new(api::<BalancedService>(&client, namespace), config);
+    // Pod events come in bursts during a rollout; one reconcile per burst is enough.
+    let controller = Controller::new(api::<BalancedService>(&client, namespace), config)
+        .with_config(
+            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
+        );
     let _ = ctx.watched.set(controller.store());
     controller
         .owns(api::<Deployment>(&client, namespace), owned.clone())
