@@ -281,13 +281,20 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
         .conditions
         .iter()
         .any(|c| c.type_ == "Progressing" && c.status == "True");
-    // Pods, ReplicaSets and owned objects wake the controller on change. The proxies'
-    // views do not, so they are polled: every second while a pod waits for its gate or
-    // drains, every 5 s during a rollout, every 30 s for the balance figure otherwise.
+    // Pods and owned objects wake the controller on change. The proxies' views do not,
+    // so they are polled: every second while a pod waits for proxies that are read fine
+    // (their watches are about to catch up), every 2 s while pods drain, every 5 s during
+    // a rollout (or while no proxy can be read), every 30 s for the balance otherwise.
+    let proxies_readable = observed
+        .tracked
+        .as_ref()
+        .is_some_and(|t| t.proxies_readable);
     Ok(Action::requeue(
-        if !observed.gate_waiting.is_empty() || !status.draining.is_empty() {
+        if !observed.gate_waiting.is_empty() && proxies_readable {
             Duration::from_secs(1)
-        } else if rolling {
+        } else if !status.draining.is_empty() {
+            Duration::from_secs(2)
+        } else if rolling || !observed.gate_waiting.is_empty() {
             Duration::from_secs(5)
         } else {
             Duration::from_secs(30)

@@ -75,6 +75,8 @@ pub struct Tracked {
     pub balance: Option<BalanceSummary>,
     /// True while pods of another revision than `update_revision` exist.
     pub rolling: bool,
+    /// At least one proxy was read, and none failed.
+    pub proxies_readable: bool,
     /// Events worth emitting (forced drains).
     pub events: Vec<Transition>,
 }
@@ -266,6 +268,7 @@ pub fn track(memory: &mut Memory, inputs: &Inputs<'_>) -> Tracked {
         last_rollout: summary,
         balance: balance(memory, now, served, proxies, pods),
         rolling,
+        proxies_readable: !proxies.is_empty() && proxies.iter().all(|o| o.report.is_ok()),
         events,
     }
 }
