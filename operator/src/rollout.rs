@@ -246,7 +246,25 @@ pub fn track(memory: &mut Memory, inputs: &Inputs<'_>) -> Tracked {
                 }
             }
             for endpoint in &report.endpoints {
-                if let (Some(pod), Some(open)) = (endpoint.pod_key(pods), endpoint.forced) {
+                let Some(pod) = endpoint.pod_key(pods) else {
+                    continue;
+                };
+                // A drain that finished while the endpoint is still listed counts now:
+                // the proxy files it under `/drains` only once discovery drops the
+                // endpoint, after the pod is gone, and by then the rollout of the last
+                // pods may have finished.
+                if let Some(after) = endpoint
+                    .drained_after_ms
+                    .filter(|_| endpoint.draining_since.is_some_and(|t| t >= started - 1.0))
+                {
+                    if memory.drains_counted.insert(pod.clone()) {
+                        s.pods_drained = s.pods_drained.saturating_add(1);
+                    }
+                    s.longest_drain_millis = s
+                        .longest_drain_millis
+                        .max(i64::try_from(after).unwrap_or(i64::MAX));
+                }
+                if let Some(open) = endpoint.forced {
                     forced(memory, s, &pod, open, &mut events);
                 }
             }

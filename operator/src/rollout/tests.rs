@@ -369,3 +369,46 @@ fn property_requests_are_conserved() {
         assert_eq!(counted, i64::try_from(truth).unwrap());
     }
 }
+
+#[test]
+fn the_last_drain_counts_before_the_proxies_file_it() {
+    // The last old pod drained (the proxies list it as draining, nothing open) and is
+    // gone from the API before any proxy moved it to `/drains`.
+    let mut memory = Memory::default();
+    let t0 = 1_800_000_000.0;
+    let mixed = [pod("a", "old", 1), pod("c", "new", 3)];
+    let listed = [proxy(
+        "p",
+        vec![endpoint("a", 1, 10, 0), endpoint("c", 3, 10, 0)],
+        vec![],
+    )];
+    let summary = run(&mut memory, t0, &mixed, &listed, None).last_rollout;
+    let mut draining = endpoint("a", 1, 12, 0);
+    draining.state = "draining".to_owned();
+    draining.draining_since = Some(t0 + 1.0);
+    draining.drained_after_ms = Some(640);
+    let drained = [proxy("p", vec![draining, endpoint("c", 3, 20, 0)], vec![])];
+    let done = run(
+        &mut memory,
+        t0 + 3.0,
+        &mixed[1..],
+        &drained,
+        summary.as_ref(),
+    )
+    .last_rollout
+    .unwrap();
+    assert!(done.finished_at.is_some());
+    assert_eq!(done.pods_drained, 1);
+    assert_eq!(done.longest_drain_millis, 640);
+    // When `/drains` has it later, it is not counted twice (the rollout is over anyway).
+    let filed = DrainView {
+        address: Some("10.0.0.1:8080".parse().unwrap()),
+        pod: Some("a".to_owned()),
+        since: t0 + 1.0,
+        drained_after_ms: 640,
+        ..DrainView::default()
+    };
+    let later = [proxy("p", vec![endpoint("c", 3, 30, 0)], vec![filed])];
+    let after = run(&mut memory, t0 + 5.0, &mixed[1..], &later, Some(&done));
+    assert_eq!(after.last_rollout.unwrap().pods_drained, 1);
+}

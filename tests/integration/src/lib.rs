@@ -121,3 +121,8 @@ pub fn workspace_bin(name: &str) -> String {
     }
     dir.join(name).to_string_lossy().into_owned()
 }
+
+pub mod cluster;
+pub mod l4;
+pub mod load;
+pub mod scenario;

@@ -1,0 +1,114 @@
+//! The operator's pod-facing half, run in process against the stand-in's pods: every
+//! second it reads every ready proxy replica's `/endpoints` and `/drains` with the
+//! operator's own [`ProxyReader`], sets the readiness gate `ballast.dev/routable` with
+//! [`gate::decide`], and tracks the rollout with [`rollout::track`]. The numbers it
+//! keeps are what the BalancedService's status would say.
+
+use ballast_api::status::{BalanceSummary, DrainingPod, RolloutSummary};
+use ballast_operator::observe::{AppPod, ProxyPod, ProxyReader, ROUTABLE_CONDITION};
+use ballast_operator::{gate, rollout};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::Deployment;
+
+/// How often the stand-in looks, like the operator while pods wait or drain.
+const PERIOD: Duration = Duration::from_secs(1);
+
+/// What the BalancedService's status would carry.
+#[derive(Clone, Debug, Default)]
+pub struct StatusView {
+    /// `status.lastRollout`.
+    pub last_rollout: Option<RolloutSummary>,
+    /// `status.draining`.
+    pub draining: Vec<DrainingPod>,
+    /// `status.balance`.
+    pub balance: Option<BalanceSummary>,
+    /// Events the operator would have emitted (reason: message).
+    pub events: Vec<String>,
+    /// Proxy replicas read in the last round.
+    pub proxies_read: usize,
+}
+
+/// Starts the gate and tracking over `app`'s pods, reading the proxies of `proxies` on
+/// `admin_port`. Runs until the runtime ends.
+pub fn start(app: Deployment, proxies: Deployment, admin_port: u16) -> Arc<Mutex<StatusView>> {
+    let view = Arc::new(Mutex::new(StatusView::default()));
+    let shared = Arc::clone(&view);
+    tokio::spawn(async move {
+        let reader = ProxyReader::new(Duration::from_secs(2));
+        let mut memory = rollout::Memory::default();
+        let mut tick = tokio::time::interval(PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let ready: Vec<ProxyPod> = proxies
+                .pods()
+                .iter()
+                .filter(|p| p.ready() && p.status().deleted_at.is_none())
+                .map(|p| ProxyPod {
+                    name: p.identity.name.clone(),
+                    admin: SocketAddr::new(IpAddr::V4(p.identity.ip), admin_port),
+                })
+                .collect();
+            let observations = reader.observe(&ready).await;
+            let pods = app.pods();
+            let app_pods: Vec<AppPod> = pods
+                .iter()
+                .map(|p| {
+                    let s = p.status();
+                    AppPod {
+                        name: p.identity.name.clone(),
+                        ip: Some(IpAddr::V4(p.identity.ip)),
+                        revision: Some(p.revision.clone()),
+                        deleting: s.deleted_at.is_some(),
+                        routable: s.gates.get(ROUTABLE_CONDITION).copied(),
+                        routable_message: None,
+                    }
+                })
+                .collect();
+            for (pod, seen) in pods.iter().zip(&app_pods) {
+                let verdict = gate::decide(seen, &observations);
+                if let Some((value, _)) = gate::change(seen, &verdict) {
+                    pod.set_gate(ROUTABLE_CONDITION, value);
+                }
+            }
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            let revision = app.plan().pod.revision;
+            let previous = lock(&shared).last_rollout.clone();
+            let tracked = rollout::track(
+                &mut memory,
+                &rollout::Inputs {
+                    now,
+                    update_revision: &revision,
+                    pods: &app_pods,
+                    proxies: &observations,
+                    previous: previous.as_ref(),
+                },
+            );
+            let mut view = lock(&shared);
+            view.proxies_read = observations.iter().filter(|o| o.report.is_ok()).count();
+            view.draining = tracked.draining;
+            if tracked.last_rollout.is_some() {
+                view.last_rollout = tracked.last_rollout;
+            }
+            if tracked.balance.is_some() {
+                view.balance = tracked.balance;
+            }
+            view.events.extend(
+                tracked
+                    .events
+                    .into_iter()
+                    .map(|t| format!("{}: {}", t.reason, t.message)),
+            );
+        }
+    });
+    view
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
