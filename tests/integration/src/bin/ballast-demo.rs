@@ -47,6 +47,9 @@ struct Args {
     /// Plain line output even on a terminal.
     #[arg(long)]
     plain: bool,
+    /// Also write the results as JSON lines to this file (for bench/rollout.sh).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -216,11 +219,35 @@ async fn demo(args: &Args) -> ExitCode {
          rollout: from the new template until the last old pod stopped; available: until every new pod was available.\n\
          status: what the BalancedService's status.lastRollout says (pods drained / forced / failed requests)."
     );
+    if let Some(path) = &args.json {
+        let lines: Vec<String> = reports.iter().map(|r| json_line(r).to_string()).collect();
+        if let Err(e) = std::fs::write(path, lines.join("\n") + "\n") {
+            eprintln!("ballast-demo: cannot write {}: {e}", path.display());
+            failed = true;
+        }
+    }
     if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     }
+}
+
+fn json_line(r: &ScenarioReport) -> serde_json::Value {
+    serde_json::json!({
+        "variant": r.variant.label(),
+        "requests": r.load.sent,
+        "failed": r.load.failed,
+        "ws_broken": r.load.ws_broken,
+        "ws_forced": r.load.ws_long_closed,
+        "balance_before": r.balance_before,
+        "balance_after": r.balance_after,
+        "rollout_seconds": r.rollout.as_secs_f64(),
+        "available_seconds": r.rollout_available.as_secs_f64(),
+        "proxy_rollout_seconds": r.proxy_rollout.map(|d| d.as_secs_f64()),
+        "pods_drained": r.status.as_ref().map(|s| s.pods_drained),
+        "forced_terminations": r.status.as_ref().map(|s| s.forced_terminations),
+    })
 }
 
 /// Requests served per pod, as the clients counted them at one moment.
@@ -309,6 +336,11 @@ fn render(
             String::new()
         }
     ));
+    if live.report.is_some() {
+        // The load has stopped: recent shares would say nothing.
+        out.push('\n');
+        return out;
+    }
     let cells: Vec<String> = live
         .pods
         .iter()

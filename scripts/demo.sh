@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# ballast's main job, locally, no cluster: a rollout of 8 pods under keep-alive load,
+# three ways at once (ballast, Kubernetes defaults, preStop sleep 30) on the local
+# cluster stand-in, with a live view and a side-by-side table at the end.
+#
+#   bash scripts/demo.sh [--pods 8] [--rate 300] [--duration 10] [--seed 1] [--plain] ...
+#
+# Builds with the same (dev) profile as the tests, so running both builds once.
+# Every process it starts (pods, proxies) is a child of ballast-demo, stopped by PID
+# when it ends. All traffic stays on 127.0.0.0/8. `--help` lists every flag.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --locked -p ballast-proxy -p ballast-integration --bins
+exec "${CARGO_TARGET_DIR:-target}/debug/ballast-demo" "$@"
