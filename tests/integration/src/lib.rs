@@ -112,14 +112,23 @@ pub fn free_port(ip: [u8; 4]) -> u16 {
         .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
-/// Path of a workspace binary built next to the test binaries (`target/<profile>/NAME`).
-pub fn workspace_bin(name: &str) -> String {
+/// Directory of the workspace binaries next to the running executable
+/// (`target/<profile>`, also from a test binary in `target/<profile>/deps`).
+pub fn workspace_bin_dir() -> std::path::PathBuf {
     let mut dir = std::env::current_exe().unwrap_or_default();
     dir.pop();
     if dir.ends_with("deps") {
         dir.pop();
     }
-    dir.join(name).to_string_lossy().into_owned()
+    dir
+}
+
+/// Path of a workspace binary built next to the test binaries (`target/<profile>/NAME`).
+pub fn workspace_bin(name: &str) -> String {
+    workspace_bin_dir()
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
 }
 
 pub mod cluster;

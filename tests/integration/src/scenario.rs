@@ -38,6 +38,7 @@ use crate::cluster::pod::{ArgRewrite, PodIdentity, PodRuntime};
 use crate::cluster::{Deployment, pod::Pod};
 use crate::l4::L4Balancer;
 use crate::load::{Load, LoadPlan, LoadStats};
+pub use crate::workspace_bin_dir as bin_dir_of_current_exe;
 
 /// The proxies' admin port in the generated spec.
 const ADMIN_PORT: u16 = 9901;
@@ -457,6 +458,43 @@ fn refresh(
     }
 }
 
+/// Every pod `app` ever had of `revision`.
+fn pods_of(app: &Deployment, revision: &str) -> Vec<Arc<Pod>> {
+    app.history()
+        .into_iter()
+        .filter(|p| p.revision == revision)
+        .collect()
+}
+
+/// Keeps `live` up to date every 200 ms until aborted.
+fn spawn_refresher(
+    live: &LiveHandle,
+    app: &Deployment,
+    proxies: Option<&Deployment>,
+    load: Option<&Arc<Load>>,
+    status: Option<&Arc<Mutex<StatusView>>>,
+) -> tokio::task::JoinHandle<()> {
+    let (live, app, proxies, load, status) = (
+        Arc::clone(live),
+        app.clone(),
+        proxies.cloned(),
+        load.cloned(),
+        status.cloned(),
+    );
+    tokio::spawn(async move {
+        loop {
+            refresh(
+                &live,
+                &app,
+                proxies.as_ref(),
+                load.as_deref(),
+                status.as_ref(),
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
 fn set_phase(live: &LiveHandle, phase: &str) {
     lock(live).phase = phase.to_owned();
 }
@@ -508,7 +546,8 @@ async fn run_inner(
             .then(|| cfg.work_dir.join("endpoints.json")),
     );
     let front_ip = Ipv4Addr::new(127, net, 3, 1);
-    let (proxies, front, status) = if variant.has_proxies() {
+    // The front Service: kube-proxy over the proxies, or (defaults) over the app pods.
+    let (proxies, front_feed) = if variant.has_proxies() {
         let proxy_feed = EndpointFeed::start(cfg.propagation, None);
         let proxies = Deployment::start(
             proxy_plan,
@@ -519,16 +558,13 @@ async fn run_inner(
         );
         *lock(&proxies_slot) = Some(proxies.clone());
         proxies.wait_rolled_out(Duration::from_secs(30)).await?;
-        let front = L4Balancer::start((front_ip, 0).into(), proxy_feed.subscribe(), cfg.seed)
-            .await
-            .map_err(|e| format!("front Service on {front_ip}: {e}"))?;
-        (Some(proxies), front, None)
+        (Some(proxies), proxy_feed)
     } else {
-        let front = L4Balancer::start((front_ip, 0).into(), backends_feed.subscribe(), cfg.seed)
-            .await
-            .map_err(|e| format!("front Service on {front_ip}: {e}"))?;
-        (None, front, None::<Arc<Mutex<StatusView>>>)
+        (None, backends_feed.clone())
     };
+    let front = L4Balancer::start((front_ip, 0).into(), front_feed.subscribe(), cfg.seed)
+        .await
+        .map_err(|e| format!("front Service on {front_ip}: {e}"))?;
     let app = Deployment::start(
         app_plan,
         "default",
@@ -536,24 +572,10 @@ async fn run_inner(
         [127, net, 1],
         backends_feed.clone(),
     );
-    let status = match &proxies {
-        Some(p) => Some(operator::start(app.clone(), p.clone(), ADMIN_PORT)),
-        None => status,
-    };
-    let refresher = {
-        let (live, app, proxies, status) = (
-            Arc::clone(live),
-            app.clone(),
-            proxies.clone(),
-            status.clone(),
-        );
-        tokio::spawn(async move {
-            loop {
-                refresh(&live, &app, proxies.as_ref(), None, status.as_ref());
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-    };
+    let status = proxies
+        .as_ref()
+        .map(|p| operator::start(app.clone(), p.clone(), ADMIN_PORT));
+    let refresher = spawn_refresher(live, &app, proxies.as_ref(), None, status.as_ref());
     let wait = app.wait_rolled_out(Duration::from_secs(60)).await;
     refresher.abort();
     wait?;
@@ -574,21 +596,7 @@ async fn run_inner(
         seed: cfg.seed,
         deadline: Duration::from_secs(400),
     }));
-    let refresher = {
-        let (live, app, proxies, status, load) = (
-            Arc::clone(live),
-            app.clone(),
-            proxies.clone(),
-            status.clone(),
-            Arc::clone(&load),
-        );
-        tokio::spawn(async move {
-            loop {
-                refresh(&live, &app, proxies.as_ref(), Some(&load), status.as_ref());
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-    };
+    let refresher = spawn_refresher(live, &app, proxies.as_ref(), Some(&load), status.as_ref());
 
     set_phase(live, "steady load");
     let balance_before = measure_balance(&app, &load, cfg.steady).await;
@@ -601,11 +609,7 @@ async fn run_inner(
     let replicas = cfg.pods;
     let mut rollout_available = None;
     loop {
-        let old: Vec<Arc<Pod>> = app
-            .history()
-            .into_iter()
-            .filter(|p| p.revision == old_revision)
-            .collect();
+        let old = pods_of(&app, &old_revision);
         let gone = old
             .iter()
             .filter(|p| p.status().exited_at.is_some())
@@ -672,11 +676,7 @@ async fn run_inner(
     // One more look by the operator stand-in, so status has the last drains.
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
-    let old: Vec<Arc<Pod>> = app
-        .history()
-        .into_iter()
-        .filter(|p| p.revision == old_revision)
-        .collect();
+    let old = pods_of(&app, &old_revision);
     let longest_pre_stop = old
         .iter()
         .filter_map(|p| {
@@ -717,16 +717,6 @@ async fn run_inner(
     }
     drop(front);
     Ok(report)
-}
-
-/// Directory of the binaries next to the running executable (`target/<profile>`).
-pub fn bin_dir_of_current_exe() -> PathBuf {
-    let mut dir = std::env::current_exe().unwrap_or_default();
-    dir.pop();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    dir
 }
 
 /// A fresh scratch directory under the system's temp dir.
