@@ -98,11 +98,11 @@ pub struct ScenarioConfig {
 }
 
 impl ScenarioConfig {
-    /// Defaults: 8 pods, 300 req/s on 8 connections, 1 s propagation, 10 s steady.
+    /// Defaults: 8 pods, 500 req/s on 8 connections, 1 s propagation, 10 s steady.
     pub fn new(bin_dir: PathBuf, work_dir: PathBuf, net: u8) -> Self {
         Self {
             pods: 8,
-            rate: 300,
+            rate: 500,
             clients: 8,
             seed: 1,
             propagation: Duration::from_secs(1),

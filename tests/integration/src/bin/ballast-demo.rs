@@ -24,7 +24,7 @@ struct Args {
     #[arg(long, default_value_t = 8)]
     pods: u32,
     /// Short requests per second (keep-alive), per variant.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 500)]
     rate: u32,
     /// Keep-alive connections carrying them.
     #[arg(long, default_value_t = 8)]
