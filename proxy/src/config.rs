@@ -129,6 +129,11 @@ pub struct Settings {
     #[arg(long, env = "BALLAST_MAX_HEADER_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_header_bytes: Option<usize>,
+    /// Threads serving client connections, each with its own single-threaded runtime
+    /// [default: the CPUs this process may use].
+    #[arg(long, env = "BALLAST_WORKERS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
     /// Session affinity key: `header:NAME`, `cookie:NAME` or `client-ip` [default: off].
     #[arg(long, env = "BALLAST_AFFINITY")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -200,6 +205,8 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Largest request head.
     pub max_header_bytes: usize,
+    /// Serving threads.
+    pub workers: usize,
     /// JSON logs.
     pub json_logs: bool,
     /// Session affinity.
@@ -349,6 +356,12 @@ impl Settings {
                 "--outlier-max-ejected-percent: {max_ejected} is above 50"
             ));
         }
+        let workers = self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        if !(1..=256).contains(&workers) {
+            problems.push(format!("--workers: {workers} is outside 1..=256"));
+        }
         let max_header_bytes = self.max_header_bytes.unwrap_or(64 * 1024);
         if !(8192..=1024 * 1024).contains(&max_header_bytes) {
             problems.push(format!(
@@ -470,6 +483,7 @@ impl Settings {
                 drain_timeout,
                 header_read_timeout,
                 max_header_bytes,
+                workers,
                 json_logs,
                 affinity,
                 access_log: self.access_log.as_deref().map(|d| match d {

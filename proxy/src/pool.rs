@@ -2,7 +2,9 @@
 //!
 //! HTTP/1.1 connections are kept idle in a LIFO list (the most recently used one is the
 //! least likely to have been closed by the backend) and expire after the idle timeout,
-//! which should be shorter than the backends' keep-alive. HTTP/2 endpoints share one
+//! which should be shorter than the backends' keep-alive. An idle connection is reused
+//! only by the worker thread it lives on (see [`crate::workers`]), so a request and its
+//! upstream connection never wake each other across threads. HTTP/2 endpoints share one
 //! multiplexed connection. Every connection is counted on its endpoint while open: the
 //! drain gate reads that count.
 
@@ -88,6 +90,8 @@ pub struct Pool {
 struct Idle {
     sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
+    /// The worker whose runtime drives the connection.
+    home: Option<usize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -95,23 +99,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Pool {
-    /// Takes the most recently used live idle connection; drops expired ones.
+    /// Takes the most recently used live idle connection that lives on worker `home`;
+    /// drops expired ones.
     fn take_idle(
         &self,
         now: Instant,
         idle_timeout: Duration,
+        home: Option<usize>,
     ) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut idle = lock(&self.idle);
         idle.retain(|c| {
             !c.sender.is_closed() && now.saturating_duration_since(c.since) < idle_timeout
         });
-        idle.pop().map(|c| c.sender)
+        let newest = idle.iter().rposition(|c| c.home == home)?;
+        Some(idle.remove(newest).sender)
     }
 
-    /// Returns a connection after a complete exchange.
-    pub fn put(&self, sender: http1::SendRequest<UpstreamBody>, now: Instant) {
+    /// Returns a connection that lives on worker `home` after a complete exchange.
+    pub fn put(&self, sender: http1::SendRequest<UpstreamBody>, home: Option<usize>, now: Instant) {
         if !sender.is_closed() {
-            lock(&self.idle).push(Idle { sender, since: now });
+            lock(&self.idle).push(Idle {
+                sender,
+                since: now,
+                home,
+            });
         }
     }
 
@@ -152,7 +163,9 @@ pub async fn checkout(
     let now = Instant::now();
     match config.protocol {
         BackendProtocol::Http1 => {
-            while let Some(mut sender) = endpoint.pool.take_idle(now, config.idle_timeout) {
+            // Connections are spawned on, and so live on, the worker that opened them.
+            let home = crate::workers::current();
+            while let Some(mut sender) = endpoint.pool.take_idle(now, config.idle_timeout, home) {
                 // A pooled connection whose backend closed it is discovered here (or,
                 // in a race, when the request fails: see the proxy's retry rule).
                 if sender.ready().await.is_ok() {

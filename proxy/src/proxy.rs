@@ -543,6 +543,8 @@ impl ProxyService {
 struct Exchange {
     endpoint: Arc<EndpointState>,
     sender: Option<http1::SendRequest<UpstreamBody>>,
+    /// The worker the request, and so its upstream connection, runs on.
+    home: Option<usize>,
     completed: bool,
     _metrics: Arc<Metrics>,
 }
@@ -555,6 +557,7 @@ impl Exchange {
         Self {
             endpoint,
             sender: None,
+            home: crate::workers::current(),
             completed: false,
             _metrics: metrics,
         }
@@ -572,7 +575,7 @@ impl Drop for Exchange {
         if let Some(sender) = self.sender.take() {
             // A draining endpoint's connection closes as soon as its request is done.
             if self.completed && !self.endpoint.is_draining() {
-                self.endpoint.pool.put(sender, Instant::now());
+                self.endpoint.pool.put(sender, self.home, Instant::now());
             }
         }
     }

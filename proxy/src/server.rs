@@ -9,6 +9,7 @@ use crate::load::RetryBudget;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::registry::Registry;
+use crate::workers::Workers;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -29,6 +30,15 @@ pub enum StartError {
     AccessLog {
         /// Where it should go.
         destination: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The serving threads could not be started.
+    #[error("cannot start {count} worker threads")]
+    Workers {
+        /// How many were asked for.
+        count: usize,
         /// Cause.
         #[source]
         source: std::io::Error,
@@ -148,17 +158,22 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     tokio::spawn(feed(rx, registry.clone(), ready.clone()));
     tokio::spawn(housekeeping(registry.clone(), config.connect.idle_timeout));
 
+    let config_workers = config.workers;
+    let workers = Workers::start(config.workers).map_err(|source| StartError::Workers {
+        count: config.workers,
+        source,
+    })?;
     let shutdown = Arc::new(Notify::new());
     let task = tokio::spawn(serve(
         config,
         (listener, admin_listener),
+        workers,
         proxy,
         admin,
-        ready,
         shutdown.clone(),
         log_writer,
     ));
-    tracing::info!(%listen, admin = %admin_addr, "ballast-proxy listening");
+    tracing::info!(%listen, admin = %admin_addr, workers = config_workers, "ballast-proxy listening");
     Ok(Running {
         listen,
         admin: admin_addr,
@@ -201,12 +216,13 @@ async fn housekeeping(registry: Arc<Registry>, idle_timeout: Duration) {
 async fn serve(
     config: Config,
     (listener, admin_listener): (TcpListener, TcpListener),
+    mut workers: Workers,
     proxy: Proxy,
     admin: Admin,
-    ready: Arc<AtomicBool>,
     shutdown: Arc<Notify>,
     log_writer: Option<JoinHandle<()>>,
 ) {
+    let ready = admin.ready.clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -233,14 +249,33 @@ async fn serve(
                 }
             };
             let _ = stream.set_nodelay(true);
+            // The connection moves to a worker's runtime (and its reactor) for good.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "accepted connection unusable");
+                    continue;
+                }
+            };
             let service = proxy.for_client(peer);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn.into_owned());
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
+            let watcher = graceful.watcher();
+            let builder = builder.clone();
+            let served = workers.spawn(async move {
+                let stream = match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "accepted connection unusable");
+                        return;
+                    }
+                };
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
                     tracing::debug!(%peer, error = %e, "client connection ended with an error");
                 }
             });
+            if !served {
+                tracing::error!(%peer, "no worker thread left to serve connections; refusing");
+            }
         }
     };
     let draining = async {
@@ -275,6 +310,8 @@ async fn serve(
         );
     }
     admin_task.abort();
+    // Stops the worker threads; what still runs there (idle upstream connections) ends.
+    drop(workers);
     // Last access-log records: the writer flushes and ends once the proxy (and every
     // connection's copy of it) is gone.
     drop(proxy);

@@ -9,13 +9,17 @@ use std::time::{Duration, Instant};
 use support::{Backend, Behaviour, Client, backends, endpoints_arg, proxy, refs};
 
 const LIMIT: Duration = Duration::from_secs(60);
+/// The fast pods' latency; the slow one takes ten times as long. Well above the
+/// scheduling noise of a loaded two-core machine (a few ms), which a 2 ms pod drowns in:
+/// latency samples would then measure the machine, not the pods.
+const FAST_MS: u64 = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ten_times_slower_pod_gets_far_fewer_requests() {
     let mut pods = backends(
         2..6,
         Behaviour {
-            delay: Duration::from_millis(2),
+            delay: Duration::from_millis(FAST_MS),
             ..Default::default()
         },
     )
@@ -24,7 +28,7 @@ async fn a_ten_times_slower_pod_gets_far_fewer_requests() {
         Backend::start(
             6,
             Behaviour {
-                delay: Duration::from_millis(20),
+                delay: Duration::from_millis(10 * FAST_MS),
                 ..Default::default()
             },
         )
@@ -57,9 +61,13 @@ async fn a_ten_times_slower_pod_gets_far_fewer_requests() {
     let mut l = latencies.lock().unwrap().clone();
     l.sort();
     let p99 = l[l.len() * 99 / 100];
-    eprintln!("slow pod {slow} requests, fast pods {fast_mean} on average, p99 {p99:?}");
+    eprintln!(
+        "slow pod {slow} requests, fast pods {fast_mean} on average, p50 {:?} p90 {:?} p99 {p99:?}",
+        l[l.len() / 2],
+        l[l.len() * 9 / 10]
+    );
     assert!(
-        p99 < Duration::from_millis(20),
+        p99 < Duration::from_millis(10 * FAST_MS),
         "p99 {p99:?} should stay near the fast pods' 2 ms"
     );
     running.shutdown().await;

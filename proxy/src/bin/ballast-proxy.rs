@@ -4,7 +4,9 @@ use ballast_proxy::config::Settings;
 use clap::Parser;
 use std::process::ExitCode;
 
-#[tokio::main]
+// The control plane (accept, discovery, admin, housekeeping) runs here; client
+// connections are served on the worker threads `server::start` starts.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let config = match Settings::parse().with_file().and_then(|s| s.resolve()) {
         Ok(config) => config,
