@@ -44,6 +44,15 @@ impl PeakEwma {
         self.sampled = true;
     }
 
+    /// Replaces the estimate with a probe's sample: the probe was sent because the old
+    /// estimate had kept the endpoint out of rotation, and only a fresh sample can say
+    /// whether that was deserved.
+    pub fn reset_to(&mut self, rtt: Duration, now: Instant) {
+        self.estimate_ns = rtt.as_nanos() as f64;
+        self.updated = now;
+        self.sampled = true;
+    }
+
     /// True when no sample arrived for [`STALE_AFTER`]: the estimate may be stale (a
     /// one-off stall, a pod that recovered) and is worth one probe request.
     pub fn is_stale(&self, now: Instant) -> bool {
@@ -66,6 +75,26 @@ impl PeakEwma {
 /// request and the probe's sample replaces the estimate. Bounds how long a one-off stall
 /// keeps a pod out of rotation; a really slow pod costs one probe a second.
 pub const STALE_AFTER: Duration = Duration::from_secs(1);
+
+/// Selections an endpoint may sit out, per candidate, before it gets a probe request.
+const PROBE_TURNS_PER_CANDIDATE: u64 = 8;
+
+/// Whether an endpoint that lost every selection for the last `missed` selections (made
+/// among `candidates` endpoints) is due a probe request, after `streak` probes in a row
+/// without winning a selection on its own.
+///
+/// One noisy latency sample (a scheduling hiccup of a few ms against pods that answer in
+/// 0.3 ms) prices a healthy pod out of every comparison; waiting for [`STALE_AFTER`]
+/// then costs it a second of traffic, a visible imbalance. Counting missed turns instead
+/// re-measures it after a few dozen selections at any request rate. A pod that really is
+/// slow keeps losing: each probe that does not win it traffic back doubles the wait for
+/// the next, so its probes soon thin out to the once-a-second floor.
+pub fn probe_due(missed: u64, candidates: usize, streak: u32) -> bool {
+    let gap = PROBE_TURNS_PER_CANDIDATE
+        .saturating_mul(candidates as u64)
+        .saturating_mul(1u64.checked_shl(streak).unwrap_or(u64::MAX));
+    missed > gap
+}
 
 /// Largest share of the old estimate a faster sample keeps.
 const MAX_KEEP: f64 = 0.5;
@@ -203,6 +232,20 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn probes_come_after_missed_turns_and_back_off_while_they_lose() {
+        // 8 candidates: due after 64 missed selections, then 128, 256, ...
+        assert!(!probe_due(64, 8, 0));
+        assert!(probe_due(65, 8, 0));
+        assert!(!probe_due(128, 8, 1));
+        assert!(probe_due(129, 8, 1));
+        assert!(!probe_due(1000, 8, 4));
+        assert!(probe_due(1025, 8, 4));
+        // A long streak saturates instead of overflowing: only the time floor is left.
+        assert!(!probe_due(u64::MAX - 1, 8, 64));
+        assert!(!probe_due(u64::MAX - 1, 8, 200));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn peak_ewma_jumps_up_decays_down() {

@@ -6,13 +6,13 @@
 //! connections) live in atomics on each [`EndpointState`].
 
 use crate::endpoint::{Endpoint, EndpointSet};
-use crate::load::{EjectionPolicy, Health, PeakEwma, may_eject, warmup_weight};
+use crate::load::{EjectionPolicy, Health, PeakEwma, may_eject, probe_due, warmup_weight};
 use crate::pool::Pool;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -167,8 +167,14 @@ pub struct EndpointState {
     drain: Mutex<Option<DrainMark>>,
     draining: AtomicBool,
     progress: Mutex<DrainProgress>,
-    /// Sequence number of the last selection of this endpoint (P2C tie-break).
+    /// Sequence number of the last selection of this endpoint (P2C tie-break, and how
+    /// many selections it has sat out).
     last_picked: AtomicU64,
+    /// Probes in a row that did not win it a selection on its own (see
+    /// [`probe_due`]).
+    probe_streak: AtomicU32,
+    /// A probe request is on its way: its latency sample replaces the estimate.
+    probing: AtomicBool,
     added: Instant,
     /// Nanoseconds after `added` when discovery first reported it ready: the slow-start
     /// ramp starts there, not when the endpoint was first listed (a pod is listed
@@ -306,6 +312,8 @@ impl EndpointState {
             draining: AtomicBool::new(false),
             progress: Mutex::new(DrainProgress::default()),
             last_picked: AtomicU64::new(0),
+            probe_streak: AtomicU32::new(0),
+            probing: AtomicBool::new(false),
             added: now,
             ready_after: AtomicU64::new(if ready { 0 } else { u64::MAX }),
             ramp,
@@ -375,15 +383,22 @@ impl EndpointState {
     }
 
     /// Latency plus load: the peak-EWMA estimate times (pending + 1), divided by the
-    /// slow-start weight.
-    fn ewma_cost(&self, now: Instant, warmup: Duration) -> Cost {
+    /// slow-start weight. `picks` is the registry's selection count so far and
+    /// `candidates` how many endpoints this selection is among.
+    fn ewma_cost(&self, now: Instant, warmup: Duration, picks: u64, candidates: usize) -> Cost {
         let ewma = *lock(&self.ewma);
         let pending = self.pending.load(Relaxed);
-        // An endpoint nobody has measured yet, or not for a second, gets one request to
+        // An endpoint nobody has measured yet, or not for a while, gets one request to
         // measure it. Otherwise an initial guess (30 ms) or a one-off stall loses to every
         // warm endpoint answering in 1 ms, and the endpoint would starve until the
-        // estimate decays (tens of seconds). See `load::STALE_AFTER`.
-        let speed = if pending == 0 && (!ewma.is_sampled() || ewma.is_stale(now)) {
+        // estimate decays (tens of seconds). "A while" is a number of missed selections
+        // (see `load::probe_due`), and at most `load::STALE_AFTER`.
+        let missed = picks.saturating_sub(self.last_picked.load(Relaxed));
+        let probe = pending == 0
+            && (!ewma.is_sampled()
+                || ewma.is_stale(now)
+                || probe_due(missed, candidates, self.probe_streak.load(Relaxed)));
+        let speed = if probe {
             0.0
         } else {
             ewma.estimate(now) / self.weight(now, warmup)
@@ -391,6 +406,17 @@ impl EndpointState {
         Cost {
             speed,
             load: pending + 1,
+            probe,
+        }
+    }
+
+    /// Bookkeeping after this endpoint won a selection at `cost`.
+    fn picked(&self, cost: Cost) {
+        if cost.probe {
+            self.probe_streak.fetch_add(1, Relaxed);
+            self.probing.store(true, Relaxed);
+        } else {
+            self.probe_streak.store(0, Relaxed);
         }
     }
 
@@ -398,12 +424,19 @@ impl EndpointState {
         Cost {
             speed: 1.0 / self.weight(now, warmup),
             load: self.in_flight.load(Relaxed) + 1,
+            probe: false,
         }
     }
 
     /// Records a response head after `rtt`.
     pub fn observe_rtt(&self, rtt: Duration, now: Instant) {
-        lock(&self.ewma).observe(rtt, now);
+        let probe = self.probing.swap(false, Relaxed);
+        let mut ewma = lock(&self.ewma);
+        if probe {
+            ewma.reset_to(rtt, now);
+        } else {
+            ewma.observe(rtt, now);
+        }
     }
 
     fn report(&self, now: Instant, warmup: Duration, listed: bool) -> EndpointReport {
@@ -676,20 +709,23 @@ impl Registry {
                 .collect();
         }
         let warmup = self.config.warmup;
+        let picks = self.picks.fetch_add(1, Relaxed) + 1;
         let chosen = match (candidates.len(), self.config.algorithm) {
             (0, _) => return None,
             (1, _) => candidates[0],
             (n, Algorithm::RoundRobin) => candidates[self.next.fetch_add(1, Relaxed) % n],
             (n, Algorithm::P2cEwma) => {
-                p2c(&candidates, n, EWMA_TOLERANCE, |e| e.ewma_cost(now, warmup))
+                let (chosen, cost) = p2c(&candidates, n, EWMA_TOLERANCE, |e| {
+                    e.ewma_cost(now, warmup, picks, n)
+                });
+                chosen.picked(cost);
+                chosen
             }
             (n, Algorithm::LeastRequest) => {
-                p2c(&candidates, n, 1.0, |e| e.request_cost(now, warmup))
+                p2c(&candidates, n, 1.0, |e| e.request_cost(now, warmup)).0
             }
         };
-        chosen
-            .last_picked
-            .store(self.picks.fetch_add(1, Relaxed) + 1, Relaxed);
+        chosen.last_picked.store(picks, Relaxed);
         Some(chosen.clone())
     }
 
@@ -838,6 +874,8 @@ impl Registry {
 struct Cost {
     speed: f64,
     load: u64,
+    /// Priced as a probe: the estimate is missing or stale.
+    probe: bool,
 }
 
 impl Cost {
@@ -862,7 +900,7 @@ fn p2c<'a>(
     n: usize,
     tolerance: f64,
     cost: impl Fn(&EndpointState) -> Cost,
-) -> &'a Arc<EndpointState> {
+) -> (&'a Arc<EndpointState>, Cost) {
     let a = fastrand::usize(..n);
     let mut b = fastrand::usize(..n - 1);
     if b >= a {
@@ -870,17 +908,12 @@ fn p2c<'a>(
     }
     let (a, b) = (candidates[a], candidates[b]);
     let (cost_a, cost_b) = (cost(a), cost(b));
-    if cost_a.ties(cost_b, tolerance) {
-        if b.last_picked.load(Relaxed) < a.last_picked.load(Relaxed) {
-            b
-        } else {
-            a
-        }
-    } else if cost_b.total() < cost_a.total() {
-        b
+    let b_wins = if cost_a.ties(cost_b, tolerance) {
+        b.last_picked.load(Relaxed) < a.last_picked.load(Relaxed)
     } else {
-        a
-    }
+        cost_b.total() < cost_a.total()
+    };
+    if b_wins { (b, cost_b) } else { (a, cost_a) }
 }
 
 #[cfg(test)]

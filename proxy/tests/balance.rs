@@ -40,6 +40,7 @@ async fn four_keepalive_clients_spread_evenly_over_eight_pods() {
     assert_eq!(total, 4 * per_client);
     let mean = total as f64 / hits.len() as f64;
     let max = *hits.iter().max().unwrap() as f64;
+    eprintln!("max/mean {:.3} over {hits:?}", max / mean);
     assert!(
         max / mean <= 1.1,
         "max/mean {:.3} over {hits:?}",

@@ -85,8 +85,36 @@ async fn p2c_prefers_the_faster_endpoint() {
             .observe_rtt(Duration::from_millis(3), Instant::now());
     }
     let counts = picks(&registry, 4000);
-    // The slow one wins only when paired with itself, which P2C never does.
-    assert_eq!(counts.get(&addr(2)), None, "{counts:?}");
+    // The slow one wins no comparison; it only gets probes, after 32 missed selections,
+    // then 64, 128, ...: at most 7 in 4000 (32 + 64 + ... + 2048 = 4064).
+    let slow = counts.get(&addr(2)).copied().unwrap_or(0);
+    assert!((1..=7).contains(&slow), "{counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_sample_replaces_a_noisy_estimate() {
+    let registry = Registry::new(config(Algorithm::P2cEwma));
+    let endpoints: Vec<_> = (2..6).map(|i| Endpoint::ready(addr(i))).collect();
+    registry.apply(&set(&endpoints), Instant::now());
+    for i in 2..6 {
+        let e = registry.get(addr(i)).unwrap();
+        e.observe_rtt(Duration::from_micros(300), Instant::now());
+    }
+    // One hiccup: 10 ms against 0.3 ms. The pod loses every comparison now...
+    let noisy = registry.get(addr(2)).unwrap();
+    noisy.observe_rtt(Duration::from_millis(10), Instant::now());
+    let mut waited = 0;
+    while registry.select(Instant::now(), &[]).unwrap().address != addr(2) {
+        waited += 1;
+        assert!(waited < 200, "no probe after {waited} selections");
+    }
+    // ...until it is probed (after 32 missed selections, no clock time needed), and the
+    // probe's fast sample puts it straight back in rotation.
+    assert!(waited >= 32, "probed after only {waited}");
+    noisy.observe_rtt(Duration::from_micros(300), Instant::now());
+    let counts = picks(&registry, 400);
+    let share = counts.get(&addr(2)).copied().unwrap_or(0);
+    assert!(share >= 80, "back in rotation: {counts:?}");
 }
 
 #[tokio::test(start_paused = true)]
