@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark ballast-proxy against direct access, nginx and haproxy on loopback.
 #
-#   bash bench/proxy.sh [--duration 10s] [--quick] [--sections 1,2,3,4,5] [--no-build]
+#   bash bench/proxy.sh [--duration 10s] [--rounds 3] [--quick] [--sections 1,2,3,4,5] [--no-build]
 #
 # Every process this script starts is a child it stops by PID on exit (also on
 # failure or Ctrl-C). All traffic stays on 127.0.0.0/8. Raw wrk output and
@@ -15,6 +15,8 @@ DURATION_SET=0
 QUICK=0
 SECTIONS=1,2,3,4,5
 BUILD=1
+ROUNDS=3
+ROUNDS_SET=0
 
 usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
@@ -25,12 +27,16 @@ while (($#)); do
         --sections) SECTIONS=${2:?--sections needs a value}; shift 2 ;;
         --sections=*) SECTIONS=${1#*=}; shift ;;
         --no-build) BUILD=0; shift ;;
+        --rounds) ROUNDS=${2:?--rounds needs a value}; ROUNDS_SET=1; shift 2 ;;
+        --rounds=*) ROUNDS=${1#*=}; ROUNDS_SET=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
 done
-# --quick: short runs and 20 endpoints instead of 100 in section 4.
+# --quick: short runs, one round in section 1, and 20 endpoints instead of 100 in section 4.
 if ((QUICK)) && ((!DURATION_SET)); then DURATION=3s; fi
+if ((QUICK)) && ((!ROUNDS_SET)); then ROUNDS=1; fi
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "--rounds must be a positive whole number" >&2; exit 2; }
 if ((QUICK)); then BIG_N=20; else BIG_N=100; fi
 
 PROXY_BIN=$ROOT/target/release/ballast-proxy
@@ -411,45 +417,73 @@ header() {
 }
 
 # ------------------------------------------------------------- section 1 --
+# median V... -> the median (mean of the middle two for an even count)
+median() {
+    printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+
 section_throughput() {
-    local n=4 name
+    local n=4 name round i
+    local targets=(direct ballast nginx haproxy)
     say ""
-    say "## 1. Throughput and latency (4 backends, 0 ms; wrk -t2 -c32 keep-alive)"
+    say "## 1. Throughput and latency (4 backends, 0 ms; medians of $ROUNDS rounds)"
+    say ""
+    say "Saturated: wrk -t2 -c32 keep-alive, as fast as it goes (p50 there is mostly queueing: 32 / req/s)."
+    say "Light load: wrk -t1 -c1, one request at a time, so p50 is one request's trip through the proxy."
+    say "Each round runs every target once, in a rotated order, so drift on this shared machine hits all alike."
     say ""
     start_backends "$n" 0
-    declare -A rps p50 p99 cpu cpureq rss errs
-    local targets=(direct ballast nginx haproxy)
-    for name in "${targets[@]}"; do
-        case $name in
-            direct) PROXY_PID=; TARGET_URL=http://$(backend_ip 1):$BACKEND_PORT/ ;;
-            ballast) start_ballast "$(backend_list "$n")" ;;
-            nginx) start_nginx "$n" ;;
-            haproxy) start_haproxy http roundrobin "$n" ;;
-        esac
-        if [[ $name == direct ]]; then
-            run_wrk "s1-$name" "$TARGET_URL" 2 32
-            CPU_S=-; CPU_US_REQ=-; RSS_MIB=-
-        else
-            measure "s1-$name" 2 32
-            stop_proxy
-        fi
-        rps[$name]=$WRK_RPS p50[$name]=$WRK_P50 p99[$name]=$WRK_P99
-        cpu[$name]=$CPU_S cpureq[$name]=$CPU_US_REQ rss[$name]=$RSS_MIB errs[$name]=$WRK_ERRS
+    declare -A rps p50 p99 lp50 cpureq rss errs
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for ((i = 0; i < ${#targets[@]}; i++)); do
+            name=${targets[(i + round - 1) % ${#targets[@]}]}
+            case $name in
+                direct) PROXY_PID=; TARGET_URL=http://$(backend_ip 1):$BACKEND_PORT/ ;;
+                ballast) start_ballast "$(backend_list "$n")" ;;
+                nginx) start_nginx "$n" ;;
+                haproxy) start_haproxy http roundrobin "$n" ;;
+            esac
+            if [[ $name == direct ]]; then
+                run_wrk "s1-$name-r$round" "$TARGET_URL" 2 32
+                CPU_US_REQ=-; RSS_MIB=-
+            else
+                measure "s1-$name-r$round" 2 32
+            fi
+            rps[$name]+=" $WRK_RPS" p50[$name]+=" $WRK_P50" p99[$name]+=" $WRK_P99"
+            cpureq[$name]+=" $CPU_US_REQ" rss[$name]=$RSS_MIB
+            [[ $WRK_ERRS == none ]] || errs[$name]+="r$round:$WRK_ERRS "
+            run_wrk "s1-$name-light-r$round" "$TARGET_URL" 1 1
+            lp50[$name]+=" $WRK_P50"
+            [[ $WRK_ERRS == none ]] || errs[$name]+="light-r$round:$WRK_ERRS "
+            [[ $name == direct ]] || stop_proxy
+        done
     done
     stop_backends
-    new_table 1
-    row target "req/s" "p50 ms" "p99 ms" "req/s vs haproxy" "p50 added over direct (ms)" "proxy CPU s" "proxy CPU us/req" "proxy max RSS MiB" "wrk errors"
+    declare -A med_rps med_p50 med_lp50
     for name in "${targets[@]}"; do
-        local label=$name ratio=- added=-
+        med_rps[$name]=$(median ${rps[$name]})
+        med_p50[$name]=$(median ${p50[$name]})
+        med_lp50[$name]=$(median ${lp50[$name]})
+    done
+    new_table 1
+    row target "req/s" "req/s per round" "vs haproxy" "vs nginx" "p50 ms" "p99 ms" "p50 added (ms)" \
+        "light p50 ms" "light p50 added (ms)" "proxy CPU us/req" "proxy max RSS MiB" "wrk errors"
+    for name in "${targets[@]}"; do
+        local label=$name added=- ladded=- cpu=-
         [[ $name != direct ]] || label="direct (one backend, $(backend_ip 1))"
-        ((${rps[haproxy]:-0} > 0)) && ratio=$(calc "${rps[$name]} / ${rps[haproxy]}")
-        [[ $name == direct ]] || added=$(calc "${p50[$name]} - ${p50[direct]}" 3)
-        row "$label" "${rps[$name]}" "$(calc "${p50[$name]}" 3)" "$(calc "${p99[$name]}" 3)" \
-            "$ratio" "$added" "${cpu[$name]}" "${cpureq[$name]}" "${rss[$name]}" "${errs[$name]}"
+        if [[ $name != direct ]]; then
+            added=$(calc "${med_p50[$name]} - ${med_p50[direct]}" 3)
+            ladded=$(calc "${med_lp50[$name]} - ${med_lp50[direct]}" 3)
+            cpu=$(median ${cpureq[$name]})
+        fi
+        row "$label" "${med_rps[$name]%.*}" "$(echo ${rps[$name]} | tr ' ' '/')" \
+            "$(calc "${med_rps[$name]} / ${med_rps[haproxy]:-1}")" "$(calc "${med_rps[$name]} / ${med_rps[nginx]:-1}")" \
+            "$(calc "${med_p50[$name]}" 3)" "$(calc "$(median ${p99[$name]})" 3)" "$added" \
+            "$(calc "${med_lp50[$name]}" 3)" "$ladded" "$cpu" "${rss[$name]}" "${errs[$name]:-none}"
     done
     print_table "$TABLE"
     say ""
-    say "CPU and RSS are the proxy's only (nginx: master + workers summed; RSS is VmHWM, the peak)."
+    say "CPU and RSS are the proxy's only (nginx: master + workers summed; RSS is VmHWM, the peak, of the last round)."
 }
 
 # ------------------------------------------------------------- section 2 --

@@ -11,7 +11,6 @@ use crate::registry::Registry;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -146,7 +145,5 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Response
 }
 
 fn body_of(bytes: Bytes) -> ResponseBody {
-    Full::new(bytes)
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    ResponseBody::full(bytes)
 }

@@ -9,8 +9,6 @@
 //! drain gate reads that count.
 
 use crate::registry::EndpointState;
-use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::sync::atomic::Ordering::Relaxed;
@@ -22,7 +20,7 @@ use tokio::time::Instant;
 /// Errors a body sent upstream may carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A request body on its way to a backend.
-pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+pub type UpstreamBody = crate::proxy::ProxyBody;
 
 /// Protocol spoken to the backends.
 #[derive(
@@ -108,11 +106,17 @@ impl Pool {
         home: Option<usize>,
     ) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut idle = lock(&self.idle);
-        idle.retain(|c| {
-            !c.sender.is_closed() && now.saturating_duration_since(c.since) < idle_timeout
-        });
-        let newest = idle.iter().rposition(|c| c.home == home)?;
-        Some(idle.remove(newest).sender)
+        // Newest first; dead or expired ones met on the way go (the rest wait for
+        // `expire`, so a checkout does not scan the whole list).
+        while let Some(newest) = idle.iter().rposition(|c| c.home == home) {
+            let candidate = idle.remove(newest);
+            if !candidate.sender.is_closed()
+                && now.saturating_duration_since(candidate.since) < idle_timeout
+            {
+                return Some(candidate.sender);
+            }
+        }
+        None
     }
 
     /// Returns a connection that lives on worker `home` after a complete exchange.

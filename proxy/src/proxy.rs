@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -26,7 +26,67 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Body of a response to a client.
-pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+pub type ResponseBody = ProxyBody;
+
+/// A body the proxy sends, either way: bytes it holds, a backend's response, or a
+/// stream. An enum rather than a boxed trait object: most requests carry none or a
+/// buffered one, and most responses are a backend's, so none of them costs an
+/// allocation.
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// Bytes held in full (a buffered request body, a response the proxy makes).
+    Full(Full<Bytes>),
+    /// A backend's response on its way to the client.
+    Tracked(TrackedBody),
+    /// Anything else, as it arrives.
+    Stream(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl ProxyBody {
+    /// A body of these bytes.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        Self::Full(Full::new(bytes.into()))
+    }
+
+    /// No body.
+    pub fn empty() -> Self {
+        Self::full(Bytes::new())
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Full(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|r| r.map_err(|never| match never {}))),
+            Self::Tracked(body) => Pin::new(body).poll_frame(cx),
+            Self::Stream(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(body) => body.is_end_stream(),
+            Self::Tracked(body) => body.is_end_stream(),
+            Self::Stream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(body) => body.size_hint(),
+            Self::Tracked(body) => body.size_hint(),
+            Self::Stream(body) => body.size_hint(),
+        }
+    }
+}
 
 /// Request bodies up to this size are buffered so the request can be replayed on
 /// another endpoint.
@@ -66,6 +126,8 @@ pub struct Proxy {
 pub struct ProxyService {
     proxy: Proxy,
     client: SocketAddr,
+    /// The client's IP as X-Forwarded-For wants it, made once per connection.
+    client_ip: HeaderValue,
 }
 
 enum RequestBody {
@@ -127,9 +189,12 @@ impl Proxy {
 
     /// The service for one client connection.
     pub fn for_client(&self, client: SocketAddr) -> ProxyService {
+        let client_ip = HeaderValue::from_str(&client.ip().to_canonical().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ProxyService {
             proxy: self.clone(),
             client,
+            client_ip,
         }
     }
 }
@@ -227,13 +292,14 @@ impl ProxyService {
             return local_response(StatusCode::BAD_REQUEST, "bad-request", reason);
         }
         let request_id = ensure_request_id(request.headers_mut());
+        let request_id = request_id.to_str().unwrap_or("-");
         if let Some(log) = log.as_deref_mut() {
-            log.record.request_id.clone_from(&request_id);
+            request_id.clone_into(&mut log.record.request_id);
         }
         let upgrade = is_upgrade(&request);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
-        prepare_upstream_headers(&mut parts.headers, &parts.uri, self.client, upgrade);
+        prepare_upstream_headers(&mut parts.headers, &parts.uri, &self.client_ip, upgrade);
 
         // Up to 64 KiB of body is read before any endpoint sees the request: a small
         // body becomes replayable, and a malformed one (bad chunk size) is refused
@@ -280,7 +346,7 @@ impl ProxyService {
             };
             let Some(endpoint) = selected else {
                 if let Some(failure) = last {
-                    return failure_response(&failure, &request_id);
+                    return failure_response(&failure, request_id);
                 }
                 proxy.metrics.no_endpoint.inc();
                 tracing::warn!(request_id, path = %parts.uri.path(), "no endpoint available");
@@ -316,7 +382,7 @@ impl ProxyService {
                     if let Some(client_upgrade) = client_upgrade {
                         return self.finish_upgrade(response, client_upgrade, endpoint);
                     }
-                    return response.map(|b| b.boxed_unsync());
+                    return response.map(ProxyBody::Tracked);
                 }
                 Err(failure) => {
                     tracing::warn!(
@@ -336,7 +402,7 @@ impl ProxyService {
                         && (tried.len() as u32) < proxy.config.max_attempts
                         && proxy.budget.try_retry(Instant::now());
                     if !retry {
-                        return failure_response(&failure, &request_id);
+                        return failure_response(&failure, request_id);
                     }
                     proxy.metrics.retries.inc();
                     last = Some(failure);
@@ -384,18 +450,21 @@ impl ProxyService {
             },
         };
         let mut request = Request::from_parts(parts.clone(), body);
-        let exchange = Exchange::begin(endpoint.clone(), proxy.metrics.clone());
+        let exchange = Exchange::begin(endpoint.clone());
         let sent = Instant::now();
         let response = match sender {
             Sender::Http1(mut sender) => {
                 *request.version_mut() = Version::HTTP_11;
-                let origin = request
-                    .uri()
-                    .path_and_query()
-                    .map_or("/", |pq| pq.as_str())
-                    .to_owned();
-                *request.uri_mut() =
-                    Uri::try_from(origin).unwrap_or_else(|_| Uri::from_static("/"));
+                // Backends get origin-form ("/path?query"), which is what HTTP/1.1
+                // clients send anyway; absolute-form and HTTP/2 URIs are cut down.
+                if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+                    let origin = request.uri().path_and_query().cloned();
+                    let mut uri = http::uri::Parts::default();
+                    uri.path_and_query =
+                        Some(origin.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+                    *request.uri_mut() =
+                        Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
+                }
                 let result =
                     with_timeout(proxy.config.response_timeout, sender.send_request(request)).await;
                 result.map(|r| (r, Some(sender)))
@@ -460,9 +529,7 @@ impl ProxyService {
                 drop(exchange);
                 endpoint.failures.fetch_add(1, Relaxed);
                 proxy.registry.record_failure(endpoint, now);
-                // The connection closed before any response byte (the keep-alive race:
-                // the backend closed an idle connection as we reused it).
-                let before_response = e.is_canceled() || e.is_incomplete_message();
+                let before_response = failed_before_response(&e);
                 let failure = AttemptFailure {
                     status: StatusCode::BAD_GATEWAY,
                     kind: "upstream-failed",
@@ -495,7 +562,7 @@ impl ProxyService {
         endpoint: Arc<EndpointState>,
     ) -> Response<ResponseBody> {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return response.map(|b| b.boxed_unsync());
+            return response.map(ProxyBody::Tracked);
         }
         let (head, mut body) = response.into_parts();
         let upstream_upgrade = body.take_upgrade();
@@ -530,10 +597,7 @@ impl ProxyService {
             endpoint.connections.fetch_sub(1, Relaxed);
             drop(body);
         });
-        Response::from_parts(
-            head,
-            Empty::new().map_err(|never| match never {}).boxed_unsync(),
-        )
+        Response::from_parts(head, ProxyBody::empty())
     }
 }
 
@@ -546,11 +610,10 @@ struct Exchange {
     /// The worker the request, and so its upstream connection, runs on.
     home: Option<usize>,
     completed: bool,
-    _metrics: Arc<Metrics>,
 }
 
 impl Exchange {
-    fn begin(endpoint: Arc<EndpointState>, metrics: Arc<Metrics>) -> Self {
+    fn begin(endpoint: Arc<EndpointState>) -> Self {
         endpoint.in_flight.fetch_add(1, Relaxed);
         endpoint.pending.fetch_add(1, Relaxed);
         endpoint.requests.fetch_add(1, Relaxed);
@@ -559,7 +622,6 @@ impl Exchange {
             sender: None,
             home: crate::workers::current(),
             completed: false,
-            _metrics: metrics,
         }
     }
 
@@ -682,9 +744,9 @@ async fn read_prefix(mut body: Incoming, limit: usize) -> Result<RequestBody, hy
     let tail = http_body_util::BodyStream::new(body).map(|frame| frame.map_err(BoxError::from));
     let end = futures::stream::iter(trailers.map(|t| Ok::<_, BoxError>(Frame::trailers(t))));
     let frames = head.chain(tail).chain(end);
-    Ok(RequestBody::Stream(Some(
+    Ok(RequestBody::Stream(Some(ProxyBody::Stream(
         http_body_util::StreamBody::new(frames).boxed_unsync(),
-    )))
+    ))))
 }
 
 async fn with_timeout<F: std::future::Future>(
@@ -698,9 +760,7 @@ async fn with_timeout<F: std::future::Future>(
 }
 
 fn full(bytes: Bytes) -> UpstreamBody {
-    Full::new(bytes)
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    ProxyBody::full(bytes)
 }
 
 /// Refuses request-smuggling shapes that must never reach a backend.
@@ -767,7 +827,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn prepare_upstream_headers(headers: &mut HeaderMap, uri: &Uri, client: SocketAddr, upgrade: bool) {
+fn prepare_upstream_headers(
+    headers: &mut HeaderMap,
+    uri: &Uri,
+    client_ip: &HeaderValue,
+    upgrade: bool,
+) {
     let upgrade_to = upgrade
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
@@ -784,12 +849,17 @@ fn prepare_upstream_headers(headers: &mut HeaderMap, uri: &Uri, client: SocketAd
     {
         headers.insert(header::HOST, authority);
     }
-    let client_ip = client.ip().to_canonical().to_string();
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {client_ip}"),
-        None => client_ip,
+    let forwarded_for = match headers.get("x-forwarded-for") {
+        Some(previous) => {
+            let mut joined = Vec::with_capacity(previous.len() + 2 + client_ip.len());
+            joined.extend_from_slice(previous.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client_ip.as_bytes());
+            HeaderValue::from_bytes(&joined).ok()
+        }
+        None => Some(client_ip.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(value) = forwarded_for {
         headers.insert("x-forwarded-for", value);
     }
     if !headers.contains_key("x-forwarded-proto") {
@@ -802,16 +872,51 @@ fn prepare_upstream_headers(headers: &mut HeaderMap, uri: &Uri, client: SocketAd
     }
 }
 
-/// Keeps the client's `x-request-id` or sets a new one; returns it.
-fn ensure_request_id(headers: &mut HeaderMap) -> String {
-    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
-        return id.to_owned();
+/// Keeps the client's `x-request-id` or sets a new one (32 random hex digits); returns
+/// it.
+fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get("x-request-id")
+        && id.to_str().is_ok()
+    {
+        return id.clone();
     }
-    let id = format!("{:032x}", fastrand::u128(..));
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        headers.insert("x-request-id", value);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut random = fastrand::u128(..);
+    let mut digits = [0u8; 32];
+    for digit in digits.iter_mut().rev() {
+        *digit = HEX[(random & 0xf) as usize];
+        random >>= 4;
     }
-    id
+    let value = HeaderValue::from_bytes(&digits).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    headers.insert("x-request-id", value.clone());
+    value
+}
+
+/// Whether a request failed before any byte of a response arrived, so that sending it
+/// again cannot repeat a response the client half-saw. This is the keep-alive race: the
+/// backend closed (FIN) or dropped (RST) an idle connection just as it was reused, and
+/// the request met a closed connection or a reset while waiting for the head. A response
+/// head that arrived malformed is not in this set.
+fn failed_before_response(error: &hyper::Error) -> bool {
+    if error.is_canceled() || error.is_incomplete_message() {
+        return true;
+    }
+    if error.is_parse() || error.is_parse_status() || error.is_timeout() || error.is_user() {
+        return false;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
@@ -897,8 +1002,8 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(header::HOST, HeaderValue::from_static("shop.example"));
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
-        let client: SocketAddr = "10.1.2.3:5555".parse().unwrap();
-        prepare_upstream_headers(&mut h, &Uri::from_static("/"), client, false);
+        let client_ip = HeaderValue::from_static("10.1.2.3");
+        prepare_upstream_headers(&mut h, &Uri::from_static("/"), &client_ip, false);
         assert!(!h.contains_key(header::CONNECTION));
         assert!(!h.contains_key("x-secret"));
         assert!(!h.contains_key("keep-alive"));
@@ -916,7 +1021,9 @@ mod tests {
         let mut h = HeaderMap::new();
         let id = ensure_request_id(&mut h);
         assert_eq!(id.len(), 32);
-        assert_eq!(h["x-request-id"], id.as_str());
+        assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit), "{id:?}");
+        assert_eq!(h["x-request-id"], id);
+        assert_ne!(ensure_request_id(&mut HeaderMap::new()), id);
     }
 }
 
