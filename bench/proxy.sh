@@ -467,7 +467,7 @@ section_throughput() {
     done
     new_table 1
     row target "req/s" "req/s per round" "vs haproxy" "vs nginx" "p50 ms" "p99 ms" "p50 added (ms)" \
-        "light p50 ms" "light p50 added (ms)" "proxy CPU us/req" "proxy max RSS MiB" "wrk errors"
+        "light p50 ms" "light p50 per round (ms)" "light p50 added (ms)" "proxy CPU us/req" "proxy max RSS MiB" "wrk errors"
     for name in "${targets[@]}"; do
         local label=$name added=- ladded=- cpu=-
         [[ $name != direct ]] || label="direct (one backend, $(backend_ip 1))"
@@ -479,11 +479,14 @@ section_throughput() {
         row "$label" "${med_rps[$name]%.*}" "$(echo ${rps[$name]} | tr ' ' '/')" \
             "$(calc "${med_rps[$name]} / ${med_rps[haproxy]:-1}")" "$(calc "${med_rps[$name]} / ${med_rps[nginx]:-1}")" \
             "$(calc "${med_p50[$name]}" 3)" "$(calc "$(median ${p99[$name]})" 3)" "$added" \
-            "$(calc "${med_lp50[$name]}" 3)" "$ladded" "$cpu" "${rss[$name]}" "${errs[$name]:-none}"
+            "$(calc "${med_lp50[$name]}" 3)" "$(for v in ${lp50[$name]}; do calc "$v" 3; echo; done | paste -sd/)" \
+            "$ladded" "$cpu" "${rss[$name]}" "${errs[$name]:-none}"
     done
     print_table "$TABLE"
     say ""
     say "CPU and RSS are the proxy's only (nginx: master + workers summed; RSS is VmHWM, the peak, of the last round)."
+    say "Light-load latency depends on how fast an idle thread wakes up; on a shared VM that comes in"
+    say "spells (0.1-0.2 ms, then 0.6-0.8 ms for everything that sleeps between requests), so read the rounds."
 }
 
 # ------------------------------------------------------------- section 2 --

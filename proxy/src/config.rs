@@ -580,10 +580,13 @@ mod tests {
             "127.0.0.2:80",
             "--kube-service",
             "web",
+            "--workers",
+            "0",
         ]);
         let err = settings.resolve().unwrap_err();
         let text = err.to_string();
-        assert_eq!(text.lines().count(), 4, "{text}");
+        assert_eq!(text.lines().count(), 5, "{text}");
+        assert!(text.contains("--workers: 0 is outside 1..=256"));
         assert!(text.contains("--listen: \"nope\" is not an IP:port address"));
         assert!(text.contains("--retry-attempts: 9 is outside 1..=5"));
         assert!(text.contains("--connect-timeout"));
