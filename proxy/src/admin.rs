@@ -8,7 +8,6 @@
 use crate::metrics::Metrics;
 use crate::proxy::ResponseBody;
 use crate::registry::Registry;
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
@@ -116,7 +115,7 @@ fn not_an_endpoint(caller: std::net::IpAddr) -> Response<ResponseBody> {
 }
 
 fn text(status: StatusCode, body: &str) -> Response<ResponseBody> {
-    let mut response = Response::new(body_of(format!("{body}\n").into()));
+    let mut response = Response::new(ResponseBody::full(format!("{body}\n")));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -129,7 +128,7 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Response
     match serde_json::to_vec_pretty(value) {
         Ok(mut bytes) => {
             bytes.push(b'\n');
-            let mut response = Response::new(body_of(bytes.into()));
+            let mut response = Response::new(ResponseBody::full(bytes));
             *response.status_mut() = status;
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -142,8 +141,4 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Response
             &format!("encoding failed: {e}"),
         ),
     }
-}
-
-fn body_of(bytes: Bytes) -> ResponseBody {
-    ResponseBody::full(bytes)
 }

@@ -436,7 +436,7 @@ impl ProxyService {
             }
         };
         let body = match body {
-            RequestBody::Replayable(bytes) => full(bytes.clone()),
+            RequestBody::Replayable(bytes) => ProxyBody::full(bytes.clone()),
             RequestBody::Stream(stream) => match stream.take() {
                 Some(stream) => stream,
                 None => {
@@ -759,10 +759,6 @@ async fn with_timeout<F: std::future::Future>(
     }
 }
 
-fn full(bytes: Bytes) -> UpstreamBody {
-    ProxyBody::full(bytes)
-}
-
 /// Refuses request-smuggling shapes that must never reach a backend.
 fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
@@ -945,7 +941,7 @@ pub fn local_response(
     kind: &'static str,
     message: &str,
 ) -> Response<ResponseBody> {
-    let mut response = Response::new(full(Bytes::from(format!("{message}\n"))));
+    let mut response = Response::new(ProxyBody::full(format!("{message}\n")));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(

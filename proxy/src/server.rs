@@ -108,6 +108,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             source,
         })?;
 
+    // Threads before any task: a failure here leaves nothing running behind.
+    let workers_count = config.workers;
+    let workers = Workers::start(workers_count).map_err(|source| StartError::Workers {
+        count: workers_count,
+        source,
+    })?;
+
     let registry = Arc::new(Registry::new(config.balancer.clone()));
     let metrics = Arc::new(Metrics::new(registry.clone()));
     let ready = Arc::new(AtomicBool::new(false));
@@ -158,11 +165,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     tokio::spawn(feed(rx, registry.clone(), ready.clone()));
     tokio::spawn(housekeeping(registry.clone(), config.connect.idle_timeout));
 
-    let config_workers = config.workers;
-    let workers = Workers::start(config.workers).map_err(|source| StartError::Workers {
-        count: config.workers,
-        source,
-    })?;
     let shutdown = Arc::new(Notify::new());
     let task = tokio::spawn(serve(
         config,
@@ -173,7 +175,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown.clone(),
         log_writer,
     ));
-    tracing::info!(%listen, admin = %admin_addr, workers = config_workers, "ballast-proxy listening");
+    tracing::info!(%listen, admin = %admin_addr, workers = workers_count, "ballast-proxy listening");
     Ok(Running {
         listen,
         admin: admin_addr,

@@ -7,8 +7,8 @@
 //! (the pool keeps each worker's connections apart, see [`current`]). One request's
 //! server side, client side and every wakeup between them stay on one thread, which a
 //! work-stealing runtime cannot promise: there, handing a request to the upstream
-//! connection's task often woke the other worker thread, and those cross-thread wakeups
-//! were the largest single cost per request in `bench/proxy.sh`.
+//! connection's task often woke the other worker thread. The measured gain is in
+//! docs/DESIGN.md ("Threads").
 
 use std::cell::Cell;
 use std::future::Future;
@@ -60,16 +60,6 @@ impl Workers {
             queues.push(tx);
         }
         Ok(Self { queues, next: 0 })
-    }
-
-    /// Number of workers.
-    pub fn len(&self) -> usize {
-        self.queues.len()
-    }
-
-    /// Always false: there is at least one worker.
-    pub fn is_empty(&self) -> bool {
-        self.queues.is_empty()
     }
 
     /// Runs `job` on the next worker in turn (skipping one that has died). Returns
