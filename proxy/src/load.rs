@@ -31,12 +31,12 @@ impl PeakEwma {
     /// gap. The first sample, and any sample after [`STALE_AFTER`] without one, replaces
     /// the estimate: an initial guess or a stall seconds ago says nothing about now.
     pub fn observe(&mut self, rtt: Duration, now: Instant) {
-        let rtt = rtt.as_nanos() as f64;
+        let rtt = nanos(rtt);
         let current = self.estimate(now);
         self.estimate_ns = if !self.sampled || self.is_stale(now) || rtt > current {
             rtt
         } else {
-            let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
+            let elapsed = nanos(now.saturating_duration_since(self.updated));
             let keep = (-elapsed / self.decay_ns).exp().min(MAX_KEEP);
             current * keep + rtt * (1.0 - keep)
         };
@@ -48,7 +48,7 @@ impl PeakEwma {
     /// estimate had kept the endpoint out of rotation, and only a fresh sample can say
     /// whether that was deserved.
     pub fn reset_to(&mut self, rtt: Duration, now: Instant) {
-        self.estimate_ns = rtt.as_nanos() as f64;
+        self.estimate_ns = nanos(rtt);
         self.updated = now;
         self.sampled = true;
     }
@@ -66,9 +66,15 @@ impl PeakEwma {
 
     /// The estimate in nanoseconds at `now`.
     pub fn estimate(&self, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
+        let elapsed = nanos(now.saturating_duration_since(self.updated));
         self.estimate_ns * (-elapsed / self.decay_ns).exp()
     }
+}
+
+/// `duration` in nanoseconds, as a float: without `as_nanos`'s 128-bit integer, whose
+/// conversion is a library call on the request path.
+fn nanos(duration: Duration) -> f64 {
+    duration.as_secs() as f64 * 1e9 + f64::from(duration.subsec_nanos())
 }
 
 /// An estimate without a sample for this long is stale: the endpoint gets a probe

@@ -137,6 +137,13 @@ impl Pool {
         lock(&self.h2).take();
     }
 
+    /// The shared HTTP/2 connection, while it is open and can take a stream.
+    fn shared_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+        lock(&self.h2)
+            .clone()
+            .filter(|s| !s.is_closed() && s.is_ready())
+    }
+
     /// Drops idle connections older than `idle_timeout`.
     pub fn expire(&self, now: Instant, idle_timeout: Duration) {
         lock(&self.idle).retain(|c| {
@@ -164,11 +171,11 @@ pub async fn checkout(
     endpoint: &Arc<EndpointState>,
     config: ConnectConfig,
 ) -> Result<(Sender, bool), ConnectError> {
-    let now = Instant::now();
     match config.protocol {
         BackendProtocol::Http1 => {
             // Connections are spawned on, and so live on, the worker that opened them.
             let home = crate::workers::current();
+            let now = Instant::now();
             while let Some(mut sender) = endpoint.pool.take_idle(now, config.idle_timeout, home) {
                 // A pooled connection whose backend closed it is discovered here (or,
                 // in a race, when the request fails: see the proxy's retry rule).
@@ -176,6 +183,26 @@ pub async fn checkout(
                     return Ok((Sender::Http1(sender), true));
                 }
             }
+        }
+        BackendProtocol::H2c => {
+            if let Some(sender) = endpoint.pool.shared_h2() {
+                return Ok((Sender::Http2(sender), true));
+            }
+        }
+    }
+    // The cold path, boxed: a connect's state machine (TCP connect, timeout, handshake)
+    // would otherwise make every request's future kilobytes larger, and each request
+    // moves its future around several times.
+    Box::pin(open(endpoint, config)).await
+}
+
+/// Opens a new connection to `endpoint` (for HTTP/2: unless another request just did).
+async fn open(
+    endpoint: &Arc<EndpointState>,
+    config: ConnectConfig,
+) -> Result<(Sender, bool), ConnectError> {
+    match config.protocol {
+        BackendProtocol::Http1 => {
             let io = connect(endpoint, config).await?;
             let (sender, conn) = http1::Builder::new()
                 .handshake(io)
@@ -188,16 +215,8 @@ pub async fn checkout(
             Ok((Sender::Http1(sender), false))
         }
         BackendProtocol::H2c => {
-            let shared = || {
-                lock(&endpoint.pool.h2)
-                    .clone()
-                    .filter(|s| !s.is_closed() && s.is_ready())
-            };
-            if let Some(sender) = shared() {
-                return Ok((Sender::Http2(sender), true));
-            }
             let _connecting = endpoint.pool.h2_connecting.lock().await;
-            if let Some(sender) = shared() {
+            if let Some(sender) = endpoint.pool.shared_h2() {
                 return Ok((Sender::Http2(sender), true));
             }
             let io = connect(endpoint, config).await?;

@@ -9,7 +9,7 @@ use crate::registry::{EndpointState, Registry};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
@@ -262,7 +262,7 @@ impl ProxyService {
         pending.record.status = response.status().as_u16();
         pending.record.error = response
             .headers()
-            .get("x-ballast-error")
+            .get(&X_BALLAST_ERROR)
             .and_then(|v| ERROR_KINDS.iter().copied().find(|k| v == *k));
         match response.extensions_mut().remove::<UpstreamLog>() {
             // Logged when the response body ends (see `TrackedBody::finish`).
@@ -323,7 +323,8 @@ impl ProxyService {
 
         let proxy = &self.proxy;
         proxy.budget.record_request(started);
-        let mut tried: Vec<SocketAddr> = Vec::new();
+        // Endpoints tried so far; inline up to the default of 2 attempts.
+        let mut tried: smallvec::SmallVec<[SocketAddr; 2]> = smallvec::SmallVec::new();
         let mut last: Option<AttemptFailure> = None;
         let affinity = proxy
             .config
@@ -759,25 +760,39 @@ async fn with_timeout<F: std::future::Future>(
     }
 }
 
-/// Refuses request-smuggling shapes that must never reach a backend.
+/// Refuses request-smuggling shapes that must never reach a backend. One pass over the
+/// headers (most requests carry neither framing header, and a pass over a dozen names is
+/// cheaper than three lookups).
 fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
-    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
-    if headers.contains_key(header::TRANSFER_ENCODING) && !lengths.is_empty() {
-        return Err("both Content-Length and Transfer-Encoding");
-    }
-    if lengths.windows(2).any(|w| w[0] != w[1]) {
-        return Err("conflicting Content-Length headers");
-    }
-    for value in headers.get_all(header::TRANSFER_ENCODING) {
-        let Ok(text) = value.to_str() else {
-            return Err("invalid Transfer-Encoding");
-        };
-        let last = text.rsplit(',').next().unwrap_or("").trim();
-        if !last.eq_ignore_ascii_case("chunked") {
-            return Err("Transfer-Encoding must end with chunked");
+    let mut length: Option<&HeaderValue> = None;
+    let mut conflicting_lengths = false;
+    let mut transfer_encoding: Result<bool, &'static str> = Ok(false);
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH {
+            conflicting_lengths |= length.is_some_and(|first| first != value);
+            length.get_or_insert(value);
+        } else if name == header::TRANSFER_ENCODING && transfer_encoding.is_ok() {
+            transfer_encoding = match value.to_str() {
+                Err(_) => Err("invalid Transfer-Encoding"),
+                Ok(text) => {
+                    let last = text.rsplit(',').next().unwrap_or("").trim();
+                    if last.eq_ignore_ascii_case("chunked") {
+                        Ok(true)
+                    } else {
+                        Err("Transfer-Encoding must end with chunked")
+                    }
+                }
+            };
         }
     }
-    Ok(())
+    let has_transfer_encoding = transfer_encoding != Ok(false);
+    if has_transfer_encoding && length.is_some() {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    if conflicting_lengths {
+        return Err("conflicting Content-Length headers");
+    }
+    transfer_encoding.map(|_| ())
 }
 
 fn is_upgrade<B>(request: &Request<B>) -> bool {
@@ -796,7 +811,14 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
-const HOP_BY_HOP: [HeaderName; 7] = [
+// Header names made once: a `const` HeaderName is built, and dropped, at every use.
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_BALLAST_ERROR: HeaderName = HeaderName::from_static("x-ballast-error");
+
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -809,6 +831,14 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes hop-by-hop headers, including those named by `Connection`. `TE: trailers`
 /// is end-to-end in practice (gRPC needs it) and is kept.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names present instead of a
+    // lookup per hop-by-hop name.
+    if !headers
+        .keys()
+        .any(|name| name == header::TE || HOP_BY_HOP.contains(name))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
@@ -838,44 +868,45 @@ fn prepare_upstream_headers(
         headers.insert(header::UPGRADE, protocol);
     }
     // HTTP/2 clients send the authority in the URI, HTTP/1.1 backends need Host.
-    if !headers.contains_key(header::HOST)
-        && let Some(authority) = uri
+    let host = match headers.entry(header::HOST) {
+        Entry::Occupied(host) => Some(host.get().clone()),
+        Entry::Vacant(slot) => uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        headers.insert(header::HOST, authority);
-    }
-    let forwarded_for = match headers.get("x-forwarded-for") {
-        Some(previous) => {
-            let mut joined = Vec::with_capacity(previous.len() + 2 + client_ip.len());
-            joined.extend_from_slice(previous.as_bytes());
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(client_ip.as_bytes());
-            HeaderValue::from_bytes(&joined).ok()
-        }
-        None => Some(client_ip.clone()),
+            .map(|authority| slot.insert(authority).clone()),
     };
-    if let Some(value) = forwarded_for {
-        headers.insert("x-forwarded-for", value);
+    match headers.entry(&X_FORWARDED_FOR) {
+        // Every earlier hop in order (all of the header's lines), then this client.
+        Entry::Occupied(mut previous) => {
+            let mut joined = Vec::with_capacity(64);
+            for hop in previous.iter() {
+                joined.extend_from_slice(hop.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(client_ip.as_bytes());
+            if let Ok(value) = HeaderValue::from_bytes(&joined) {
+                previous.insert(value);
+            }
+        }
+        Entry::Vacant(slot) => {
+            slot.insert(client_ip.clone());
+        }
     }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    }
-    if !headers.contains_key("x-forwarded-host")
-        && let Some(host) = headers.get(header::HOST).cloned()
-    {
-        headers.insert("x-forwarded-host", host);
+    headers
+        .entry(&X_FORWARDED_PROTO)
+        .or_insert(HeaderValue::from_static("http"));
+    if let (Entry::Vacant(slot), Some(host)) = (headers.entry(&X_FORWARDED_HOST), host) {
+        slot.insert(host);
     }
 }
 
 /// Keeps the client's `x-request-id` or sets a new one (32 random hex digits); returns
 /// it.
 fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get("x-request-id")
-        && id.to_str().is_ok()
-    {
-        return id.clone();
-    }
+    let slot = match headers.entry(&X_REQUEST_ID) {
+        Entry::Occupied(id) if id.get().to_str().is_ok() => return id.get().clone(),
+        slot => slot,
+    };
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut random = fastrand::u128(..);
     let mut digits = [0u8; 32];
@@ -884,7 +915,14 @@ fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
         random >>= 4;
     }
     let value = HeaderValue::from_bytes(&digits).unwrap_or_else(|_| HeaderValue::from_static("-"));
-    headers.insert("x-request-id", value.clone());
+    match slot {
+        Entry::Occupied(mut id) => {
+            id.insert(value.clone());
+        }
+        Entry::Vacant(id) => {
+            id.insert(value.clone());
+        }
+    }
     value
 }
 
@@ -948,7 +986,7 @@ pub fn local_response(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    headers.insert("x-ballast-error", HeaderValue::from_static(kind));
+    headers.insert(&X_BALLAST_ERROR, HeaderValue::from_static(kind));
     response
 }
 
@@ -1007,6 +1045,63 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "shop.example");
+    }
+
+    #[test]
+    fn every_earlier_forwarded_for_line_is_kept_in_order() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("198.51.100.2, 10.0.0.7"),
+        );
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        let client_ip = HeaderValue::from_static("10.1.2.3");
+        let uri = Uri::from_static("http://api.example/v1");
+        prepare_upstream_headers(&mut h, &uri, &client_ip, false);
+        let forwarded: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(
+            forwarded,
+            ["203.0.113.9, 198.51.100.2, 10.0.0.7, 10.1.2.3"],
+            "one line, earlier hops first"
+        );
+        assert_eq!(h["x-forwarded-proto"], "https", "an earlier hop's is kept");
+        // An HTTP/2 request has no Host: the URI's authority becomes it.
+        assert_eq!(h[header::HOST], "api.example");
+        assert_eq!(h["x-forwarded-host"], "api.example");
+    }
+
+    #[test]
+    fn framing_refusals_name_the_first_rule_broken() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+        assert_eq!(
+            check_framing(&h),
+            Err("both Content-Length and Transfer-Encoding")
+        );
+        h.remove(header::TRANSFER_ENCODING);
+        assert_eq!(check_framing(&h), Err("conflicting Content-Length headers"));
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert_eq!(
+            check_framing(&h),
+            Ok(()),
+            "repeated equal lengths are one length"
+        );
+        let mut h = HeaderMap::new();
+        h.append(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.append(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+        assert_eq!(
+            check_framing(&h),
+            Err("Transfer-Encoding must end with chunked")
+        );
+        assert_eq!(check_framing(&HeaderMap::new()), Ok(()));
     }
 
     #[test]
