@@ -41,11 +41,13 @@ if ((QUICK)); then BIG_N=20; else BIG_N=100; fi
 
 PROXY_BIN=$ROOT/target/release/ballast-proxy
 APP_BIN=$ROOT/target/release/ballast-sample-app
+FLOOR_BIN=$ROOT/target/release/examples/hyper_floor
 BACKEND_PORT=8080
 BALLAST_ADDR=127.0.0.1:18080
 BALLAST_ADMIN=127.0.0.1:18090
 NGINX_ADDR=127.0.0.1:18081
 HAPROXY_ADDR=127.0.0.1:18082
+FLOOR_ADDR=127.0.0.1:18083
 NPROC=$(nproc)
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -184,9 +186,10 @@ export PATH=$PATH:/usr/sbin:/sbin
 
 if ((BUILD)); then
     log "building release binaries"
-    (cd "$ROOT" && cargo build --release -q -p ballast-proxy -p ballast-integration)
+    (cd "$ROOT" && cargo build --release -q -p ballast-proxy -p ballast-integration &&
+        cargo build --release -q -p ballast-proxy --example hyper_floor)
 fi
-[[ -x $PROXY_BIN && -x $APP_BIN ]] || die "missing $PROXY_BIN or $APP_BIN (build them)"
+[[ -x $PROXY_BIN && -x $APP_BIN && -x $FLOOR_BIN ]] || die "missing $PROXY_BIN, $APP_BIN or $FLOOR_BIN (build them)"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # -------------------------------------------------------------- backends --
@@ -260,6 +263,16 @@ start_ballast() { # ENDPOINTS_CSV [extra ballast-proxy flags]
     wait_http "http://$BALLAST_ADMIN/ready" 20 "$PROXY_PID" || die "ballast-proxy not ready; see $LOGS/ballast.log"
     wait_http "http://$BALLAST_ADDR/healthz" 10 "$PROXY_PID" || die "ballast-proxy not proxying; see $LOGS/ballast.log"
     TARGET_URL=http://$BALLAST_ADDR/
+}
+
+# The thinnest hyper proxy (proxy/examples/hyper_floor.rs): what the HTTP stack costs.
+start_floor() { # N backends
+    require_free "$FLOOR_ADDR"
+    "$FLOOR_BIN" "$FLOOR_ADDR" "$(backend_list "$1")" "$NPROC" >>"$LOGS/hyper-floor.log" 2>&1 &
+    PROXY_PID=$!
+    track "$PROXY_PID"
+    wait_http "http://$FLOOR_ADDR/healthz" 10 "$PROXY_PID" || die "hyper floor not ready; see $LOGS/hyper-floor.log"
+    TARGET_URL=http://$FLOOR_ADDR/
 }
 
 start_nginx() { # N backends
@@ -424,7 +437,7 @@ median() {
 
 section_throughput() {
     local n=4 name round i
-    local targets=(direct ballast nginx haproxy)
+    local targets=(direct ballast nginx haproxy hyper-floor)
     say ""
     say "## 1. Throughput and latency (4 backends, 0 ms; medians of $ROUNDS rounds)"
     say ""
@@ -442,6 +455,7 @@ section_throughput() {
                 ballast) start_ballast "$(backend_list "$n")" ;;
                 nginx) start_nginx "$n" ;;
                 haproxy) start_haproxy http roundrobin "$n" ;;
+                hyper-floor) start_floor "$n" ;;
             esac
             if [[ $name == direct ]]; then
                 run_wrk "s1-$name-r$round" "$TARGET_URL" 2 32
@@ -471,6 +485,7 @@ section_throughput() {
     for name in "${targets[@]}"; do
         local label=$name added=- ladded=- cpu=-
         [[ $name != direct ]] || label="direct (one backend, $(backend_ip 1))"
+        [[ $name != hyper-floor ]] || label="hyper floor (reference, not a product)"
         if [[ $name != direct ]]; then
             added=$(calc "${med_p50[$name]} - ${med_p50[direct]}" 3)
             ladded=$(calc "${med_lp50[$name]} - ${med_lp50[direct]}" 3)
@@ -485,6 +500,8 @@ section_throughput() {
     print_table "$TABLE"
     say ""
     say "CPU and RSS are the proxy's only (nginx: master + workers summed; RSS is VmHWM, the peak, of the last round)."
+    say "hyper floor: hyper's HTTP/1 server and client, a keep-alive pool and round-robin, nothing else"
+    say "(proxy/examples/hyper_floor.rs): the cost of the HTTP stack ballast is built on, without ballast's work."
     say "Light-load latency depends on how fast an idle thread wakes up; on a shared VM that comes in"
     say "spells (0.1-0.2 ms, then 0.6-0.8 ms for everything that sleeps between requests), so read the rounds."
 }
