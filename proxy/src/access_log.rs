@@ -1,7 +1,7 @@
 //! Optional access log: one JSON line per request, written off the request path.
 //!
-//! Requests hand a record to a bounded channel; one task serializes and writes them
-//! through a buffer, flushing whenever the channel runs empty. When the writer cannot
+//! Requests hand a record to a bounded channel; one task drains it every 20 ms,
+//! serializes the records and writes them through a buffer, flushing after each drain. When the writer cannot
 //! keep up, records are dropped and counted (`ballast_access_log_dropped_total`) rather
 //! than slowing requests down.
 
@@ -120,34 +120,46 @@ impl AccessLog {
     }
 }
 
+/// How often the writer drains the queue (and flushes what it wrote): the most a line
+/// waits before it is written.
+const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
 async fn write<W: tokio::io::AsyncWrite + Unpin>(mut rx: mpsc::Receiver<AccessRecord>, out: W) {
     let mut out = tokio::io::BufWriter::with_capacity(64 * 1024, out);
     let mut line = Vec::with_capacity(512);
-    // Flushing whenever the channel runs empty would cost a write(2) per request under
-    // steady load; flush on a short timer instead (and when the buffer fills).
-    let mut flush = tokio::time::interval(std::time::Duration::from_millis(100));
-    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut dirty = false;
+    // The queue is drained on a timer, never awaited record by record: a writer parked
+    // in `recv()` makes every request's send wake it, on another thread (measured: about
+    // 9 us of CPU per request, 40% on top of the proxying). 16k records of room cover
+    // 20 ms at 800k req/s.
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            record = rx.recv() => {
-                let Some(record) = record else { break };
-                line.clear();
-                if serde_json::to_writer(&mut line, &record).is_ok() {
-                    line.push(b'\n');
-                    if let Err(e) = out.write_all(&line).await {
-                        tracing::warn!(error = %e, "access log write failed");
+        drain.tick().await;
+        let mut wrote = false;
+        let closed = loop {
+            match rx.try_recv() {
+                Ok(record) => {
+                    line.clear();
+                    if serde_json::to_writer(&mut line, &record).is_ok() {
+                        line.push(b'\n');
+                        if let Err(e) = out.write_all(&line).await {
+                            tracing::warn!(error = %e, "access log write failed");
+                        }
+                        wrote = true;
                     }
-                    dirty = true;
                 }
+                Err(mpsc::error::TryRecvError::Empty) => break false,
+                // Every handle is gone and the queue is empty.
+                Err(mpsc::error::TryRecvError::Disconnected) => break true,
             }
-            _ = flush.tick(), if dirty => {
-                if let Err(e) = out.flush().await {
-                    tracing::warn!(error = %e, "access log flush failed");
-                }
-                dirty = false;
-            }
+        };
+        if (wrote || closed)
+            && let Err(e) = out.flush().await
+        {
+            tracing::warn!(error = %e, "access log flush failed");
+        }
+        if closed {
+            return;
         }
     }
-    let _ = out.flush().await;
 }
