@@ -12,6 +12,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib.sh
+source "$ROOT/bench/lib.sh"
 REQUESTS=20000
 WARMUP=2000
 BUILD=1
@@ -61,21 +63,7 @@ die() { echo "error: $*" >&2; exit 1; }
 log() { echo "# $*" >&2; }
 listening() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
-install_tools() {
-    local missing=()
-    command -v valgrind >/dev/null || missing+=(valgrind)
-    command -v h2load >/dev/null || missing+=(nghttp2-client)
-    command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
-    command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
-    command -v curl >/dev/null || missing+=(curl)
-    ((${#missing[@]})) || return 0
-    local sudo=
-    ((EUID == 0)) || sudo=sudo
-    log "installing ${missing[*]} (apt); the packaged services are not used by this script"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-}
-install_tools
+install_missing valgrind=valgrind h2load=nghttp2-client nginx=nginx haproxy=haproxy curl=curl
 export PATH=$PATH:/usr/sbin:/sbin
 
 if ((BUILD)); then

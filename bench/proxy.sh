@@ -10,6 +10,8 @@ set -euo pipefail
 
 # ---------------------------------------------------------------- settings --
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib.sh
+source "$ROOT/bench/lib.sh"
 DURATION=10s
 DURATION_SET=0
 QUICK=0
@@ -167,21 +169,7 @@ proc_kib() {
 mib() { calc "$1 / 1024" 1; }
 
 # --------------------------------------------------------------- install --
-install_tools() {
-    local missing=()
-    command -v wrk >/dev/null || missing+=(wrk)
-    command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
-    command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
-    command -v curl >/dev/null || missing+=(curl)
-    command -v pgrep >/dev/null || missing+=(procps)
-    ((${#missing[@]})) || return 0
-    local sudo=
-    ((EUID == 0)) || sudo=sudo
-    log "installing ${missing[*]} (apt); the packaged services are not used by this script"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-}
-install_tools
+install_missing wrk=wrk nginx=nginx haproxy=haproxy curl=curl pgrep=procps
 export PATH=$PATH:/usr/sbin:/sbin
 
 if ((BUILD)); then

@@ -766,33 +766,32 @@ async fn with_timeout<F: std::future::Future>(
 fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     let mut length: Option<&HeaderValue> = None;
     let mut conflicting_lengths = false;
-    let mut transfer_encoding: Result<bool, &'static str> = Ok(false);
+    let mut transfer_encoding = false;
+    let mut bad_transfer_encoding = None;
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH {
             conflicting_lengths |= length.is_some_and(|first| first != value);
             length.get_or_insert(value);
-        } else if name == header::TRANSFER_ENCODING && transfer_encoding.is_ok() {
-            transfer_encoding = match value.to_str() {
-                Err(_) => Err("invalid Transfer-Encoding"),
+        } else if name == header::TRANSFER_ENCODING {
+            transfer_encoding = true;
+            let problem = match value.to_str() {
+                Err(_) => Some("invalid Transfer-Encoding"),
                 Ok(text) => {
                     let last = text.rsplit(',').next().unwrap_or("").trim();
-                    if last.eq_ignore_ascii_case("chunked") {
-                        Ok(true)
-                    } else {
-                        Err("Transfer-Encoding must end with chunked")
-                    }
+                    (!last.eq_ignore_ascii_case("chunked"))
+                        .then_some("Transfer-Encoding must end with chunked")
                 }
             };
+            bad_transfer_encoding = bad_transfer_encoding.or(problem);
         }
     }
-    let has_transfer_encoding = transfer_encoding != Ok(false);
-    if has_transfer_encoding && length.is_some() {
+    if transfer_encoding && length.is_some() {
         return Err("both Content-Length and Transfer-Encoding");
     }
     if conflicting_lengths {
         return Err("conflicting Content-Length headers");
     }
-    transfer_encoding.map(|_| ())
+    bad_transfer_encoding.map_or(Ok(()), Err)
 }
 
 fn is_upgrade<B>(request: &Request<B>) -> bool {
