@@ -23,7 +23,14 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
-    let listener = TcpListener::bind(address).await?;
+    let listener = match TcpListener::bind(address).await {
+        // `[::]` serves IPv4 too; a node with IPv6 turned off gets `0.0.0.0`.
+        Err(e) if address.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            tracing::warn!(%address, error = %e, "IPv6 unavailable; listening on IPv4 only");
+            TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], address.port()))).await?
+        }
+        other => other?,
+    };
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -52,7 +59,42 @@ fn route(path: &str, metrics: &Metrics, ready: bool) -> Response<Full<Bytes>> {
             "not found: /healthz, /readyz, /metrics\n".to_owned(),
         ),
     };
+    let content_type = if path == "/metrics" {
+        // prometheus-client renders OpenMetrics text (it ends in `# EOF`); a scraper
+        // told text/plain would parse it as the older format.
+        OPENMETRICS
+    } else {
+        "text/plain; charset=utf-8"
+    };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     response
+}
+
+/// Content type of `/metrics`.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_served_as_openmetrics_text() {
+        let response = route("/metrics", &Metrics::default(), true);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[http::header::CONTENT_TYPE],
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        let response = route("/readyz", &Metrics::default(), false);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response.headers()[http::header::CONTENT_TYPE],
+            "text/plain; charset=utf-8"
+        );
+    }
 }

@@ -196,7 +196,7 @@ fn proxy_role_binding(bs: &BalancedService) -> RoleBinding {
     RoleBinding {
         metadata: meta(bs, proxy_name(bs)),
         role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            api_group: "rbac.authorization.k8s.io".to_owned(),
             kind: "Role".to_owned(),
             name: proxy_name(bs),
         },
@@ -383,11 +383,8 @@ pub fn proxy_args(bs: &BalancedService) -> Vec<String> {
     };
     let od = &balancing.outlier_detection;
     [
-        ("--listen", format!("0.0.0.0:{PROXY_PORT}")),
-        (
-            "--admin-listen",
-            format!("0.0.0.0:{}", spec.proxy.admin_port),
-        ),
+        ("--listen", format!("[::]:{PROXY_PORT}")),
+        ("--admin-listen", format!("[::]:{}", spec.proxy.admin_port)),
         ("--kube-service", backends_name(bs)),
         ("--port-name", port.name.clone()),
         ("--backend-protocol", protocol.to_owned()),
@@ -517,9 +514,11 @@ fn proxy_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
     let labels = selector_labels(bs, "proxy");
     let mut pod_labels = common_labels(bs);
     pod_labels.extend(labels.clone());
+    // Istio reads the label (newer releases) or the annotation.
+    pod_labels.insert("sidecar.istio.io/inject".to_owned(), "false".to_owned());
     Deployment {
         metadata: meta(bs, proxy_name(bs)),
-        spec: DeploymentSpec {
+        spec: Some(DeploymentSpec {
             replicas: Some(bs.spec.proxy.replicas),
             selector: LabelSelector {
                 match_labels: Some(labels),
@@ -535,6 +534,7 @@ fn proxy_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
+                    annotations: Some(no_mesh_sidecar()),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -558,9 +558,24 @@ fn proxy_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
                 }),
             },
             ..DeploymentSpec::default()
-        },
+        }),
         ..Deployment::default()
     }
+}
+
+/// Opt-outs of the usual mesh sidecar injectors for the proxy pods. A sidecar that
+/// redirects inbound traffic hides the caller's address from the proxy, and the drain
+/// protocol identifies a pod by exactly that: `POST /drain` would come from a local
+/// address and be refused, so no pod could be drained.
+fn no_mesh_sidecar() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("sidecar.istio.io/inject".to_owned(), "false".to_owned()),
+        ("linkerd.io/inject".to_owned(), "disabled".to_owned()),
+        (
+            "kuma.io/sidecar-injection".to_owned(),
+            "disabled".to_owned(),
+        ),
+    ])
 }
 
 /// The container that serves the proxied port: the one declaring the target port, or
@@ -577,6 +592,24 @@ fn serving_container(pod: &PodSpec, target: &IntOrString) -> usize {
         .unwrap_or(0)
 }
 
+/// The number of `port` in the app's containers: a number as it is, a name resolved to
+/// the `containerPort` declaring it (validation guarantees one does; the Service port is
+/// the last resort only for a spec that skipped validation).
+fn container_port_number(bs: &BalancedService, port: &IntOrString) -> i32 {
+    match port {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(name) => bs
+            .spec
+            .template
+            .spec
+            .iter()
+            .flat_map(|pod| pod.containers.iter())
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .map_or(bs.spec.ports[0].port, |p| p.container_port),
+    }
+}
+
 /// Readiness and startup probes from `spec.probes`, for a container that has neither.
 fn generated_probes(bs: &BalancedService) -> (Probe, Probe) {
     let probes = &bs.spec.probes;
@@ -584,10 +617,8 @@ fn generated_probes(bs: &BalancedService) -> (Probe, Probe) {
     let base = match bs.spec.ports[0].app_protocol {
         AppProtocol::Grpc => Probe {
             grpc: Some(GRPCAction {
-                port: match &port {
-                    IntOrString::Int(n) => *n,
-                    IntOrString::String(_) => bs.spec.ports[0].port,
-                },
+                // A gRPC probe takes a number only; a name means the container's port.
+                port: container_port_number(bs, &port),
                 ..GRPCAction::default()
             }),
             ..Probe::default()
@@ -789,7 +820,7 @@ fn app_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
     let selector = selector_labels(bs, "app");
     Deployment {
         metadata: meta(bs, name(bs).to_owned()),
-        spec: DeploymentSpec {
+        spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
             selector: LabelSelector {
                 match_labels: Some(selector),
@@ -813,7 +844,7 @@ fn app_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
             revision_history_limit: Some(10),
             template,
             ..DeploymentSpec::default()
-        },
+        }),
         ..Deployment::default()
     }
 }

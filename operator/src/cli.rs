@@ -56,7 +56,7 @@ pub struct RunArgs {
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
     /// Admin listener: /healthz, /readyz, /metrics.
-    #[arg(long, env = "BALLAST_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "BALLAST_ADMIN_LISTEN", default_value = "[::]:8080")]
     pub admin_listen: SocketAddr,
     /// Image with ballast-proxy and ballast-drain.
     #[arg(long, env = "BALLAST_PROXY_IMAGE", default_value = DEFAULT_PROXY_IMAGE)]

@@ -18,7 +18,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,7 @@ use crate::gate::{self, Verdict};
 use crate::metrics::Metrics;
 use crate::observe::{AppPod, ProxyObservation, ProxyPod, ProxyReader, ROUTABLE_CONDITION};
 use crate::rollout::{self, Inputs, Memory, Tracked};
-use crate::status::{Observed, compute, transitions};
+use crate::status::{Blocked, Observed, compute, transitions};
 use crate::validate::{Limits, validate};
 
 /// Set this annotation (any value) on a BalancedService to resume a rollout ballast
@@ -52,6 +52,33 @@ pub enum ReconcileError {
         /// Cause.
         #[source]
         source: kube::Error,
+    },
+    /// Reading an object ballast is about to apply (to check who owns it) failed.
+    #[error("reading {kind} {name} failed")]
+    ReadObject {
+        /// Kind of the object.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// An object ballast needs exists and belongs to somebody else; nothing was applied.
+    #[error("{kind} {name} exists and is not this BalancedService's")]
+    Conflict {
+        /// Kind of the object.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// The API server refused an apply; status and an Event say why.
+    #[error("the API server refused {kind} {name} (see the BalancedService's status)")]
+    ApplyFailed {
+        /// Kind of the object.
+        kind: &'static str,
+        /// Its name.
+        name: String,
     },
     /// Listing the app's ReplicaSets failed.
     #[error("listing ReplicaSets failed")]
@@ -84,6 +111,9 @@ impl ReconcileError {
     pub fn label(&self) -> &'static str {
         match self {
             Self::ApplyObject { .. } => "apply_object",
+            Self::ReadObject { .. } => "read_object",
+            Self::ApplyFailed { .. } => "apply_failed",
+            Self::Conflict { .. } => "conflict",
             Self::ListReplicaSets(_) => "list_replicasets",
             Self::ListPods(_) => "list_pods",
             Self::PatchPodStatus { .. } => "patch_pod_status",
@@ -111,6 +141,9 @@ pub struct Context {
     pub proxies: ProxyReader,
     /// Rollout counters per BalancedService, between reconciles.
     memory: Mutex<HashMap<ObjectRef<BalancedService>, Memory>>,
+    /// Per BalancedService uid, the owned objects (kind, name) seen to carry its
+    /// ownerReference or to not exist: those are applied without reading them first.
+    confirmed: Mutex<HashMap<String, BTreeSet<(&'static str, String)>>>,
     /// The controller's cache of BalancedServices, for the managed-objects gauges.
     watched: std::sync::OnceLock<kube::runtime::reflector::Store<BalancedService>>,
 }
@@ -137,6 +170,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             proxies: ProxyReader::new(PROXY_READ_TIMEOUT),
             memory: Mutex::new(HashMap::new()),
+            confirmed: Mutex::new(HashMap::new()),
             watched: std::sync::OnceLock::new(),
         }
     }
@@ -190,44 +224,16 @@ pub async fn reconcile(
 
 async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, ReconcileError> {
     let namespace = bs.namespace().ok_or(ReconcileError::MissingNamespace)?;
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let (observed, invalid) = match validate(bs, &ctx.limits) {
+    let now = whole_seconds(k8s_openapi::jiff::Timestamp::now());
+    let (observed, blocked) = match validate(bs, &ctx.limits) {
         Err(invalid) => {
             tracing::warn!(name = %bs.name_any(), %namespace, error = %invalid, "invalid spec: nothing applied");
-            (Observed::default(), Some(invalid))
+            (Observed::default(), Some(Blocked::InvalidSpec(invalid)))
         }
-        Ok(()) => {
-            let (pods, proxies) = observe(ctx, bs, &namespace).await?;
-            let tracked = track(ctx, bs, &pods, &proxies, now);
-            let mut objects = build(bs, &ctx.build);
-            let rollout = tracked.last_rollout.as_ref();
-            let replica_sets = list_replica_sets(ctx, bs, &namespace).await?;
-            let rollback = rollout
-                .filter(|r| {
-                    r.paused
-                        .as_ref()
-                        .is_some_and(|p| p.rolled_back && !p.resumed)
-                })
-                .and_then(|r| previous_template(&replica_sets, r.previous_revision.as_deref()));
-            match (rollout.and_then(|r| r.paused.as_ref()), rollback) {
-                (Some(p), Some(template)) if !p.resumed && running(rollout) => {
-                    objects.app_deployment.spec.template = template;
-                }
-                (Some(p), _) if !p.resumed && running(rollout) => {
-                    objects.app_deployment.spec.paused = Some(true);
-                }
-                _ => {}
-            }
-            let mut observed = apply(&ctx.client, &namespace, &objects).await?;
-            observed.slow_probes = slow_probes(bs);
-            observed.replica_sets = replica_sets;
-            observed.gate_waiting = set_gates(ctx, &namespace, &pods, &proxies).await?;
-            observed.tracked = Some(tracked);
-            (observed, None)
-        }
+        Ok(()) => converge(ctx, bs, &namespace, now).await?,
     };
     let before = bs.status.clone().unwrap_or_default();
-    let status = compute(bs, &observed, invalid.as_ref(), Time(now));
+    let status = compute(bs, &observed, blocked.as_ref(), Time(now));
     if status != before {
         let body = StatusApply {
             api_version: BalancedService::api_version(&()).into_owned(),
@@ -244,7 +250,7 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
             .map_err(ReconcileError::PatchStatus)?;
     }
     let resumed_by_annotation = bs.annotations().contains_key(RESUME_ANNOTATION);
-    if resumed_by_annotation && invalid.is_none() {
+    if resumed_by_annotation && blocked.is_none() {
         // Acted on (or nothing to resume): remove it so it does not resume the next pause.
         let patch = serde_json::json!({"metadata": {"annotations": {RESUME_ANNOTATION: null}}});
         Api::<BalancedService>::namespaced(ctx.client.clone(), &namespace)
@@ -268,7 +274,7 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
                 EventType::Normal
             },
             reason: transition.reason.to_owned(),
-            note: Some(transition.message),
+            note: Some(event_note(transition.message)),
             action: "Reconcile".to_owned(),
             secondary: None,
         };
@@ -276,6 +282,16 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
         if let Err(e) = ctx.recorder.publish(&event, &bs.object_ref(&())).await {
             tracing::warn!(name = %bs.name_any(), error = %e, reason = transition.reason, "publishing Event failed");
         }
+    }
+    // Status and Events say why; the retry backs off like any failure.
+    match blocked {
+        Some(Blocked::ApplyFailed { kind, name, .. }) => {
+            return Err(ReconcileError::ApplyFailed { kind, name });
+        }
+        Some(Blocked::Conflict { kind, name, .. }) => {
+            return Err(ReconcileError::Conflict { kind, name });
+        }
+        Some(Blocked::InvalidSpec(_)) | None => {}
     }
     let rolling = status
         .conditions
@@ -300,6 +316,72 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
             Duration::from_secs(30)
         },
     ))
+}
+
+/// Reads what runs, builds what should, checks that every object is ballast's to
+/// write, and applies. A conflict or a refused apply is returned as [`Blocked`] (for
+/// status), not as an error, so that it reaches the user before the retry.
+async fn converge(
+    ctx: &Context,
+    bs: &BalancedService,
+    namespace: &str,
+    now: k8s_openapi::jiff::Timestamp,
+) -> Result<(Observed, Option<Blocked>), ReconcileError> {
+    let (pods, proxies) = observe(ctx, bs, namespace).await?;
+    let tracked = track(ctx, bs, &pods, &proxies, now);
+    let mut objects = build(bs, &ctx.build);
+    let rollout = tracked.last_rollout.as_ref();
+    let replica_sets = list_replica_sets(ctx, bs, namespace).await?;
+    let rollback = rollout
+        .filter(|r| {
+            r.paused
+                .as_ref()
+                .is_some_and(|p| p.rolled_back && !p.resumed)
+        })
+        .and_then(|r| previous_template(&replica_sets, r.previous_revision.as_deref()));
+    match (rollout.and_then(|r| r.paused.as_ref()), rollback) {
+        (Some(p), Some(template)) if !p.resumed && running(rollout) => {
+            objects.app_deployment.spec.get_or_insert_default().template = template;
+        }
+        (Some(p), _) if !p.resumed && running(rollout) => {
+            objects.app_deployment.spec.get_or_insert_default().paused = Some(true);
+        }
+        _ => {}
+    }
+    if let Some(conflict) = check_ownership(ctx, bs, namespace, &objects).await? {
+        tracing::warn!(name = %bs.name_any(), %namespace, conflict = %conflict.message(), "not applying: an object is not ballast's");
+        return Ok((Observed::default(), Some(conflict)));
+    }
+    let mut observed = match apply(&ctx.client, namespace, &objects).await {
+        Ok(observed) => observed,
+        Err(ReconcileError::ApplyObject { kind, name, source }) => {
+            let message = match &source {
+                kube::Error::Api(status) => status.message.clone(),
+                other => crate::error_chain(other),
+            };
+            tracing::warn!(name = %bs.name_any(), %namespace, object = %name, kind, %message, "apply refused");
+            return Ok((
+                Observed::default(),
+                Some(Blocked::ApplyFailed {
+                    kind,
+                    name,
+                    message,
+                }),
+            ));
+        }
+        Err(other) => return Err(other),
+    };
+    observed.slow_probes = slow_probes(bs);
+    observed.replica_sets = replica_sets;
+    observed.gate_waiting = set_gates(ctx, namespace, &pods, &proxies).await?;
+    observed.tracked = Some(tracked);
+    Ok((observed, None))
+}
+
+/// `at` without its fraction: what a `metav1.Time` keeps through the API server, so a
+/// status computed now compares equal to the same status read back.
+fn whole_seconds(at: k8s_openapi::jiff::Timestamp) -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::from_second(at.as_second()).unwrap_or(at)
 }
 
 /// True while the rollout on status has not finished.
@@ -441,7 +523,7 @@ fn previous_template(
             .and_then(|l| l.get(crate::build::REVISION_LABEL))
             .is_some_and(|r| r == revision)
     })?;
-    let mut template = rs.spec.template.clone()?;
+    let mut template = rs.spec.as_ref()?.template.clone()?;
     // The Deployment controller adds this label to each ReplicaSet's copy.
     if let Some(labels) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
         labels.remove("pod-template-hash");
@@ -498,6 +580,151 @@ async fn set_gates(
         }
     }
     Ok(waiting)
+}
+
+/// Longest Event note the API server accepts (events.k8s.io/v1 `note`: 1 KiB).
+const EVENT_NOTE_MAX_BYTES: usize = 1024;
+
+/// `note` cut to what an Event accepts, at a character boundary, marked when cut.
+fn event_note(mut note: String) -> String {
+    if note.len() > EVENT_NOTE_MAX_BYTES {
+        let mut end = EVENT_NOTE_MAX_BYTES - "...".len();
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str("...");
+    }
+    note
+}
+
+/// The first owned object that exists without this BalancedService's ownerReference,
+/// as a [`Blocked::Conflict`]. Objects confirmed before are not read again, so a
+/// steady reconcile costs no reads.
+async fn check_ownership(
+    ctx: &Context,
+    bs: &BalancedService,
+    namespace: &str,
+    objects: &OwnedObjects,
+) -> Result<Option<Blocked>, ReconcileError> {
+    let uid = bs.metadata.uid.clone().unwrap_or_default();
+    let known = ctx
+        .confirmed
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&uid)
+        .cloned()
+        .unwrap_or_default();
+    let mut confirmed = known.clone();
+    macro_rules! check {
+        ($object:expr) => {
+            if let Some(conflict) = check_one(
+                &ctx.client,
+                namespace,
+                &uid,
+                &known,
+                &mut confirmed,
+                $object,
+            )
+            .await?
+            {
+                return Ok(Some(conflict));
+            }
+        };
+    }
+    check!(&objects.proxy_service_account);
+    check!(&objects.proxy_role);
+    check!(&objects.proxy_role_binding);
+    check!(&objects.backends_service);
+    check!(&objects.proxy_admin_service);
+    check!(&objects.proxy_deployment);
+    check!(&objects.front_service);
+    check!(&objects.app_deployment);
+    check!(&objects.app_pdb);
+    check!(&objects.proxy_pdb);
+    if confirmed.len() != known.len() {
+        ctx.confirmed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(uid, confirmed);
+    }
+    Ok(None)
+}
+
+async fn check_one<K>(
+    client: &Client,
+    namespace: &str,
+    uid: &str,
+    known: &BTreeSet<(&'static str, String)>,
+    confirmed: &mut BTreeSet<(&'static str, String)>,
+    object: &K,
+) -> Result<Option<Blocked>, ReconcileError>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let kind = kind_name::<K>();
+    let name = object.meta().name.clone().unwrap_or_default();
+    let key = (kind, name.clone());
+    if known.contains(&key) {
+        return Ok(None);
+    }
+    let existing = Api::<K>::namespaced(client.clone(), namespace)
+        .get_opt(&name)
+        .await
+        .map_err(|source| ReconcileError::ReadObject {
+            kind,
+            name: name.clone(),
+            source,
+        })?;
+    match existing.as_ref().map(|o| owner_of(o.meta(), uid)) {
+        None | Some(Ownership::Ours) => {
+            confirmed.insert(key);
+            Ok(None)
+        }
+        Some(Ownership::Other(owner)) => Ok(Some(Blocked::Conflict { kind, name, owner })),
+    }
+}
+
+/// Whose an existing object is.
+#[derive(Debug, PartialEq, Eq)]
+enum Ownership {
+    /// It carries the BalancedService's ownerReference.
+    Ours,
+    /// Somebody else's, described for the status message.
+    Other(String),
+}
+
+fn owner_of(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    uid: &str,
+) -> Ownership {
+    let owners = meta.owner_references.as_deref().unwrap_or_default();
+    if owners.iter().any(|o| o.uid == uid) {
+        return Ownership::Ours;
+    }
+    if let Some(controller) = owners.iter().find(|o| o.controller == Some(true)) {
+        return Ownership::Other(format!(
+            "controlled by {} {}",
+            controller.kind, controller.name
+        ));
+    }
+    let managers: BTreeSet<&str> = meta
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|f| f.manager.as_deref())
+        .collect();
+    Ownership::Other(if managers.is_empty() {
+        "no owner".to_owned()
+    } else {
+        format!(
+            "written by {}",
+            managers.into_iter().collect::<Vec<_>>().join(", ")
+        )
+    })
 }
 
 /// Applies every owned object in order: the proxies' identity and permissions first

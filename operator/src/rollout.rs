@@ -108,8 +108,10 @@ impl Memory {
 }
 
 fn time(unix: f64) -> Time {
-    // Whole milliseconds; a timestamp out of range (not from a real clock) becomes the epoch.
-    Time(Timestamp::from_millisecond((unix * 1000.0) as i64).unwrap_or(Timestamp::UNIX_EPOCH))
+    // Whole seconds, what a metav1.Time keeps through the API server: a finer value would
+    // never compare equal to the status read back, and every reconcile would rewrite it.
+    // A timestamp out of range (not from a real clock) becomes the epoch.
+    Time(Timestamp::from_second(unix.floor() as i64).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
 fn unix(t: &Time) -> f64 {
@@ -157,7 +159,7 @@ pub fn track(memory: &mut Memory, inputs: &Inputs<'_>) -> Tracked {
             failed_requests: RevisionCounts::default(),
             paused: None,
         });
-        memory.rollout = Some((update_revision.to_owned(), (now * 1000.0) as i64));
+        memory.rollout = Some((update_revision.to_owned(), time(now).0.as_millisecond()));
         memory.drains_counted.clear();
         memory.forced_counted.clear();
     }
@@ -275,9 +277,11 @@ pub fn track(memory: &mut Memory, inputs: &Inputs<'_>) -> Tracked {
         };
         add(&mut s.requests, &requests);
         add(&mut s.failed_requests, &failed);
-        s.duration_seconds = (now - unix(&s.started_at)).max(0.0) as i64;
+        // The duration is written once, when the rollout ends: a value growing at every
+        // reconcile would make every reconcile a status write (and another reconcile).
         if !rolling {
             s.finished_at = Some(time(now));
+            s.duration_seconds = (now - unix(&s.started_at)).max(0.0) as i64;
         }
     }
 

@@ -36,21 +36,75 @@ pub struct Transition {
     pub warning: bool,
 }
 
+/// Why a reconcile did not apply the desired objects. The status keeps what it said
+/// before, except `Degraded`, which says this.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Blocked {
+    /// Validation failed: nothing was applied.
+    InvalidSpec(InvalidSpec),
+    /// An object of the name ballast needs exists and is not ballast's: nothing was
+    /// applied, so that nobody's Service or Deployment is taken over.
+    Conflict {
+        /// Kind of the object.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// Who owns it, as far as its metadata tells.
+        owner: String,
+    },
+    /// The API server refused an apply (objects before it in apply order may be
+    /// applied); retried with backoff.
+    ApplyFailed {
+        /// Kind of the object.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// The API server's message.
+        message: String,
+    },
+}
+
+impl Blocked {
+    /// The `Degraded` reason (and Event reason).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidSpec(_) => "InvalidSpec",
+            Self::Conflict { .. } => "Conflict",
+            Self::ApplyFailed { .. } => "ApplyFailed",
+        }
+    }
+
+    /// The `Degraded` message: what happened and what to do.
+    pub fn message(&self) -> String {
+        match self {
+            Self::InvalidSpec(e) => format!("nothing was changed: {e}"),
+            Self::Conflict { kind, name, owner } => format!(
+                "{kind} {name} already exists and is not managed by this BalancedService ({owner}); nothing was changed. Rename the BalancedService, or delete or rename the existing {kind}"
+            ),
+            Self::ApplyFailed {
+                kind,
+                name,
+                message,
+            } => format!("applying {kind} {name} failed, retrying: {message}"),
+        }
+    }
+}
+
 const AVAILABLE: &str = "Available";
 const PROGRESSING: &str = "Progressing";
 const DEGRADED: &str = "Degraded";
 
-/// The new status. `invalid` is set when validation failed: then nothing was applied
-/// and only the conditions (and `observedGeneration`) change.
+/// The new status. `blocked` is set when the desired objects were not (all) applied:
+/// then only `Degraded` (and `observedGeneration`) change.
 pub fn compute(
     bs: &BalancedService,
     observed: &Observed,
-    invalid: Option<&InvalidSpec>,
+    blocked: Option<&Blocked>,
     now: Time,
 ) -> BalancedServiceStatus {
     let previous = bs.status.clone().unwrap_or_default();
     let generation = bs.metadata.generation;
-    let mut status = if invalid.is_some() {
+    let mut status = if blocked.is_some() {
         previous.clone()
     } else {
         BalancedServiceStatus::default()
@@ -58,7 +112,7 @@ pub fn compute(
     status.observed_generation = generation;
     let desired = bs.spec.replicas;
 
-    if invalid.is_none() {
+    if blocked.is_none() {
         if let Some(app) = observed.app.as_ref().and_then(|d| d.status.as_ref()) {
             status.replicas = app.replicas.unwrap_or(0);
             status.ready_replicas = app.ready_replicas.unwrap_or(0);
@@ -104,8 +158,7 @@ pub fn compute(
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| {
             c.iter().any(|c| {
-                c.type_.as_deref() == Some("Progressing")
-                    && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+                c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
             })
         });
     let proxy = status.proxy.clone().unwrap_or_default();
@@ -124,8 +177,8 @@ pub fn compute(
         .and_then(|r| r.paused.as_ref().map(|p| (r, p)))
         .filter(|(_, p)| !p.resumed);
     let mut conditions = Vec::new();
-    let (degraded, reason, message) = match (invalid, deadline_exceeded) {
-        (Some(e), _) => (true, "InvalidSpec", format!("nothing was changed: {e}")),
+    let (degraded, reason, message) = match (blocked, deadline_exceeded) {
+        (Some(b), _) => (true, b.reason(), b.message()),
         (None, _) if pause.is_some_and(|(_, p)| p.rolled_back) => (
             true,
             "RolledBack",
@@ -171,7 +224,7 @@ pub fn compute(
         ),
         _ => (false, "AsExpected", "no problem found".to_owned()),
     };
-    if invalid.is_none() {
+    if blocked.is_none() {
         let available = status.available_replicas >= desired && proxies_ready;
         let message = format!(
             "{}/{desired} app pods available, {}/{} proxies ready",
@@ -306,10 +359,11 @@ pub fn transitions(
         let was_true = was.as_ref().is_some_and(|c| c.status == "True");
         let reason_changed = was.as_ref().is_none_or(|c| c.reason != now.reason);
         if now.status == "True" && (!was_true || reason_changed) {
-            let reason = if now.reason == "InvalidSpec" {
-                "InvalidSpec"
-            } else {
-                "Degraded"
+            let reason = match now.reason.as_str() {
+                "InvalidSpec" => "InvalidSpec",
+                "Conflict" => "Conflict",
+                "ApplyFailed" => "ApplyFailed",
+                _ => "Degraded",
             };
             out.push(Transition {
                 reason,

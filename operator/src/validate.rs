@@ -75,6 +75,17 @@ pub fn validate(bs: &BalancedService, limits: &Limits) -> Result<(), InvalidSpec
             ),
         );
     }
+    if !is_dns_label(name) || !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        // The API server accepts any DNS subdomain as a BalancedService name, but the name
+        // becomes Service names (`<name>`, `<name>-backends`, `<name>-proxy-admin`),
+        // which must be DNS-1035 labels.
+        fail(
+            "metadata.name",
+            format!(
+                "{name:?} cannot name a Service: use lowercase letters, digits and '-', starting with a letter and ending with a letter or digit (no '.')"
+            ),
+        );
+    }
     if spec.replicas > limits.max_replicas {
         fail(
             "spec.replicas",
@@ -174,16 +185,51 @@ pub fn validate(bs: &BalancedService, limits: &Limits) -> Result<(), InvalidSpec
             );
         }
     }
+    for (i, container) in containers.iter().enumerate() {
+        if !is_dns_label(&container.name) {
+            fail(
+                &format!("spec.template.spec.containers[{i}].name"),
+                format!(
+                    "{:?} is not a valid container name (a DNS label)",
+                    container.name
+                ),
+            );
+        }
+        if container
+            .image
+            .as_deref()
+            .is_none_or(|image| image.trim().is_empty())
+        {
+            fail(
+                &format!("spec.template.spec.containers[{i}].image"),
+                "an image is required".to_owned(),
+            );
+        }
+    }
     let labels = spec
         .template
         .metadata
         .as_ref()
         .and_then(|m| m.labels.as_ref());
-    for key in labels.into_iter().flat_map(|l| l.keys()) {
+    for (key, value) in labels.into_iter().flatten() {
         if key.starts_with("ballast.dev/") {
             fail(
                 "spec.template.metadata.labels",
                 format!("{key:?} is reserved for the operator"),
+            );
+        } else if !is_label_key(key) {
+            fail(
+                "spec.template.metadata.labels",
+                format!(
+                    "{key:?} is not a valid label key (an optional DNS prefix and '/', then at most 63 of [A-Za-z0-9-_.], starting and ending alphanumeric)"
+                ),
+            );
+        } else if !is_label_value(value) {
+            fail(
+                "spec.template.metadata.labels",
+                format!(
+                    "the value {value:?} of {key:?} is not a valid label value (at most 63 of [A-Za-z0-9-_.], starting and ending alphanumeric)"
+                ),
             );
         }
     }
@@ -191,6 +237,45 @@ pub fn validate(bs: &BalancedService, limits: &Limits) -> Result<(), InvalidSpec
         Ok(())
     } else {
         Err(InvalidSpec(errors))
+    }
+}
+
+/// An RFC 1123 label: at most 63 of `[a-z0-9-]`, alphanumeric at both ends.
+pub fn is_dns_label(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 63
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !text.starts_with('-')
+        && !text.ends_with('-')
+}
+
+/// A label value: empty, or at most 63 of `[A-Za-z0-9-_.]`, alphanumeric at both ends.
+fn is_label_value(text: &str) -> bool {
+    text.is_empty() || is_qualified_name_part(text)
+}
+
+fn is_qualified_name_part(text: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    !text.is_empty()
+        && text.len() <= 63
+        && text
+            .chars()
+            .all(|c| alnum(c) || matches!(c, '-' | '_' | '.'))
+        && text.starts_with(alnum)
+        && text.ends_with(alnum)
+}
+
+/// A label key: `[prefix/]name`, the prefix a DNS subdomain of at most 253 characters.
+fn is_label_key(text: &str) -> bool {
+    match text.split_once('/') {
+        None => is_qualified_name_part(text),
+        Some((prefix, name)) => {
+            prefix.len() <= 253
+                && prefix.split('.').all(is_dns_label)
+                && is_qualified_name_part(name)
+        }
     }
 }
 
@@ -307,6 +392,60 @@ mod tests {
         assert!(errors(&bs)[0].starts_with(
             "spec.template.spec.containers[1].lifecycle.preStop: only exec and sleep"
         ));
+    }
+
+    #[test]
+    fn names_that_cannot_name_a_service_are_refused_before_any_call() {
+        for bad in ["api.v2", "1web", "Web", "web-", "we_b"] {
+            let mut bs = balanced_service();
+            bs.metadata.name = Some(bad.into());
+            let e = errors(&bs);
+            assert!(
+                e.iter().any(|m| m.starts_with("metadata.name:") && m.contains("cannot name a Service")),
+                "{bad}: {e:?}"
+            );
+        }
+        for good in ["web", "w", "api-v2", "a1"] {
+            let mut bs = balanced_service();
+            bs.metadata.name = Some(good.into());
+            assert_eq!(errors(&bs), Vec::<String>::new(), "{good}");
+        }
+    }
+
+    #[test]
+    fn a_template_the_embedded_schema_lets_through() {
+        let mut bs = balanced_service();
+        let pod = bs.spec.template.spec.as_mut().unwrap();
+        pod.containers[0].image = None;
+        pod.containers[1].name = "App_1".into();
+        let labels = bs
+            .spec
+            .template
+            .metadata
+            .get_or_insert_default()
+            .labels
+            .get_or_insert_default();
+        labels.insert("bad key!".into(), "x".into());
+        labels.insert("tier".into(), "-front".into());
+        labels.insert("example.com/team".into(), "payments.eu_1".into());
+        let e = errors(&bs);
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert!(
+            e.iter()
+                .any(|m| m == "spec.template.spec.containers[0].image: an image is required")
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("spec.template.spec.containers[1].name: \"App_1\""))
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.contains("\"bad key!\" is not a valid label key"))
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.contains("the value \"-front\" of \"tier\""))
+        );
     }
 
     #[test]

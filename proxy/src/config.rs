@@ -21,11 +21,11 @@ use std::time::Duration;
 )]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
-    /// Client-facing listener [default: 0.0.0.0:8080].
+    /// Client-facing listener [default: [::]:8080, IPv6 and IPv4].
     #[arg(long, env = "BALLAST_LISTEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
-    /// Admin listener: /ready, /live, /metrics, /endpoints, /drain [default: 0.0.0.0:9901].
+    /// Admin listener: /ready, /live, /metrics, /endpoints, /drain [default: [::]:9901].
     #[arg(long, env = "BALLAST_ADMIN_LISTEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_listen: Option<String>,
@@ -260,8 +260,8 @@ impl Settings {
                 SocketAddr::from(([0, 0, 0, 0], 0))
             })
         };
-        let listen = addr("listen", &self.listen, "0.0.0.0:8080");
-        let admin_listen = addr("admin-listen", &self.admin_listen, "0.0.0.0:9901");
+        let listen = addr("listen", &self.listen, "[::]:8080");
+        let admin_listen = addr("admin-listen", &self.admin_listen, "[::]:9901");
         if listen == admin_listen && listen.port() != 0 {
             problems.push("--listen and --admin-listen must differ".to_owned());
         }

@@ -85,13 +85,31 @@ impl Running {
     }
 }
 
+/// Binds `address`. `[::]` takes IPv6 and IPv4 alike (Linux's default for a wildcard
+/// IPv6 socket), so one default serves single- and dual-stack pods; on a node with IPv6
+/// turned off it falls back to `0.0.0.0` on the same port.
+pub async fn bind_dual_stack(address: SocketAddr) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(address).await {
+        Err(e) if address.ip() == std::net::Ipv6Addr::UNSPECIFIED && no_ipv6(&e) => {
+            tracing::warn!(%address, error = %e, "IPv6 unavailable; listening on IPv4 only");
+            TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], address.port()))).await
+        }
+        other => other,
+    }
+}
+
+/// EAFNOSUPPORT (IPv6 disabled in the kernel) or EADDRNOTAVAIL.
+fn no_ipv6(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::AddrNotAvailable || e.raw_os_error() == Some(97)
+}
+
 /// Binds the listeners and starts serving.
 ///
 /// # Errors
 /// When a listener cannot bind.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let bind = |address: SocketAddr| async move {
-        TcpListener::bind(address)
+        bind_dual_stack(address)
             .await
             .map_err(|source| StartError::Bind { address, source })
     };

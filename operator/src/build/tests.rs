@@ -8,7 +8,14 @@ fn ctx() -> BuildContext {
 }
 
 fn app_pod(objects: &OwnedObjects) -> PodSpec {
-    objects.app_deployment.spec.clone().template.spec.unwrap()
+    objects
+        .app_deployment
+        .spec
+        .clone()
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
 }
 
 #[test]
@@ -71,7 +78,7 @@ fn every_object_is_owned_labelled_and_namespaced() {
 #[test]
 fn app_deployment_gets_probes_grace_period_and_rollout_strategy() {
     let objects = build(&balanced_service(), &ctx());
-    let spec = objects.app_deployment.spec.clone();
+    let spec = objects.app_deployment.spec.clone().unwrap();
     assert_eq!(spec.replicas, Some(4));
     let strategy = spec.strategy.unwrap().rolling_update.unwrap();
     assert_eq!(strategy.max_surge, Some(IntOrString::String("25%".into())));
@@ -124,7 +131,15 @@ fn a_users_readiness_gates_are_kept_and_ours_added_once() {
         theirs("ballast.dev/routable"),
     ]);
     let objects = build(&bs, &ctx());
-    assert_eq!(objects.app_deployment.spec.min_ready_seconds, Some(45));
+    assert_eq!(
+        objects
+            .app_deployment
+            .spec
+            .clone()
+            .unwrap()
+            .min_ready_seconds,
+        Some(45)
+    );
     let gates = app_pod(&objects).readiness_gates.clone().unwrap();
     assert_eq!(
         gates,
@@ -179,10 +194,39 @@ fn grpc_ports_get_grpc_probes_and_an_h2c_proxy() {
 }
 
 #[test]
+fn a_grpc_probe_on_a_named_port_uses_the_container_port() {
+    let mut bs = balanced_service();
+    bs.spec.ports[0].app_protocol = AppProtocol::Grpc;
+    bs.spec.ports[0].target_port = Some(IntOrString::String("http".into()));
+    let probe = |bs: &BalancedService| {
+        app_pod(&build(bs, &ctx())).containers[1]
+            .readiness_probe
+            .clone()
+            .unwrap()
+            .grpc
+            .unwrap()
+            .port
+    };
+    // The Service port is 80; the container serves on 8080.
+    assert_eq!(probe(&bs), 8080);
+    bs.spec.template.spec.as_mut().unwrap().containers[1]
+        .ports
+        .as_mut()
+        .unwrap()
+        .push(ContainerPort {
+            name: Some("health".into()),
+            container_port: 9090,
+            ..ContainerPort::default()
+        });
+    bs.spec.probes.port = Some(IntOrString::String("health".into()));
+    assert_eq!(probe(&bs), 9090);
+}
+
+#[test]
 fn pod_labels_select_app_pods_and_carry_the_revision() {
     let bs = balanced_service();
     let objects = build(&bs, &ctx());
-    let spec = objects.app_deployment.spec;
+    let spec = objects.app_deployment.spec.unwrap();
     let labels = spec.template.metadata.unwrap().labels.unwrap();
     assert_eq!(
         labels["app.kubernetes.io/name"], "demo",
@@ -207,7 +251,14 @@ fn pod_labels_select_app_pods_and_carry_the_revision() {
 #[test]
 fn proxy_runs_restricted_watches_the_backends_and_is_found_by_the_drain_helper() {
     let objects = build(&balanced_service(), &ctx());
-    let pod = objects.proxy_deployment.spec.template.spec.unwrap();
+    let pod = objects
+        .proxy_deployment
+        .spec
+        .clone()
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
     let container = &pod.containers[0];
     assert_eq!(
         container.image.as_deref(),
@@ -217,12 +268,25 @@ fn proxy_runs_restricted_watches_the_backends_and_is_found_by_the_drain_helper()
     for want in [
         "--kube-service=demo-backends",
         "--port-name=http",
-        "--admin-listen=0.0.0.0:9901",
+        "--listen=[::]:8080",
+        "--admin-listen=[::]:9901",
         "--drain-ttl=60s",
         "--backend-protocol=http1",
     ] {
         assert!(args.contains(&want.to_owned()), "{want} in {args:?}");
     }
+    // No mesh sidecar may hide the drain caller's address from the proxy.
+    let meta = build(&balanced_service(), &ctx())
+        .proxy_deployment
+        .spec
+        .unwrap()
+        .template
+        .metadata
+        .unwrap();
+    let annotations = meta.annotations.unwrap();
+    assert_eq!(annotations["sidecar.istio.io/inject"], "false");
+    assert_eq!(annotations["linkerd.io/inject"], "disabled");
+    assert_eq!(meta.labels.unwrap()["sidecar.istio.io/inject"], "false");
     let security = container.security_context.clone().unwrap();
     assert_eq!(
         (

@@ -153,12 +153,17 @@ impl Exchange {
 }
 
 /// The mock API server's side.
-struct ApiServer(Handle<Request<Body>, Response<Body>>);
+struct ApiServer {
+    handle: Handle<Request<Body>, Response<Body>>,
+    /// The operator has read every owned object once (it reads each only until it has
+    /// seen it is its own, or absent).
+    checked: bool,
+}
 
 impl ApiServer {
     /// The next request, which must be `method path` (query aside).
     async fn expect(&mut self, method: Method, path: &str) -> Exchange {
-        let Ok(next) = timeout(STEP, self.0.next_request()).await else {
+        let Ok(next) = timeout(STEP, self.handle.next_request()).await else {
             panic!("expected {method} {path}, but no request came (did reconcile end early?)");
         };
         let (request, send) = next.expect("client dropped");
@@ -189,7 +194,7 @@ impl ApiServer {
     /// Fails if any further request arrives.
     async fn assert_idle(&mut self) {
         if let Ok(Some((request, _))) =
-            timeout(Duration::from_millis(200), self.0.next_request()).await
+            timeout(Duration::from_millis(200), self.handle.next_request()).await
         {
             panic!("unexpected request {} {}", request.method(), request.uri());
         }
@@ -236,7 +241,13 @@ fn context() -> (Arc<Context>, ApiServer) {
         Arc::new(Metrics::default()),
         "test".into(),
     );
-    (Arc::new(ctx), ApiServer(handle))
+    (
+        Arc::new(ctx),
+        ApiServer {
+            handle,
+            checked: false,
+        },
+    )
 }
 
 fn start(bs: &BalancedService, ctx: &Arc<Context>) -> JoinHandle<Result<Action, ReconcileError>> {
@@ -286,8 +297,23 @@ async fn serve_applies(api: &mut ApiServer, app_status: Value, replica_sets: Val
     serve_apply_only(api, app_status).await;
 }
 
+/// Answers the reads of the owned objects that come before the first apply: none of
+/// them exists yet.
+async fn serve_checks(api: &mut ApiServer) {
+    if api.checked {
+        return;
+    }
+    for (path, ..) in APPLIES {
+        api.expect(Method::GET, path)
+            .await
+            .fail(StatusCode::NOT_FOUND, "NotFound");
+    }
+    api.checked = true;
+}
+
 /// Answers the ten applies, checking each; returns the app Deployment applied.
 async fn serve_apply_only(api: &mut ApiServer, app_status: Value) -> Value {
+    serve_checks(api).await;
     let mut app = Value::Null;
     for (path, api_version, kind, name) in APPLIES {
         let req = api.expect(Method::PATCH, path).await;
@@ -526,27 +552,33 @@ async fn first_apply_fails(
     let (ctx, mut api) = context();
     let run = start(&balanced_service(), &ctx);
     serve_reads(&mut api, json!([]), json!([]), json!([])).await;
+    serve_checks(&mut api).await;
     let (path, ..) = APPLIES[0];
     let req = api.expect(Method::PATCH, path).await;
     req.assert_apply();
     req.fail(code, reason);
+    // No further object; the refusal reaches status and an Event before the retry.
+    let status = serve_status(&mut api).await;
+    assert_condition(&status, "Degraded", "True", "ApplyFailed");
+    let message = condition(&status, "Degraded")["message"].as_str().unwrap();
+    assert_eq!(
+        message,
+        format!("applying ServiceAccount demo-proxy failed, retrying: mock: {reason}")
+    );
+    let event = serve_event(&mut api, "ApplyFailed", "Warning").await;
+    assert_eq!(event["note"], message);
     let error = finish(run).await.unwrap_err();
-    // Nothing after a failed apply: no further object, no status, no Event.
     api.assert_idle().await;
     match &error {
-        ReconcileError::ApplyObject { kind, name, source } => {
+        ReconcileError::ApplyFailed { kind, name } => {
             assert_eq!(*kind, "ServiceAccount");
             assert_eq!(name, "demo-proxy");
-            assert!(
-                matches!(source, kube::Error::Api(s) if s.code == code.as_u16()),
-                "{source:?}"
-            );
         }
-        other => panic!("expected ApplyObject, got {other:?}"),
+        other => panic!("expected ApplyFailed, got {other:?}"),
     }
     let metrics = ctx.metrics.render();
     assert!(
-        metrics.contains("ballast_operator_reconcile_errors_total{step=\"apply_object\"} 1"),
+        metrics.contains("ballast_operator_reconcile_errors_total{step=\"apply_failed\"} 1"),
         "{metrics}"
     );
     assert!(
@@ -557,8 +589,8 @@ async fn first_apply_fails(
 }
 
 #[tokio::test]
-async fn a_conflict_stops_the_reconcile_at_the_first_apply() {
-    first_apply_fails(StatusCode::CONFLICT, "Conflict").await;
+async fn a_refused_apply_stops_the_reconcile_and_says_why_on_status() {
+    first_apply_fails(StatusCode::UNPROCESSABLE_ENTITY, "Invalid").await;
 }
 
 #[tokio::test]
@@ -567,8 +599,94 @@ async fn a_server_error_stops_the_reconcile_at_the_first_apply() {
 }
 
 #[tokio::test]
+async fn an_existing_service_that_is_not_ballasts_is_never_taken_over() {
+    let (ctx, mut api) = context();
+    let run = start(&balanced_service(), &ctx);
+    serve_reads(&mut api, json!([]), json!([]), json!([])).await;
+    // The user's own front Service `demo`, written by kubectl, with another selector.
+    for (path, _, kind, name) in APPLIES {
+        let req = api.expect(Method::GET, path).await;
+        if (kind, name) == ("Service", "demo") {
+            req.reply(&json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "demo", "namespace": "shop", "uid": "user-svc",
+                             "managedFields": [{"manager": "kubectl-client-side-apply",
+                                                "operation": "Update"}]},
+                "spec": {"selector": {"app": "demo"}, "ports": [{"port": 80}]},
+            }));
+            break;
+        }
+        req.fail(StatusCode::NOT_FOUND, "NotFound");
+    }
+    // Not a single apply: the only write is the status, then the Event.
+    let status = serve_status(&mut api).await;
+    assert_condition(&status, "Degraded", "True", "Conflict");
+    let message = condition(&status, "Degraded")["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("Service demo already exists and is not managed by this BalancedService (written by kubectl-client-side-apply); nothing was changed."),
+        "{message}"
+    );
+    serve_event(&mut api, "Conflict", "Warning").await;
+    let error = finish(run).await.unwrap_err();
+    api.assert_idle().await;
+    assert!(
+        matches!(&error, ReconcileError::Conflict { kind: "Service", name } if name == "demo"),
+        "{error:?}"
+    );
+
+    // Another BalancedService's object is a conflict too, named by its controller.
+    let (ctx, mut api) = context();
+    let run = start(&balanced_service(), &ctx);
+    serve_reads(&mut api, json!([]), json!([]), json!([])).await;
+    let req = api.expect(Method::GET, APPLIES[0].0).await;
+    req.reply(&json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "demo-proxy", "namespace": "shop",
+                     "ownerReferences": [{"apiVersion": "ballast.dev/v1alpha1",
+                         "kind": "BalancedService", "name": "demo-old", "uid": "another",
+                         "controller": true}]},
+    }));
+    let mut object = serde_json::to_value(balanced_service()).unwrap();
+    let req = api.expect(Method::PATCH, STATUS_PATH).await;
+    let status = req.body()["status"].clone();
+    let message = condition(&status, "Degraded")["message"].as_str().unwrap();
+    assert!(
+        message.contains("ServiceAccount demo-proxy already exists and is not managed by this BalancedService (controlled by BalancedService demo-old)"),
+        "{message}"
+    );
+    object["status"] = status;
+    req.reply(&object);
+    serve_event(&mut api, "Conflict", "Warning").await;
+    assert!(finish(run).await.is_err());
+    api.assert_idle().await;
+}
+
+#[tokio::test]
+async fn objects_already_owned_are_applied_over() {
+    let (ctx, mut api) = context();
+    let bs = balanced_service();
+    let run = start(&bs, &ctx);
+    serve_reads(&mut api, json!([]), json!([]), json!([])).await;
+    for (path, api_version, kind, name) in APPLIES {
+        api.expect(Method::GET, path).await.reply(&json!({
+            "apiVersion": api_version, "kind": kind,
+            "metadata": {"name": name, "namespace": "shop",
+                         "ownerReferences": [{"apiVersion": "ballast.dev/v1alpha1",
+                             "kind": "BalancedService", "name": "demo", "uid": UID,
+                             "controller": true}]},
+        }));
+    }
+    api.checked = true;
+    serve_apply_only(&mut api, settled()).await;
+    serve_status(&mut api).await;
+    finish(run).await.unwrap();
+    api.assert_idle().await;
+}
+
+#[tokio::test]
 async fn repeated_failures_back_off_until_a_success_resets_them() {
-    let (ctx, mut api, error) = first_apply_fails(StatusCode::CONFLICT, "Conflict").await;
+    let (ctx, mut api, error) =
+        first_apply_fails(StatusCode::INTERNAL_SERVER_ERROR, "InternalError").await;
     let bs = Arc::new(balanced_service());
     let delays: Vec<Action> = (0..3)
         .map(|_| error_policy(bs.clone(), &error, ctx.clone()))
@@ -731,7 +849,7 @@ async fn serve_gate(api: &mut ApiServer, pod: &str) -> Value {
 async fn serve_rest(api: &mut ApiServer) -> Vec<(Method, String, Value)> {
     let mut seen = Vec::new();
     while let Ok(Some((request, send))) =
-        timeout(Duration::from_millis(300), api.0.next_request()).await
+        timeout(Duration::from_millis(300), api.handle.next_request()).await
     {
         let (parts, body) = request.into_parts();
         let body: Value = serde_json::from_slice(&body.collect_bytes().await.unwrap()).unwrap();

@@ -412,3 +412,28 @@ fn the_last_drain_counts_before_the_proxies_file_it() {
     let after = run(&mut memory, t0 + 5.0, &mixed[1..], &later, Some(&done));
     assert_eq!(after.last_rollout.unwrap().pods_drained, 1);
 }
+
+#[test]
+fn a_running_rollout_reads_back_equal_when_nothing_happened() {
+    // Status goes through the API server between reconciles: whatever tracking writes
+    // must come back equal, or every reconcile writes status and triggers the next.
+    let round_trip = |s: &RolloutSummary| -> RolloutSummary {
+        serde_json::from_value(serde_json::to_value(s).unwrap()).unwrap()
+    };
+    let mut memory = Memory::default();
+    let t0 = 1_800_000_000.0;
+    let mixed = [pod("a", "old", 1), pod("c", "new", 3)];
+    let proxies = [proxy("p", vec![endpoint("a", 1, 5, 0)], vec![])];
+    let first = run(&mut memory, t0 + 0.7, &mixed, &proxies, None)
+        .last_rollout
+        .unwrap();
+    let stored = round_trip(&first);
+    assert_eq!(
+        stored, first,
+        "sub-second times do not survive the API server"
+    );
+    let second = run(&mut memory, t0 + 3.9, &mixed, &proxies, Some(&stored))
+        .last_rollout
+        .unwrap();
+    assert_eq!(second, stored, "a growing duration rewrites status");
+}

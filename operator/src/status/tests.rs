@@ -140,7 +140,12 @@ fn invalid_spec_degrades_without_touching_the_rest_and_fixing_it_recovers() {
         field: "spec.probes.port".into(),
         message: "no container declares a port named \"x\"".into(),
     }]);
-    let bad = compute(&bs, &Observed::default(), Some(&invalid), at(5));
+    let bad = compute(
+        &bs,
+        &Observed::default(),
+        Some(&Blocked::InvalidSpec(invalid)),
+        at(5),
+    );
     let d = cond(&bad, "Degraded");
     assert_eq!(
         (d.status.as_str(), d.reason.as_str()),
@@ -174,8 +179,8 @@ fn progress_deadline_and_missing_proxies_degrade() {
     let bs = balanced_service();
     let mut stuck = deployment(5, 1, 4);
     stuck.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
-        type_: Some("Progressing".into()),
-        status: Some("False".into()),
+        type_: "Progressing".into(),
+        status: "False".into(),
         reason: Some("ProgressDeadlineExceeded".into()),
         ..DeploymentCondition::default()
     }]);
