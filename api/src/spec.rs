@@ -14,6 +14,20 @@ use std::collections::BTreeMap;
 
 use crate::status::BalancedServiceStatus;
 
+// The int-or-string fields are checked with OpenAPI value validations, not CEL: for CEL
+// cost the API server sizes an int-or-string value at the largest request (3 MiB), so
+// every string function on one is estimated at millions, times the enclosing lists'
+// `maxItems`. `pattern`/`maxLength` apply to string values only and `minimum`/`maximum`
+// to integer values only, and none of them counts against the CEL budgets.
+
+/// A container port name as Kubernetes requires it of `containers[].ports[].name`
+/// (IANA_SVC_NAME, with `maxLength` 15): lowercase alphanumerics, single '-' between
+/// them, at least one letter. A string that is not one can never name a container port.
+const CONTAINER_PORT_NAME: &str = "^([0-9]+-)*[0-9]*[a-z][a-z0-9]*(-[a-z0-9]+)*$";
+
+/// A count or a percentage as a string ("2", "25%"); integers are bounded by `minimum`.
+const COUNT_OR_PERCENT: &str = "^[0-9]+%?$";
+
 /// A Service whose rollouts lose no request and whose load is balanced per request.
 ///
 /// The operator turns it into the app Deployment (with drain-gated termination), a
@@ -148,12 +162,12 @@ pub struct BalancedPort {
     /// Container port (number or container port name) the app listens on.
     /// Defaults to `port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [
-        {
-            "rule": "string(self).matches('^[0-9]+$') ? (int(string(self)) >= 1 && int(string(self)) <= 65535) : string(self).matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
-            "message": "targetPort must be a number from 1 to 65535 or a port name",
-        },
-    ]))]
+    #[schemars(extend(
+        "minimum" = 1,
+        "maximum" = 65535,
+        "maxLength" = 15,
+        "pattern" = CONTAINER_PORT_NAME
+    ))]
     pub target_port: Option<IntOrString>,
 
     /// Protocol spoken on this port: `http` (HTTP/1.1, upgraded to WebSocket when asked),
@@ -186,12 +200,12 @@ pub struct ProbeSpec {
 
     /// Container port (number or name) to probe. Defaults to the first entry of `ports`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [
-        {
-            "rule": "string(self).matches('^[0-9]+$') ? (int(string(self)) >= 1 && int(string(self)) <= 65535) : string(self).matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
-            "message": "port must be a number from 1 to 65535 or a port name",
-        },
-    ]))]
+    #[schemars(extend(
+        "minimum" = 1,
+        "maximum" = 65535,
+        "maxLength" = 15,
+        "pattern" = CONTAINER_PORT_NAME
+    ))]
     pub port: Option<IntOrString>,
 
     /// `HTTP` or `HTTPS`.
@@ -232,7 +246,7 @@ pub enum ProbeScheme {
 #[serde(rename_all = "camelCase", default)]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "!(string(self.maxSurge) in ['0', '0%'] && string(self.maxUnavailable) in ['0', '0%'])",
+        "rule": "!((self.maxSurge == 0 || self.maxSurge in ['0', '0%']) && (self.maxUnavailable == 0 || self.maxUnavailable in ['0', '0%']))",
         "message": "maxSurge and maxUnavailable cannot both be zero: the rollout could never make progress",
     },
     {
@@ -242,22 +256,12 @@ pub enum ProbeScheme {
 ]))]
 pub struct RolloutSpec {
     /// Pods created above `replicas` during a rollout: a number or a percentage ("25%").
-    #[schemars(extend("x-kubernetes-validations" = [
-        {
-            "rule": "string(self).matches('^[0-9]+%?$')",
-            "message": "maxSurge must be a non-negative number or a percentage such as '25%'",
-        },
-    ]))]
+    #[schemars(extend("minimum" = 0, "pattern" = COUNT_OR_PERCENT))]
     pub max_surge: IntOrString,
 
     /// Pods that may be unavailable during a rollout: a number or a percentage. The default
     /// 0 keeps full capacity: an old pod goes only once its replacement is routable.
-    #[schemars(extend("x-kubernetes-validations" = [
-        {
-            "rule": "string(self).matches('^[0-9]+%?$')",
-            "message": "maxUnavailable must be a non-negative number or a percentage such as '10%'",
-        },
-    ]))]
+    #[schemars(extend("minimum" = 0, "pattern" = COUNT_OR_PERCENT))]
     pub max_unavailable: IntOrString,
 
     /// Seconds a new pod must be ready before it counts as available. The Deployment
@@ -328,22 +332,12 @@ pub struct PauseThresholds {
 pub struct DisruptionSpec {
     /// Pods that must stay available during voluntary disruptions (number or percentage).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [
-        {
-            "rule": "string(self).matches('^[0-9]+%?$')",
-            "message": "minAvailable must be a non-negative number or a percentage",
-        },
-    ]))]
+    #[schemars(extend("minimum" = 0, "pattern" = COUNT_OR_PERCENT))]
     pub min_available: Option<IntOrString>,
 
     /// Pods that may be unavailable during voluntary disruptions (number or percentage).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [
-        {
-            "rule": "string(self).matches('^[0-9]+%?$')",
-            "message": "maxUnavailable must be a non-negative number or a percentage",
-        },
-    ]))]
+    #[schemars(extend("minimum" = 0, "pattern" = COUNT_OR_PERCENT))]
     pub max_unavailable: Option<IntOrString>,
 }
 

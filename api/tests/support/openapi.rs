@@ -143,10 +143,13 @@ fn check_value(schema: &Value, value: &Value, path: &str, out: &mut Vec<String>)
         }
         return;
     }
-    if flag("x-kubernetes-int-or-string") {
-        if !(value.is_i64() || value.is_u64() || value.is_string()) {
-            out.push(format!("{path}: must be an integer or a string"));
-        }
+    // The API server types an int-or-string node as ["integer", "string"]; the value
+    // validations below then apply by the value's kind (minimum to integers, pattern to
+    // strings), as the API server's validators do.
+    if flag("x-kubernetes-int-or-string")
+        && !(value.is_i64() || value.is_u64() || value.is_string())
+    {
+        out.push(format!("{path}: must be an integer or a string"));
         return;
     }
     let ty = s.get("type").and_then(Value::as_str).unwrap_or("");
