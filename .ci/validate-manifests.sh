@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Validate the deploy manifests against the OpenAPI schemas of the newest
-# Kubernetes release bundled with kubernetes-validate, in strict mode (unknown
-# fields are errors).
+# Validate the deploy manifests against the OpenAPI schemas of the oldest
+# Kubernetes release ballast supports and of the newest one bundled with
+# kubernetes-validate, in strict mode (unknown fields are errors). A field that
+# only the newest release knows would be refused by server-side apply on the
+# oldest ("field not declared in schema"), so both ends are checked.
 #
 #   .ci/validate-manifests.sh [extra.yaml ...]
 #
@@ -16,12 +18,18 @@
 #
 # Environment:
 #   BALLAST_VENV         Python venv to use/create (default ~/.cache/ballast/venv)
-#   BALLAST_K8S_VERSION  Kubernetes version to validate against (default: the
-#                        newest one the pinned kubernetes-validate bundles)
+#   BALLAST_K8S_VERSIONS Kubernetes versions to validate against, space-separated,
+#                        each major.minor or "newest" (default: "$OLDEST_K8S newest",
+#                        newest meaning the newest the pinned kubernetes-validate
+#                        bundles)
 set -euo pipefail
 
-# Pinned; bump deliberately (`pip index versions kubernetes-validate`).
+# Pinned; bump deliberately (`pip index versions kubernetes-validate`), and keep
+# one that still bundles OLDEST_K8S.
 readonly KV_VERSION=1.37.0
+# The oldest Kubernetes ballast supports (README, "Running on a real cluster");
+# the operator is built against its API (k8s-openapi feature "earliest").
+readonly OLDEST_K8S=1.33
 # Groups whose kinds are validated by our CRD, not by kubernetes-validate, even
 # when the CRD is not part of the input.
 readonly CUSTOM_GROUPS=ballast.dev
@@ -41,8 +49,29 @@ if [[ ! -x $venv/bin/kubernetes-validate ]] \
   "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$KV_VERSION"
 fi
 
-k8s_version=${BALLAST_K8S_VERSION:-$("$venv/bin/python" -c \
-  'import kubernetes_validate; print(kubernetes_validate.latest_version())')}
+# kubernetes-validate silently falls back to an older bundled release when asked
+# for one it lacks, so resolve each requested major.minor to an exact bundled
+# release here and fail when there is none.
+read -r -a requested <<<"${BALLAST_K8S_VERSIONS:-$OLDEST_K8S newest}"
+resolved=$("$venv/bin/python" - "${requested[@]}" <<'PY'
+import sys
+from kubernetes_validate.utils import all_versions, major_minor
+
+# Each release is bundled twice (plain and strict schemas).
+bundled = list(dict.fromkeys(all_versions()))
+for wanted in sys.argv[1:]:
+    if wanted == "newest":
+        print(bundled[-1])
+        continue
+    exact = [v for v in bundled if major_minor(v) == major_minor(wanted)]
+    if not exact:
+        sys.exit(f"validate-manifests: kubernetes-validate bundles no Kubernetes {wanted} "
+                 f"(it has {', '.join(bundled)})")
+    print(exact[-1])
+PY
+)
+[[ -n $resolved ]] || { echo "validate-manifests: no Kubernetes version given" >&2; exit 2; }
+mapfile -t k8s_versions <<<"$resolved"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -99,28 +128,44 @@ with open(os.path.join(work, "checked.tsv"), "w") as checked:
 sys.exit(bad)
 PY
 
-echo "validate-manifests: kubernetes-validate $KV_VERSION, Kubernetes $k8s_version, --strict"
+# Validates every checked file against one Kubernetes release; prints the
+# validator's findings and returns non-zero on any of them.
+validate_against() {
+  local k8s_version=$1 failed=0 label path count out rc
+  while IFS=$'\t' read -r label path count; do
+    ((count > 0)) || continue
+    set +e
+    out=$("$venv/bin/kubernetes-validate" --strict -k "$k8s_version" "$path" 2>&1)
+    rc=$?
+    set -e
+    # Report against the input's name, not the temporary file.
+    out=${out//$path/$label}
+    printf '%s\n' "$out"
+    # kubernetes-validate only warns (exit 0) when it has no schema for a kind;
+    # here every remaining kind is built-in, so a missing schema is an error.
+    if ((rc != 0)) || grep -qE '^(WARN|ERROR|FATAL)' <<<"$out"; then
+      failed=1
+    fi
+  done <"$work/checked.tsv"
+  return "$failed"
+}
+
+objects=$(awk -F'\t' '{n += $3} END {print n + 0}' "$work/checked.tsv")
+summary=()
 failed=0
-objects=0
-while IFS=$'\t' read -r label path count; do
-  ((count > 0)) || continue
-  objects=$((objects + count))
-  set +e
-  out=$("$venv/bin/kubernetes-validate" --strict -k "$k8s_version" "$path" 2>&1)
-  rc=$?
-  set -e
-  # Report against the input's name, not the temporary file.
-  out=${out//$path/$label}
-  printf '%s\n' "$out"
-  # kubernetes-validate only warns (exit 0) when it has no schema for a kind;
-  # here every remaining kind is built-in, so a missing schema is an error.
-  if ((rc != 0)) || grep -qE '^(WARN|ERROR|FATAL)' <<<"$out"; then
+for k8s_version in "${k8s_versions[@]}"; do
+  echo "validate-manifests: kubernetes-validate $KV_VERSION, Kubernetes $k8s_version, --strict"
+  if validate_against "$k8s_version"; then
+    summary+=("Kubernetes $k8s_version: OK, $objects objects valid")
+  else
+    summary+=("Kubernetes $k8s_version: FAILED (see ERROR/WARN lines above)")
     failed=1
   fi
-done <"$work/checked.tsv"
+done
 
+printf 'validate-manifests: %s\n' "${summary[@]}"
 if ((failed)); then
-  echo "validate-manifests: FAILED (see ERROR/WARN lines above)"
+  echo "validate-manifests: FAILED"
   exit 1
 fi
-echo "validate-manifests: OK, $objects objects valid against Kubernetes $k8s_version"
+echo "validate-manifests: OK against Kubernetes ${k8s_versions[*]}"

@@ -29,7 +29,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test"
 cargo test --workspace --locked
 
-step "manifests (kustomize, operator render of the samples, kubernetes-validate --strict)"
+step "manifests (kustomize, operator render of the samples, kubernetes-validate --strict against the oldest supported and the newest Kubernetes)"
 rendered=$(mktemp -d)
 trap 'rm -rf "$rendered"' EXIT
 # The binary `cargo test` just built (its render test ran it); `cargo run` would
