@@ -1,19 +1,28 @@
 //! The pod side of the drain protocol, run by `ballast-drain` in a preStop hook.
 //!
-//! Each round: resolve the proxies (new replicas are included), `POST /drain` once to
-//! every replica not told yet, `GET /drain` from the others, until every replica reports
-//! zero requests in flight and zero connections for this pod, or does not know it.
-//! Unreachable replicas are retried, never assumed drained. At the timeout the pod must
-//! still stop: the outcome says what was left open, per replica.
+//! Each round: `POST /drain` once to every replica not told yet, `GET /drain` from the
+//! others, until every replica reports zero requests in flight and zero connections for
+//! this pod, or does not know it. Unreachable replicas, and replicas that refuse the
+//! caller (403), are retried, never assumed drained. At the timeout the pod must still
+//! stop: the outcome says what was left open, per replica.
+//!
+//! A rollout drains many pods at once and each polls every replica ten times a second,
+//! so the proxies' name is resolved again about once a second (new replicas are found
+//! that late at most), not every round, and each replica keeps one HTTP/1.1 connection
+//! across rounds. A name that DNS says does not exist, or has no address, on two lookups
+//! in a row means there are no proxies and so nothing to drain; a lookup that fails
+//! otherwise is retried.
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::net::TcpSocket;
@@ -26,6 +35,9 @@ pub struct DrainConfig {
     pub timeout: Duration,
     /// Pause between rounds.
     pub poll_interval: Duration,
+    /// Pause between two lookups of the proxies' name: a replica that appears is
+    /// found this late at most.
+    pub resolve_interval: Duration,
     /// Source address of the calls: the pod's IP (tests use loopback addresses).
     pub source: Option<IpAddr>,
     /// Limit for one HTTP call to one replica.
@@ -37,6 +49,10 @@ pub struct DrainConfig {
 pub enum ReplicaState {
     /// Not reachable (yet); the text says why.
     Unreachable(String),
+    /// Answered 403: it does not see this pod's IP as the caller, typically because a
+    /// sidecar redirects the traffic to the proxy, which then sees a local address.
+    /// Never counted as drained; the text is the proxy's own explanation.
+    Refused(String),
     /// Still has requests or connections to this pod.
     Pending {
         /// Requests in flight.
@@ -53,13 +69,57 @@ pub enum ReplicaState {
 /// Result of a drain.
 #[derive(Clone, Debug)]
 pub struct Outcome {
-    /// True when every replica drained (or did not know the pod) before the timeout.
+    /// True when every replica drained (or did not know the pod) before the timeout,
+    /// or when there are no proxies at all (see `no_proxies`).
     pub drained: bool,
     /// The last state of every replica seen.
     pub replicas: BTreeMap<SocketAddr, ReplicaState>,
+    /// Set when DNS said, on two lookups in a row, that the proxies' name does not
+    /// exist or has no address: why. Nothing routes through proxies that do not exist.
+    pub no_proxies: Option<String>,
+    /// The last lookup's failure, when the last lookup failed.
+    pub resolve_error: Option<String>,
     /// How long it took.
     pub elapsed: Duration,
 }
+
+/// Why looking up the proxies gave no address.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// DNS answered that the name does not exist (NXDOMAIN) or has no address (NODATA).
+    #[error("{target}: no such name, or no address ({source})")]
+    NameNotFound {
+        /// The `host:port` looked up.
+        target: String,
+        /// The resolver's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// The lookup failed in a way that may pass (resolver timeout, SERVFAIL, refused
+    /// query), or the target is not `host:port`.
+    #[error("looking up {target} failed: {source}")]
+    Lookup {
+        /// The `host:port` looked up.
+        target: String,
+        /// The resolver's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The texts `getaddrinfo` gives for "no such name" (`EAI_NONAME`) and "no address"
+/// (`EAI_NODATA`) in glibc and musl. std keeps only `gai_strerror`'s text of the error,
+/// not its code, so the text is all there is to tell them from `EAI_AGAIN` ("Temporary
+/// failure in name resolution", "Try again") and `EAI_FAIL`. An unlisted text counts
+/// as a failure that may pass: the safe side, it keeps the pod waiting.
+const NOT_FOUND_TEXTS: [&str; 4] = [
+    "Name or service not known",
+    "No address associated with hostname",
+    "Name does not resolve",
+    "Name has no usable address",
+];
+
+type Sender = SendRequest<Empty<Bytes>>;
 
 #[derive(Deserialize)]
 struct Report {
@@ -68,9 +128,47 @@ struct Report {
     connections: u64,
 }
 
+#[derive(Deserialize)]
+struct Refusal {
+    error: String,
+}
+
+/// What one lookup said, as the drain loop needs it.
+enum Lookup {
+    Found(Vec<SocketAddr>),
+    Absent(String),
+    Failed(String),
+}
+
 impl ReplicaState {
     fn is_done(&self) -> bool {
         matches!(self, Self::Drained | Self::Unknown)
+    }
+
+    /// What an answer to `POST /drain` or `GET /drain` says about the replica.
+    fn from_answer(answer: Result<(StatusCode, Bytes), String>) -> Self {
+        match answer {
+            Ok((StatusCode::OK, body)) => match serde_json::from_slice::<Report>(&body) {
+                Ok(r) if !r.known => Self::Unknown,
+                Ok(r) if r.in_flight == 0 && r.connections == 0 => Self::Drained,
+                Ok(r) => Self::Pending {
+                    in_flight: r.in_flight,
+                    connections: r.connections,
+                },
+                Err(e) => Self::Unreachable(format!("unreadable answer: {e}")),
+            },
+            // The proxy has no endpoint with the caller's IP. That is never "nothing to
+            // wait for": behind a redirecting sidecar the caller it sees is not this pod,
+            // and the pod it routes to would be killed undrained.
+            Ok((StatusCode::FORBIDDEN, body)) => {
+                Self::Refused(serde_json::from_slice::<Refusal>(&body).map_or_else(
+                    |_| String::from_utf8_lossy(&body).trim().to_owned(),
+                    |r| r.error,
+                ))
+            }
+            Ok((status, _)) => Self::Unreachable(format!("answered {status}")),
+            Err(e) => Self::Unreachable(e),
+        }
     }
 }
 
@@ -78,6 +176,10 @@ impl fmt::Display for ReplicaState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Unreachable(why) => write!(f, "unreachable ({why})"),
+            Self::Refused(why) => write!(
+                f,
+                "answered 403: it does not see this pod's IP as the caller ({why})"
+            ),
             Self::Pending {
                 in_flight,
                 connections,
@@ -95,7 +197,13 @@ impl fmt::Display for ReplicaState {
 
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.drained {
+        if let Some(why) = &self.no_proxies {
+            write!(
+                f,
+                "nothing to drain after {:.2?}: no proxies ({why})",
+                self.elapsed
+            )
+        } else if self.drained {
             write!(
                 f,
                 "drained in {:.2?} ({} proxies)",
@@ -107,7 +215,11 @@ impl fmt::Display for Outcome {
                 f,
                 "timed out after {:.2?}: no proxy replica could be resolved",
                 self.elapsed
-            )
+            )?;
+            match &self.resolve_error {
+                Some(e) => write!(f, " ({e})"),
+                None => Ok(()),
+            }
         } else {
             write!(f, "timed out after {:.2?}, stopping anyway:", self.elapsed)?;
             for (address, state) in self.replicas.iter().filter(|(_, s)| !s.is_done()) {
@@ -118,74 +230,112 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// Drains this pod from every replica `resolve` returns (called once per round).
-pub async fn drain<R, F>(config: &DrainConfig, mut resolve: R) -> Outcome
+/// Drains this pod from every replica `resolve` returns. `resolve` is called at the
+/// start and then every `resolve_interval`; between lookups the last set is used. An
+/// empty set or [`ResolveError::NameNotFound`] on two lookups in a row (one interval
+/// apart) ends the drain at once as drained, with `no_proxies` set; any other lookup
+/// failure keeps the last set and waits. `notify` receives a line for a person, once
+/// per cause: a replica refusing the caller, a failing lookup.
+pub async fn drain<R, F, N>(config: &DrainConfig, mut resolve: R, mut notify: N) -> Outcome
 where
     R: FnMut() -> F,
-    F: Future<Output = Result<Vec<SocketAddr>, String>>,
+    F: Future<Output = Result<Vec<SocketAddr>, ResolveError>>,
+    N: FnMut(&str),
 {
     let started = Instant::now();
     let deadline = started + config.timeout;
     let mut told: BTreeSet<SocketAddr> = BTreeSet::new();
     let mut replicas: BTreeMap<SocketAddr, ReplicaState> = BTreeMap::new();
+    let mut connections: HashMap<SocketAddr, Sender> = HashMap::new();
+    let mut addresses: Vec<SocketAddr> = Vec::new();
+    let mut next_lookup = started;
+    let mut absent_in_a_row = 0_u32;
+    let mut resolve_error: Option<String> = None;
+    let mut refusals_said: BTreeSet<SocketAddr> = BTreeSet::new();
+    let mut lookup_failure_said = false;
     loop {
-        let addresses: Vec<SocketAddr> = match resolve().await {
-            Ok(addresses) => {
-                // A replica that left the set took its connections with it.
-                replicas.retain(|a, _| addresses.contains(a));
-                addresses
+        if Instant::now() >= next_lookup {
+            next_lookup = Instant::now() + config.resolve_interval;
+            match Lookup::from(resolve().await) {
+                Lookup::Found(found) => {
+                    absent_in_a_row = 0;
+                    resolve_error = None;
+                    // A replica that left the set took its connections with it.
+                    replicas.retain(|a, _| found.contains(a));
+                    connections.retain(|a, _| found.contains(a));
+                    addresses = found;
+                }
+                Lookup::Absent(why) => {
+                    absent_in_a_row += 1;
+                    // One negative answer is not trusted alone (a negative cache entry
+                    // from before the Service existed, a DNS server answering before it
+                    // has synced, a libc text misread): skipping a drain kills requests,
+                    // a second look costs one interval.
+                    if absent_in_a_row >= 2 {
+                        return Outcome {
+                            drained: true,
+                            replicas: BTreeMap::new(),
+                            no_proxies: Some(why),
+                            resolve_error: None,
+                            elapsed: Instant::now() - started,
+                        };
+                    }
+                    resolve_error = Some(why);
+                }
+                Lookup::Failed(why) => {
+                    absent_in_a_row = 0;
+                    if !lookup_failure_said {
+                        lookup_failure_said = true;
+                        notify(&format!(
+                            "{why}; retrying every {:.1?} with the last set ({} proxies)",
+                            config.resolve_interval,
+                            addresses.len()
+                        ));
+                    }
+                    resolve_error = Some(why);
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "resolving the proxies failed; using the last set");
-                replicas.keys().copied().collect()
-            }
-        };
+        }
         let calls = addresses.iter().map(|&address| {
             let method = if told.contains(&address) {
                 Method::GET
             } else {
                 Method::POST
             };
+            let kept = connections.remove(&address);
             async move {
-                let result = call(address, method.clone(), "/drain", config).await;
-                (address, method, result)
+                let (answer, kept) = call(kept, address, method.clone(), "/drain", config).await;
+                (address, method, answer, kept)
             }
         });
-        for (address, method, result) in futures::future::join_all(calls).await {
-            let state = match result {
-                Ok((StatusCode::OK, report)) => {
-                    if method == Method::POST {
-                        told.insert(address);
-                    }
-                    match serde_json::from_slice::<Report>(&report) {
-                        Ok(r) if !r.known => ReplicaState::Unknown,
-                        Ok(r) if r.in_flight == 0 && r.connections == 0 => ReplicaState::Drained,
-                        Ok(r) => ReplicaState::Pending {
-                            in_flight: r.in_flight,
-                            connections: r.connections,
-                        },
-                        Err(e) => ReplicaState::Unreachable(format!("unreadable answer: {e}")),
-                    }
-                }
-                // 403: this replica has no endpoint with our IP, so nothing to wait for.
-                Ok((StatusCode::FORBIDDEN, _)) => {
-                    told.insert(address);
-                    ReplicaState::Unknown
-                }
-                Ok((status, _)) => ReplicaState::Unreachable(format!("answered {status}")),
-                Err(e) => ReplicaState::Unreachable(e),
-            };
+        for (address, method, answer, kept) in futures::future::join_all(calls).await {
+            if let Some(sender) = kept {
+                connections.insert(address, sender);
+            }
+            if method == Method::POST && matches!(answer, Ok((StatusCode::OK, _))) {
+                told.insert(address);
+            }
+            let state = ReplicaState::from_answer(answer);
+            if let ReplicaState::Refused(why) = &state
+                && refusals_said.insert(address)
+            {
+                notify(&format!(
+                    "proxy {address} answered 403: it does not see this pod's IP as the caller ({why}); is a sidecar redirecting traffic to the proxy? waiting"
+                ));
+            }
             replicas.insert(address, state);
         }
         let drained = !replicas.is_empty() && replicas.values().all(ReplicaState::is_done);
         let now = Instant::now();
         if drained || now >= deadline {
             if !drained {
-                report_timeout(&replicas, config).await;
+                report_timeout(&replicas, &mut connections, config).await;
             }
             return Outcome {
                 drained,
                 replicas,
+                no_proxies: None,
+                resolve_error,
                 elapsed: now - started,
             };
         }
@@ -193,94 +343,224 @@ where
     }
 }
 
+impl From<Result<Vec<SocketAddr>, ResolveError>> for Lookup {
+    fn from(result: Result<Vec<SocketAddr>, ResolveError>) -> Self {
+        match result {
+            Ok(found) if found.is_empty() => Self::Absent("resolved to no address".to_owned()),
+            Ok(found) => Self::Found(found),
+            Err(e @ ResolveError::NameNotFound { .. }) => Self::Absent(e.to_string()),
+            Err(e @ ResolveError::Lookup { .. }) => Self::Failed(e.to_string()),
+        }
+    }
+}
+
 /// Resolves `host:port` (a DNS name or an IP) to every address, as the headless proxy
-/// admin Service publishes one A record per replica. `target` may list several
-/// `host:port`s separated by commas; the result is their union. A name that does not
-/// resolve fails the round (it is retried), so no replica is silently left out.
+/// admin Service publishes one record per replica. `target` may list several
+/// `host:port`s separated by commas; the result is their union.
 ///
 /// # Errors
-/// The resolver's message.
-pub async fn resolve(target: &str) -> Result<Vec<SocketAddr>, String> {
+/// [`ResolveError::NameNotFound`] when no target has an address and DNS said so for
+/// each (no proxies); [`ResolveError::Lookup`] when any lookup failed otherwise (no
+/// replica is silently left out), or `target` lists no `host:port`.
+pub async fn resolve(target: &str) -> Result<Vec<SocketAddr>, ResolveError> {
     let mut addresses = Vec::new();
+    let mut absent = None;
+    let mut any = false;
     for one in target.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        addresses.extend(
-            tokio::net::lookup_host(one)
-                .await
-                .map_err(|e| format!("{one}: {e}"))?,
-        );
+        any = true;
+        match tokio::net::lookup_host(one).await {
+            Ok(found) => addresses.extend(found),
+            Err(source) if is_name_not_found(&source) => {
+                absent.get_or_insert(ResolveError::NameNotFound {
+                    target: one.to_owned(),
+                    source,
+                });
+            }
+            Err(source) => {
+                return Err(ResolveError::Lookup {
+                    target: one.to_owned(),
+                    source,
+                });
+            }
+        }
     }
-    if addresses.is_empty() {
-        return Err(format!("{target:?}: no address"));
+    if !any {
+        return Err(ResolveError::Lookup {
+            target: target.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "no host:port given"),
+        });
+    }
+    if addresses.is_empty()
+        && let Some(absent) = absent
+    {
+        return Err(absent);
     }
     addresses.sort();
     addresses.dedup();
     Ok(addresses)
 }
 
+/// True when `error` (from `getaddrinfo` through std) says the name does not exist or
+/// has no address, in glibc's or musl's words.
+fn is_name_not_found(error: &io::Error) -> bool {
+    let text = error.to_string();
+    NOT_FOUND_TEXTS.iter().any(|t| text.contains(t))
+}
+
+/// Makes the Kubernetes Service names in `target` (`host:port`s separated by commas)
+/// absolute: `<svc>.<ns>.svc:9901` becomes `<svc>.<ns>.svc.<cluster_domain>.:9901`, so
+/// the resolver asks one name instead of walking the pod's search list first (with
+/// `ndots:5` about six names per lookup). IPs, names that already end in a dot and
+/// other names are kept as given: a dot added to a name meant for the search list would
+/// make it not exist, and a name that does not exist means "no proxies, nothing to
+/// drain". Without a cluster domain, `target` is returned unchanged.
+pub fn qualify(target: &str, cluster_domain: Option<&str>) -> String {
+    let Some(domain) = cluster_domain
+        .map(|d| d.trim().trim_matches('.'))
+        .filter(|d| !d.is_empty())
+    else {
+        return target.to_owned();
+    };
+    target
+        .split(',')
+        .map(|one| {
+            let trimmed = one.trim();
+            match trimmed.rsplit_once(':') {
+                Some((host, port)) if host.ends_with(".svc") => {
+                    format!("{host}.{domain}.:{port}")
+                }
+                _ => trimmed.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The cluster domain from a pod's `resolv.conf`: kubelet writes `search
+/// <ns>.svc.<domain> svc.<domain> <domain>` for the `ClusterFirst` DNS policy. None
+/// when no search domain starts with `svc.` (another DNS policy).
+pub fn cluster_domain(resolv_conf: &str) -> Option<String> {
+    // The resolver uses the last `search` line.
+    let search = resolv_conf.lines().rev().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some("search")).then_some(words)
+    })?;
+    search
+        .filter_map(|d| d.strip_prefix("svc."))
+        .map(|d| d.trim_end_matches('.'))
+        .find(|d| !d.is_empty())
+        .map(str::to_owned)
+}
+
 /// Tells every replica that still had something open that this pod stops anyway, so
 /// the forced termination is counted (best effort: one call each).
-async fn report_timeout(replicas: &BTreeMap<SocketAddr, ReplicaState>, config: &DrainConfig) {
+async fn report_timeout(
+    replicas: &BTreeMap<SocketAddr, ReplicaState>,
+    connections: &mut HashMap<SocketAddr, Sender>,
+    config: &DrainConfig,
+) {
     let calls = replicas
         .iter()
         .filter(|(_, state)| matches!(state, ReplicaState::Pending { .. }))
-        .map(|(&address, _)| async move {
-            if let Err(e) = call(address, Method::POST, "/drain/timeout", config).await {
-                tracing::warn!(%address, error = %e, "reporting the drain timeout failed");
+        .map(|(&address, _)| {
+            let kept = connections.remove(&address);
+            async move {
+                let (answer, _) = call(kept, address, Method::POST, "/drain/timeout", config).await;
+                if let Err(e) = answer {
+                    tracing::warn!(%address, error = %e, "reporting the drain timeout failed");
+                }
             }
         });
     futures::future::join_all(calls).await;
 }
 
+/// One call to one replica, on `kept` (its connection from an earlier round) while that
+/// works, else on a new connection. Returns the answer and the connection to keep.
 async fn call(
+    kept: Option<Sender>,
     address: SocketAddr,
     method: Method,
     path: &str,
     config: &DrainConfig,
-) -> Result<(StatusCode, Bytes), String> {
+) -> (Result<(StatusCode, Bytes), String>, Option<Sender>) {
     let exchange = async {
-        let socket = if address.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
+        if let Some(mut sender) = kept {
+            // A kept connection the proxy closed while idle shows only when used. The
+            // drain calls are idempotent, so one that failed there goes again on a new
+            // connection.
+            if let Ok(answer) = send(&mut sender, &method, path, address).await {
+                return (Ok(answer), Some(sender));
+            }
         }
-        .map_err(|e| e.to_string())?;
-        if let Some(source) = config.source {
-            socket
-                .bind(SocketAddr::new(source, 0))
-                .map_err(|e| format!("bind {source}: {e}"))?;
+        let mut sender = match connect(address, config).await {
+            Ok(sender) => sender,
+            Err(e) => return (Err(e), None),
+        };
+        match send(&mut sender, &method, path, address).await {
+            Ok(answer) => (Ok(answer), Some(sender)),
+            Err(e) => (Err(e), None),
         }
-        let stream = socket.connect(address).await.map_err(|e| e.to_string())?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(http::header::HOST, address.to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok::<_, String>((status, body))
     };
     tokio::time::timeout(config.call_timeout, exchange)
         .await
-        .map_err(|_| "no answer in time".to_owned())?
+        .unwrap_or_else(|_| (Err("no answer in time".to_owned()), None))
+}
+
+async fn connect(address: SocketAddr, config: &DrainConfig) -> Result<Sender, String> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| e.to_string())?;
+    if let Some(source) = config.source {
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .map_err(|e| format!("bind {source}: {e}"))?;
+    }
+    let stream = socket.connect(address).await.map_err(|e| e.to_string())?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    // Ends when the sender is dropped: at the end of the drain, or when the replica
+    // leaves the set.
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn send(
+    sender: &mut Sender,
+    method: &Method,
+    path: &str,
+    address: SocketAddr,
+) -> Result<(StatusCode, Bytes), String> {
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let request = Request::builder()
+        .method(method.clone())
+        .uri(path)
+        .header(http::header::HOST, address.to_string())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, body))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::resolve;
+    use super::{ReplicaState, ResolveError, cluster_domain, is_name_not_found, qualify, resolve};
+    use bytes::Bytes;
+    use http::StatusCode;
+    use std::io;
 
     #[tokio::test]
     async fn resolves_a_comma_separated_list_to_the_union() {
@@ -292,7 +572,108 @@ mod tests {
             "127.0.0.3:9901".parse().unwrap(),
         ];
         assert_eq!(got, want);
-        assert!(resolve(" , ").await.is_err());
-        assert!(resolve("127.0.0.2").await.is_err(), "a port is required");
+        // A configuration mistake is never "no proxies": the pod waits, as before.
+        for wrong in [" , ", "127.0.0.2"] {
+            assert!(
+                matches!(resolve(wrong).await, Err(ResolveError::Lookup { .. })),
+                "{wrong}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_no_such_name_and_no_address_mean_no_proxies() {
+        // What std makes of getaddrinfo's codes: "failed to lookup address information: "
+        // and gai_strerror's text (glibc, then musl).
+        let said = |text: &str| {
+            is_name_not_found(&io::Error::other(format!(
+                "failed to lookup address information: {text}"
+            )))
+        };
+        for absent in [
+            "Name or service not known",
+            "No address associated with hostname",
+            "Name does not resolve",
+            "Name has no usable address",
+        ] {
+            assert!(said(absent), "{absent}");
+        }
+        for transient in [
+            "Temporary failure in name resolution",
+            "Try again",
+            "Non-recoverable failure in name resolution",
+            "Non-recoverable error",
+            "System error",
+        ] {
+            assert!(!said(transient), "{transient}");
+        }
+        assert!(!is_name_not_found(&io::Error::from(
+            io::ErrorKind::TimedOut
+        )));
+    }
+
+    #[test]
+    fn service_names_become_absolute_and_nothing_else_changes() {
+        let domain = Some("cluster.local");
+        assert_eq!(
+            qualify("web-proxy-admin.default.svc:9901", domain),
+            "web-proxy-admin.default.svc.cluster.local.:9901"
+        );
+        assert_eq!(
+            qualify(
+                "a.ns.svc:1, 10.0.0.5:9901,[::1]:9901",
+                Some("corp.example.")
+            ),
+            "a.ns.svc.corp.example.:1,10.0.0.5:9901,[::1]:9901"
+        );
+        for kept in [
+            "web-proxy-admin.default.svc.cluster.local.:9901",
+            "web-proxy-admin.default:9901",
+            "proxy.example.com:9901",
+            "localhost:9901",
+        ] {
+            assert_eq!(qualify(kept, domain), kept);
+        }
+        assert_eq!(
+            qualify("web-proxy-admin.default.svc:9901", None),
+            "web-proxy-admin.default.svc:9901"
+        );
+    }
+
+    #[test]
+    fn the_cluster_domain_comes_from_kubelets_search_list() {
+        let kubelet = "search default.svc.cluster.local svc.cluster.local cluster.local\n\
+                       nameserver 10.96.0.10\noptions ndots:5\n";
+        assert_eq!(cluster_domain(kubelet).as_deref(), Some("cluster.local"));
+        let custom = "nameserver 10.96.0.10\nsearch ns.svc.k8s.corp. svc.k8s.corp. k8s.corp.\n";
+        assert_eq!(cluster_domain(custom).as_deref(), Some("k8s.corp"));
+        // dnsPolicy: Default gets the node's resolv.conf.
+        assert_eq!(
+            cluster_domain("search ec2.internal\nnameserver 10.0.0.2\n"),
+            None
+        );
+        assert_eq!(cluster_domain("nameserver 1.1.1.1\n"), None);
+    }
+
+    #[test]
+    fn a_refusal_is_never_done_and_an_unknown_pod_is() {
+        let answer = |status: StatusCode, body: &'static str| {
+            ReplicaState::from_answer(Ok((status, Bytes::from_static(body.as_bytes()))))
+        };
+        let refused = answer(
+            StatusCode::FORBIDDEN,
+            r#"{"error": "127.0.0.6 is not an endpoint of this proxy"}"#,
+        );
+        assert_eq!(
+            refused,
+            ReplicaState::Refused("127.0.0.6 is not an endpoint of this proxy".to_owned())
+        );
+        assert!(!refused.is_done());
+        let unknown = answer(
+            StatusCode::OK,
+            r#"{"known": false, "in_flight": 0, "connections": 0}"#,
+        );
+        assert_eq!(unknown, ReplicaState::Unknown);
+        assert!(unknown.is_done());
     }
 }

@@ -3,10 +3,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod relay;
 mod support;
 
 use ballast_proxy::drain::{DrainConfig, ReplicaState, drain};
 use http::StatusCode;
+use relay::{Relay, Source};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -17,6 +19,9 @@ fn config(pod: IpAddr, timeout: Duration) -> DrainConfig {
     DrainConfig {
         timeout,
         poll_interval: Duration::from_millis(50),
+        // Every round, as these tests are about which replicas gate, not about DNS load
+        // (tests/drain_dns.rs).
+        resolve_interval: Duration::from_millis(50),
         source: Some(pod),
         call_timeout: Duration::from_secs(1),
     }
@@ -53,6 +58,7 @@ async fn drain_ends_as_soon_as_the_last_request_does() {
     let outcome = drain(
         &config(pod.addr.ip(), Duration::from_secs(20)),
         || async move { Ok(vec![admin]) },
+        |_| {},
     )
     .await;
     let took = started.elapsed();
@@ -80,17 +86,21 @@ async fn every_replica_gates_including_one_that_appears_mid_drain() {
     let rounds = Arc::new(AtomicUsize::new(0));
     let (admin_a, admin_b) = (a.admin, b.admin);
     let started = Instant::now();
-    let outcome = drain(&config(pod.addr.ip(), Duration::from_secs(20)), || {
-        let round = rounds.fetch_add(1, Relaxed);
-        // B is "scaled up" only after a few rounds: DNS is re-read every round.
-        async move {
-            Ok(if round < 3 {
-                vec![admin_a]
-            } else {
-                vec![admin_a, admin_b]
-            })
-        }
-    })
+    let outcome = drain(
+        &config(pod.addr.ip(), Duration::from_secs(20)),
+        || {
+            let round = rounds.fetch_add(1, Relaxed);
+            // B is "scaled up" only after a few lookups.
+            async move {
+                Ok(if round < 3 {
+                    vec![admin_a]
+                } else {
+                    vec![admin_a, admin_b]
+                })
+            }
+        },
+        |_| {},
+    )
     .await;
     assert!(outcome.drained, "{outcome}");
     assert_eq!(outcome.replicas.len(), 2);
@@ -117,6 +127,7 @@ async fn an_unreachable_replica_is_waited_for_then_reported() {
     let outcome = drain(
         &config(pod.addr.ip(), Duration::from_millis(600)),
         || async move { Ok(vec![admin, gone]) },
+        |_| {},
     )
     .await;
     assert!(
@@ -138,24 +149,121 @@ async fn an_unreachable_replica_is_waited_for_then_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pod_cannot_drain_another_pod() {
+async fn a_caller_the_proxy_does_not_know_waits_and_is_never_drained() {
     let pod = Backend::start(2, Behaviour::default()).await;
     let a = proxy(&["--endpoints", &pod.addr.to_string()]).await;
     let admin = a.admin;
     let stranger: IpAddr = "127.0.0.9".parse().unwrap();
-    let outcome = drain(&config(stranger, Duration::from_secs(5)), || async move {
-        Ok(vec![admin])
-    })
+    let timeout = Duration::from_millis(800);
+    let mut notes = Vec::new();
+    let started = Instant::now();
+    let outcome = drain(
+        &config(stranger, timeout),
+        || async move { Ok(vec![admin]) },
+        |line| notes.push(line.to_owned()),
+    )
     .await;
+    assert!(!outcome.drained, "a 403 is not drained: {outcome}");
     assert!(
-        outcome.drained,
-        "nothing to wait for: this proxy does not route to the stranger"
+        started.elapsed() >= timeout,
+        "kept trying until the timeout: {:?}",
+        started.elapsed()
     );
-    assert_eq!(outcome.replicas[&admin], ReplicaState::Unknown);
+    assert!(
+        matches!(&outcome.replicas[&admin], ReplicaState::Refused(why) if why.contains("127.0.0.9")),
+        "{outcome}"
+    );
+    assert!(outcome.to_string().contains("answered 403"), "{outcome}");
+    assert_eq!(notes.len(), 1, "said once, not every round: {notes:?}");
+    assert!(
+        notes[0].starts_with(&format!("proxy {admin} answered 403"))
+            && notes[0].contains("sidecar"),
+        "{notes:?}"
+    );
     let endpoints = get_json(admin, "/endpoints").await;
     assert_eq!(
         endpoints[0]["state"], "active",
         "the real pod was not drained"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_redirecting_sidecar_the_pod_is_not_taken_as_drained() {
+    let pod = Backend::start(2, Behaviour::default()).await;
+    let a = proxy(&["--endpoints", &pod.addr.to_string()]).await;
+    let request = long_request(a.listen, a.admin, 2000).await;
+    // The sidecar in the proxy's pod: the proxy sees its address, never the pod's.
+    let sidecar = Relay::start(
+        "127.0.0.41".parse().unwrap(),
+        a.admin,
+        Source::Fixed("127.0.0.6".parse().unwrap()),
+    )
+    .await;
+    let via = sidecar.addr;
+    let outcome = drain(
+        &config(pod.addr.ip(), Duration::from_millis(800)),
+        || async move { Ok(vec![via]) },
+        |_| {},
+    )
+    .await;
+    assert!(
+        !outcome.drained,
+        "a request is still in flight to the pod: {outcome}"
+    );
+    assert!(matches!(
+        &outcome.replicas[&via],
+        ReplicaState::Refused(why) if why.contains("127.0.0.6")
+    ));
+    assert_eq!(request.await.unwrap(), StatusCode::OK);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ballast_drain_says_once_on_stderr_why_a_403_keeps_it_waiting() {
+    let pod = Backend::start(2, Behaviour::default()).await;
+    let a = proxy(&["--endpoints", &pod.addr.to_string()]).await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ballast-drain"))
+        .args([
+            "--proxies",
+            &a.admin.to_string(),
+            "--source-address",
+            "127.0.0.9",
+            "--poll-interval",
+            "50ms",
+            "--timeout",
+            "600ms",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("ballast-drain did not stop at its timeout");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exits 0 so the pod stops: {status}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "one line for the 403, one outcome: {stderr}"
+    );
+    assert!(
+        lines[0].contains("answered 403") && lines[0].contains("waiting"),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with("ballast-drain: timed out after") && lines[1].contains("403"),
+        "{stderr}"
     );
     a.shutdown().await;
 }
@@ -177,6 +285,7 @@ async fn a_drain_that_times_out_is_recorded_as_forced() {
     let outcome = drain(
         &config(pod.addr.ip(), Duration::from_millis(300)),
         || async move { Ok(vec![admin]) },
+        |_| {},
     )
     .await;
     assert!(!outcome.drained, "{outcome}");

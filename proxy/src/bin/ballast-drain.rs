@@ -7,7 +7,7 @@
 //! so the helper runs in any app image, distroless included).
 
 use ballast_proxy::config::parse_duration;
-use ballast_proxy::drain::{DrainConfig, drain, resolve};
+use ballast_proxy::drain::{DrainConfig, cluster_domain, drain, qualify, resolve};
 use clap::Parser;
 use std::net::IpAddr;
 use std::path::Path;
@@ -24,9 +24,15 @@ use std::time::Duration;
 struct Args {
     /// The proxies' admin Service, `<name>-proxy-admin.<namespace>.svc:9901` (or several
     /// `host:port`s separated by commas); every address it resolves to is a replica.
-    /// Re-resolved each round.
+    /// Resolved again about once a second. A `.svc` name is made absolute with the
+    /// cluster domain; a name that does not exist means there are no proxies.
     #[arg(long, env = "BALLAST_DRAIN_PROXIES")]
     proxies: String,
+    /// The cluster's DNS domain, for making `.svc` names absolute. Default: read from
+    /// the pod's /etc/resolv.conf (kubelet's `svc.<domain>` search entry); without one,
+    /// names are resolved as given.
+    #[arg(long, env = "BALLAST_DRAIN_CLUSTER_DOMAIN")]
+    cluster_domain: Option<String>,
     /// Stop waiting after this long (the pod stops anyway).
     #[arg(long, env = "BALLAST_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     timeout: Duration,
@@ -69,11 +75,22 @@ fn main() -> ExitCode {
     let config = DrainConfig {
         timeout: args.timeout,
         poll_interval: args.poll_interval,
+        resolve_interval: Duration::from_secs(1),
         source: args.source_address,
         call_timeout: Duration::from_secs(1),
     };
-    let outcome = runtime.block_on(drain(&config, || resolve(&args.proxies)));
-    // kubelet shows a failing hook's output in Events; keep it to one line.
+    let domain = args.cluster_domain.clone().or_else(|| {
+        std::fs::read_to_string("/etc/resolv.conf")
+            .ok()
+            .and_then(|text| cluster_domain(&text))
+    });
+    let proxies = qualify(&args.proxies, domain.as_deref());
+    let outcome = runtime.block_on(drain(
+        &config,
+        || resolve(&proxies),
+        |line| eprintln!("ballast-drain: {line}"),
+    ));
+    // kubelet shows a failing hook's output in Events; the outcome is one line.
     eprintln!("ballast-drain: {outcome}");
     if let Some(pause) = args.then_sleep {
         std::thread::sleep(pause);
