@@ -261,8 +261,7 @@ pub fn operator_objects(yaml: &str) -> Result<(K8sDeployment, K8sDeployment), St
 /// minReadySeconds and grace period (30 s). The readiness probe is kept.
 pub fn kubernetes_defaults(generated: &K8sDeployment) -> K8sDeployment {
     let mut d = generated.clone();
-    {
-        let spec = &mut d.spec;
+    if let Some(spec) = d.spec.as_mut() {
         spec.strategy = None;
         spec.min_ready_seconds = None;
         if let Some(pod) = spec.template.spec.as_mut() {
@@ -284,7 +283,7 @@ pub fn kubernetes_defaults(generated: &K8sDeployment) -> K8sDeployment {
 /// and a grace period that lets the sleep finish.
 pub fn sleep_instead_of_gate(generated: &K8sDeployment, seconds: u64) -> K8sDeployment {
     let mut d = generated.clone();
-    if let Some(pod) = d.spec.template.spec.as_mut() {
+    if let Some(pod) = d.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
         let grace = pod.termination_grace_period_seconds.unwrap_or(30);
         pod.termination_grace_period_seconds = Some(grace.max(seconds as i64 + 5));
         if let Some(c) = pod.containers.first_mut() {

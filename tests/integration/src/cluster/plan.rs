@@ -114,7 +114,10 @@ impl DeploymentPlan {
             .name
             .clone()
             .ok_or("the Deployment has no name")?;
-        let spec = &deployment.spec;
+        let spec = deployment
+            .spec
+            .as_ref()
+            .ok_or("the Deployment has no spec")?;
         let pod_spec = spec
             .template
             .spec

@@ -40,7 +40,7 @@ pub struct PodRuntime {
     pub programs: BTreeMap<String, String>,
     /// Directory for `<pod>.log` (container and hook output).
     pub log_dir: PathBuf,
-    /// Rewrites the container's argv (after `0.0.0.0` became the pod IP).
+    /// Rewrites the container's argv (after `0.0.0.0` and `[::]` became the pod IP).
     pub container_args: ArgRewrite,
     /// Rewrites a preStop command's argv (DNS names, `--source-address`).
     pub hook_args: ArgRewrite,
@@ -195,10 +195,14 @@ fn spawn_container(pod: &Pod, plan: &PodPlan, runtime: &PodRuntime) -> Result<Ch
         plan.command.clone()
     };
     argv.extend(plan.args.iter().cloned());
-    // Every pod shares the host's network here: "all interfaces" means the pod's IP.
+    // Every pod shares the host's network here: "all interfaces" (IPv4 or dual-stack)
+    // means the pod's IP.
     let argv: Vec<String> = argv
         .into_iter()
-        .map(|a| a.replace("0.0.0.0", &id.ip.to_string()))
+        .map(|a| {
+            a.replace("0.0.0.0", &id.ip.to_string())
+                .replace("[::]", &id.ip.to_string())
+        })
         .collect();
     let mut argv = (runtime.container_args)(id, argv);
     let program = program(runtime, &argv.remove(0));
