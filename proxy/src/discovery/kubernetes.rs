@@ -1,61 +1,72 @@
 //! Endpoints from the EndpointSlices of one Service, via kube-runtime's watcher.
+//!
+//! The watcher's own events drive a [`SliceCache`]: a re-list (`Init`, `InitApply`...,
+//! `InitDone`) is buffered and replaces the whole set at its end, so a slice deleted
+//! while the watch was broken disappears, and nothing partial is ever published;
+//! `Apply` and `Delete` change one slice and publish at once.
 
-use super::DiscoveryError;
 use crate::endpoint::{Endpoint, EndpointSet};
 use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Api, Client};
+use kube::runtime::watcher::Event;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use tokio::sync::watch;
 
-pub(super) async fn watch(
+/// Label the EndpointSlice controller puts on every slice of a Service.
+const SERVICE_LABEL: &str = "kubernetes.io/service-name";
+
+/// Publishes the endpoints of `service`'s EndpointSlices into `tx` until every receiver
+/// is gone, reading the API through `client`.
+///
+/// The first set is published when the initial list is complete (an empty Service
+/// publishes an empty set, so the proxy can report ready with nothing to route to);
+/// after that, every change that alters the endpoints is published as a whole set.
+/// Errors never end it: they are logged, the watcher retries with kube's default
+/// backoff, and the last published set stays in force meanwhile.
+///
+/// `namespace` defaults to the client's (the pod's own namespace in a cluster, the
+/// kubeconfig context's namespace outside); `port_name` picks the slice port by name,
+/// the first port when unset.
+pub async fn watch_endpoint_slices(
+    client: Client,
     service: &str,
     namespace: Option<&str>,
     port_name: Option<&str>,
     tx: watch::Sender<EndpointSet>,
-) -> Result<(), DiscoveryError> {
-    let client = Client::try_default()
-        .await
-        .map_err(DiscoveryError::KubeClient)?;
+) {
     let api: Api<EndpointSlice> = match namespace {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::default_namespaced(client),
     };
-    let config =
-        watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
-    let (store, writer) = reflector::store();
-    // The watcher retries with backoff on its own; errors are logged, never fatal, and
-    // the last published set stays in force meanwhile.
-    let mut events = watcher(api, config)
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects()
-        .boxed();
-    let mut ready = false;
+    let config = watcher::Config::default().labels(&format!("{SERVICE_LABEL}={service}"));
+    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut cache = SliceCache::default();
     let mut published = false;
     loop {
         let next = tokio::select! {
             next = events.next() => next,
-            () = tx.closed() => return Ok(()),
+            () = tx.closed() => return,
         };
-        match next {
-            None => return Ok(()),
+        let event = match next {
+            // The watcher restarts itself; an end only comes with the runtime's.
+            None => return,
             Some(Err(e)) => {
-                tracing::warn!(error = %e, service, "EndpointSlice watch failed; retrying")
+                tracing::warn!(service, error = %e, "EndpointSlice watch failed; keeping the last endpoints and retrying");
+                continue;
             }
-            Some(Ok(_)) => {}
+            Some(Ok(event)) => event,
+        };
+        if matches!(event, Event::InitDone) {
+            tracing::info!(service, slices = cache.pending(), "EndpointSlices listed");
         }
-        if !ready {
-            // Publish nothing until the first full list, or a partial view would look
-            // like endpoints disappearing.
-            if store.wait_until_ready().await.is_err() {
-                return Ok(());
-            }
-            ready = true;
+        if !cache.apply(event) {
+            continue;
         }
-        let slices: Vec<_> = store.state();
-        let set = endpoints_from_slices(slices.iter().map(|s| s.as_ref()), port_name);
+        let set = cache.endpoints(port_name);
+        // The first set is sent even when empty: receivers treat it as "discovery works".
         let first = !published;
         published = true;
         tx.send_if_modified(|current| {
@@ -66,8 +77,64 @@ pub(super) async fn watch(
     }
 }
 
+/// The slices of one Service as the watcher's events describe them, keyed by name.
+#[derive(Debug, Default)]
+struct SliceCache {
+    /// What the last complete list plus the events since then say.
+    slices: BTreeMap<String, EndpointSlice>,
+    /// A list in progress (between `Init` and `InitDone`).
+    relist: Option<BTreeMap<String, EndpointSlice>>,
+    /// A list has completed at least once.
+    listed: bool,
+}
+
+impl SliceCache {
+    /// Applies one watcher event; true when the set to publish may have changed (never
+    /// in the middle of a list, never before the first list is complete).
+    fn apply(&mut self, event: Event<EndpointSlice>) -> bool {
+        match event {
+            Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(slice) => {
+                // Without a preceding Init (not something the watcher does) the list
+                // still must not leak out half done.
+                self.relist
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(slice.name_any(), slice);
+                false
+            }
+            Event::InitDone => {
+                self.slices = self.relist.take().unwrap_or_default();
+                self.listed = true;
+                true
+            }
+            Event::Apply(slice) => {
+                self.slices.insert(slice.name_any(), slice);
+                self.listed && self.relist.is_none()
+            }
+            Event::Delete(slice) => {
+                let removed = self.slices.remove(&slice.name_any()).is_some();
+                removed && self.listed && self.relist.is_none()
+            }
+        }
+    }
+
+    /// Slices buffered by the list in progress.
+    fn pending(&self) -> usize {
+        self.relist.as_ref().map_or(0, BTreeMap::len)
+    }
+
+    /// The endpoints of every slice, merged.
+    fn endpoints(&self, port_name: Option<&str>) -> EndpointSet {
+        endpoints_from_slices(self.slices.values(), port_name)
+    }
+}
+
 /// Merges several slices into one set. Conditions follow the EndpointSlice API: an unset
-/// `ready` means ready, an unset `serving` means the value of `ready`.
+/// `ready` means ready, an unset `serving` means the value of `ready`. An address in
+/// two slices (a pod moving between them) appears once: the slice later by name wins.
 pub(crate) fn endpoints_from_slices<'a>(
     slices: impl Iterator<Item = &'a EndpointSlice>,
     port_name: Option<&str>,
@@ -87,7 +154,7 @@ pub(crate) fn endpoints_from_slices<'a>(
         else {
             continue;
         };
-        for endpoint in slice.endpoints.iter().flatten() {
+        for endpoint in slice.endpoints.items() {
             let Some(ip) = endpoint
                 .addresses
                 .first()
@@ -115,69 +182,23 @@ pub(crate) fn endpoints_from_slices<'a>(
     EndpointSet::new(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
+/// `EndpointSlice.endpoints` is required in the 1.33-1.35 API and optional from 1.36;
+/// the workspace picks the API version, so read it either way.
+trait Items<T> {
+    fn items(&self) -> &[T];
+}
 
-    fn slice(value: serde_json::Value) -> EndpointSlice {
-        serde_json::from_value(value).unwrap()
-    }
-
-    #[test]
-    fn merges_slices_maps_conditions_and_picks_the_named_port() {
-        let a = slice(json!({
-            "metadata": {"name": "web-abc"},
-            "addressType": "IPv4",
-            "ports": [{"name": "metrics", "port": 9090}, {"name": "http", "port": 8080}],
-            "endpoints": [
-                {"addresses": ["10.0.0.1"], "conditions": {"ready": true},
-                 "targetRef": {"kind": "Pod", "name": "web-1"}, "zone": "europe-west1-b"},
-                {"addresses": ["10.0.0.2"],
-                 "conditions": {"ready": false, "serving": true, "terminating": true}}
-            ]
-        }));
-        let b = slice(json!({
-            "metadata": {"name": "web-def"},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080}],
-            "endpoints": [{"addresses": ["10.0.0.3"]}]
-        }));
-        let fqdn = slice(json!({
-            "metadata": {"name": "web-fqdn"}, "addressType": "FQDN",
-            "ports": [{"name": "http", "port": 8080}],
-            "endpoints": [{"addresses": ["example.com"]}]
-        }));
-        let set = endpoints_from_slices([&a, &b, &fqdn].into_iter(), Some("http"));
-        let got: Vec<_> = set
-            .iter()
-            .map(|e| {
-                (
-                    e.address.to_string(),
-                    e.name.clone(),
-                    e.ready,
-                    e.serving,
-                    e.terminating,
-                )
-            })
-            .collect();
-        assert_eq!(
-            got,
-            vec![
-                (
-                    "10.0.0.1:8080".into(),
-                    Some("web-1".into()),
-                    true,
-                    true,
-                    false
-                ),
-                ("10.0.0.2:8080".into(), None, false, true, true),
-                ("10.0.0.3:8080".into(), None, true, true, false),
-            ]
-        );
-        assert_eq!(
-            set.iter().next().unwrap().zone.as_deref(),
-            Some("europe-west1-b")
-        );
+impl<T> Items<T> for Vec<T> {
+    fn items(&self) -> &[T] {
+        self
     }
 }
+
+impl<T> Items<T> for Option<Vec<T>> {
+    fn items(&self) -> &[T] {
+        self.as_deref().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

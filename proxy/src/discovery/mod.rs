@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use file::parse_endpoints;
+pub use kubernetes::watch_endpoint_slices;
 
 /// Where backends come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +61,20 @@ pub async fn run(source: Source, tx: watch::Sender<EndpointSet>) -> Result<(), D
             service,
             namespace,
             port_name,
-        } => kubernetes::watch(&service, namespace.as_deref(), port_name.as_deref(), tx).await,
+        } => {
+            // KUBECONFIG when set (local runs, the test stand-in), in-cluster otherwise.
+            let client = kube::Client::try_default()
+                .await
+                .map_err(DiscoveryError::KubeClient)?;
+            watch_endpoint_slices(
+                client,
+                &service,
+                namespace.as_deref(),
+                port_name.as_deref(),
+                tx,
+            )
+            .await;
+            Ok(())
+        }
     }
 }
