@@ -10,11 +10,11 @@ use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -80,12 +80,6 @@ pub enum ReconcileError {
         /// Its name.
         name: String,
     },
-    /// Listing the app's ReplicaSets failed.
-    #[error("listing ReplicaSets failed")]
-    ListReplicaSets(#[source] kube::Error),
-    /// Listing the app or proxy pods failed.
-    #[error("listing pods failed")]
-    ListPods(#[source] kube::Error),
     /// Writing a pod's `ballast.dev/routable` condition failed.
     #[error("setting the readiness gate of pod {pod} failed")]
     PatchPodStatus {
@@ -101,6 +95,9 @@ pub enum ReconcileError {
     /// Writing the status failed.
     #[error("writing status failed")]
     PatchStatus(#[source] kube::Error),
+    /// The pod/ReplicaSet watches stopped (the controller is shutting down).
+    #[error("the pod and ReplicaSet caches stopped")]
+    CacheClosed,
     /// The object came without a namespace (it is namespaced: a bug elsewhere).
     #[error("BalancedService without namespace")]
     MissingNamespace,
@@ -114,14 +111,74 @@ impl ReconcileError {
             Self::ReadObject { .. } => "read_object",
             Self::ApplyFailed { .. } => "apply_failed",
             Self::Conflict { .. } => "conflict",
-            Self::ListReplicaSets(_) => "list_replicasets",
-            Self::ListPods(_) => "list_pods",
             Self::PatchPodStatus { .. } => "patch_pod_status",
             Self::ClearResume(_) => "clear_resume",
             Self::PatchStatus(_) => "patch_status",
             Self::MissingNamespace => "missing_namespace",
+            Self::CacheClosed => "cache_closed",
         }
     }
+}
+
+/// The app and proxy pods and the app ReplicaSets of every BalancedService, as the
+/// operator's watches see them, shared by all reconciles: reading them costs no API
+/// request (a LIST per kind per reconcile before).
+#[derive(Clone, Debug)]
+pub struct Caches {
+    pods: Store<Pod>,
+    replica_sets: Store<ReplicaSet>,
+}
+
+/// What fills [`Caches`]: the watches in [`run`], or a test.
+#[derive(Debug)]
+pub struct CacheWriters {
+    /// Pods carrying the `ballast.dev/service` label.
+    pub pods: Writer<Pod>,
+    /// ReplicaSets carrying it.
+    pub replica_sets: Writer<ReplicaSet>,
+}
+
+impl Caches {
+    /// Empty caches, ready once their writers have seen a first full list.
+    pub fn new() -> (Self, CacheWriters) {
+        let (pods, pod_writer) = reflector::store();
+        let (replica_sets, rs_writer) = reflector::store();
+        (
+            Self { pods, replica_sets },
+            CacheWriters {
+                pods: pod_writer,
+                replica_sets: rs_writer,
+            },
+        )
+    }
+
+    /// Waits for the first full list of both kinds: before it, a missing pod would look
+    /// like a finished rollout.
+    async fn ready(&self) -> Result<(), ReconcileError> {
+        self.pods
+            .wait_until_ready()
+            .await
+            .map_err(|_| ReconcileError::CacheClosed)?;
+        self.replica_sets
+            .wait_until_ready()
+            .await
+            .map_err(|_| ReconcileError::CacheClosed)
+    }
+}
+
+/// True when `object` is in `namespace` and carries every label of `selector`.
+fn selected(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    namespace: &str,
+    selector: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    meta.namespace.as_deref() == Some(namespace)
+        && selector.iter().all(|(k, v)| {
+            meta.labels
+                .as_ref()
+                .and_then(|l| l.get(k))
+                .is_some_and(|value| value == v)
+        })
 }
 
 /// Shared by every reconcile.
@@ -139,6 +196,8 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<BalancedService>, u32>>,
     /// Reads the proxies' admin endpoints.
     pub proxies: ProxyReader,
+    /// Pods and ReplicaSets.
+    caches: Caches,
     /// Rollout counters per BalancedService, between reconciles.
     memory: Mutex<HashMap<ObjectRef<BalancedService>, Memory>>,
     /// Per BalancedService uid, the owned objects (kind, name) seen to carry its
@@ -156,6 +215,7 @@ impl Context {
         limits: Limits,
         metrics: Arc<Metrics>,
         instance: String,
+        caches: Caches,
     ) -> Self {
         let reporter = Reporter {
             controller: MANAGER.to_owned(),
@@ -169,6 +229,7 @@ impl Context {
             metrics,
             failures: Mutex::new(HashMap::new()),
             proxies: ProxyReader::new(PROXY_READ_TIMEOUT),
+            caches,
             memory: Mutex::new(HashMap::new()),
             confirmed: Mutex::new(HashMap::new()),
             watched: std::sync::OnceLock::new(),
@@ -331,7 +392,7 @@ async fn converge(
     let tracked = track(ctx, bs, &pods, &proxies, now);
     let mut objects = build(bs, &ctx.build);
     let rollout = tracked.last_rollout.as_ref();
-    let replica_sets = list_replica_sets(ctx, bs, namespace).await?;
+    let replica_sets = replica_sets(ctx, bs, namespace);
     let rollback = rollout
         .filter(|r| {
             r.paused
@@ -395,25 +456,15 @@ async fn observe(
     bs: &BalancedService,
     namespace: &str,
 ) -> Result<(Vec<AppPod>, Vec<ProxyObservation>), ReconcileError> {
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), namespace);
-    let list = |role: &'static str| {
-        let selector = label_selector(bs, role);
-        let pods = pods.clone();
-        async move {
-            pods.list(&ListParams::default().labels(&selector))
-                .await
-                .map_err(ReconcileError::ListPods)
-        }
+    ctx.caches.ready().await?;
+    let pods = |role: &str| {
+        let selector = selector_labels(bs, role);
+        ctx.caches
+            .pods
+            .state_filter(|p| selected(&p.metadata, namespace, &selector))
     };
-    let app: Vec<AppPod> = list("app")
-        .await?
-        .items
-        .iter()
-        .map(AppPod::from_pod)
-        .collect();
-    let proxies: Vec<ProxyPod> = list("proxy")
-        .await?
-        .items
+    let app: Vec<AppPod> = pods("app").iter().map(|p| AppPod::from_pod(p)).collect();
+    let proxies: Vec<ProxyPod> = pods("proxy")
         .iter()
         .filter_map(|p| ProxyPod::from_pod(p, bs.spec.proxy.admin_port))
         .collect();
@@ -426,24 +477,18 @@ async fn observe(
     Ok((app, observations))
 }
 
-fn label_selector(bs: &BalancedService, role: &str) -> String {
-    selector_labels(bs, role)
+/// The app's ReplicaSets, by name.
+fn replica_sets(ctx: &Context, bs: &BalancedService, namespace: &str) -> Vec<ReplicaSet> {
+    let selector = selector_labels(bs, "app");
+    let mut found: Vec<ReplicaSet> = ctx
+        .caches
+        .replica_sets
+        .state_filter(|rs| selected(&rs.metadata, namespace, &selector))
         .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-async fn list_replica_sets(
-    ctx: &Context,
-    bs: &BalancedService,
-    namespace: &str,
-) -> Result<Vec<ReplicaSet>, ReconcileError> {
-    Ok(Api::<ReplicaSet>::namespaced(ctx.client.clone(), namespace)
-        .list(&ListParams::default().labels(&label_selector(bs, "app")))
-        .await
-        .map_err(ReconcileError::ListReplicaSets)?
-        .items)
+        .map(|rs| ReplicaSet::clone(rs))
+        .collect();
+    found.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    found
 }
 
 /// Rollout tracking with this BalancedService's memory, and the pause decision.
@@ -804,8 +849,8 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 /// Runs the controller until the stream ends (or the future is dropped: leadership
-/// lost). `namespace` limits it to one namespace.
-pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
+/// lost). `namespace` limits it to one namespace. `writers` fill `ctx`'s caches.
+pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&str>) {
     let client = ctx.client.clone();
     fn api<K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>>(
         client: &Client,
@@ -819,6 +864,16 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
     let config = watcher::Config::default();
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    let labelled = watcher::Config::default().labels(crate::build::SERVICE_LABEL);
+    // One watch per kind for all BalancedServices; reconciles read the caches they fill.
+    let pods = watcher(api::<Pod>(&client, namespace), labelled.clone())
+        .default_backoff()
+        .reflect(writers.pods)
+        .touched_objects();
+    let replica_sets = watcher(api::<ReplicaSet>(&client, namespace), labelled)
+        .default_backoff()
+        .reflect(writers.replica_sets)
+        .touched_objects();
     // Pod events come in bursts during a rollout; one reconcile per burst is enough.
     let controller = Controller::new(api::<BalancedService>(&client, namespace), config)
         .with_config(
@@ -835,14 +890,8 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
         .owns(api::<ServiceAccount>(&client, namespace), owned.clone())
         .owns(api::<Role>(&client, namespace), owned.clone())
         .owns(api::<RoleBinding>(&client, namespace), owned)
-        .watches(
-            api::<Pod>(&client, namespace),
-            watcher::Config::default().labels(crate::build::SERVICE_LABEL),
-            |pod| {
-                let name = pod.labels().get(crate::build::SERVICE_LABEL)?;
-                Some(ObjectRef::new(name).within(&pod.namespace()?))
-            },
-        )
+        .watches_stream(pods, |pod| labelled_owner(&pod))
+        .watches_stream(replica_sets, |rs| labelled_owner(&rs))
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {
@@ -851,6 +900,12 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
             }
         })
         .await;
+}
+
+/// The BalancedService an object's `ballast.dev/service` label names.
+fn labelled_owner<K: Resource>(object: &K) -> Option<ObjectRef<BalancedService>> {
+    let name = object.labels().get(crate::build::SERVICE_LABEL)?;
+    Some(ObjectRef::new(name).within(&object.namespace()?))
 }
 
 #[cfg(test)]

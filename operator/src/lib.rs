@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod api_requests;
 pub mod build;
 pub mod cli;
 pub mod controller;

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
+use ballast_operator::api_requests::CountRequests;
 use ballast_operator::build::BuildContext;
 use ballast_operator::cli::{Cli, Command, RunArgs};
-use ballast_operator::controller::{self, Context};
+use ballast_operator::controller::{self, Caches, Context};
 use ballast_operator::metrics::Metrics;
 use ballast_operator::validate::Limits;
 use ballast_operator::{error_chain, leader, render};
@@ -74,10 +75,17 @@ async fn run(args: RunArgs) -> ExitCode {
         metrics.clone(),
         ready.clone(),
     ));
-    let client = match kube::Client::try_default().await {
-        Ok(client) => client,
+    // Every request is counted (ballast_operator_api_requests_total): the API load per
+    // BalancedService is measured, not guessed.
+    let client = match kube::Config::infer()
+        .await
+        .map_err(|e| error_chain(&e))
+        .and_then(|config| {
+            kube::client::ClientBuilder::try_from(config).map_err(|e| error_chain(&e))
+        }) {
+        Ok(builder) => builder.with_layer(&CountRequests(metrics.clone())).build(),
         Err(e) => {
-            tracing::error!(error = %error_chain(&e), "cannot configure the Kubernetes client");
+            tracing::error!(error = %e, "cannot configure the Kubernetes client");
             return ExitCode::FAILURE;
         }
     };
@@ -86,25 +94,32 @@ async fn run(args: RunArgs) -> ExitCode {
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "ballast-operator".to_owned());
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        BuildContext {
-            proxy_image: args.proxy_image.clone(),
-        },
-        Limits {
-            max_replicas: args.max_replicas,
-        },
-        metrics,
-        identity.clone(),
-    ));
     ready.store(true, Relaxed);
     let namespace = args.namespace.clone();
-    let work = || controller::run(ctx.clone(), namespace.as_deref());
+    // Each term as leader starts from a fresh context: caches, rollout memory and the
+    // objects known to be ours are rebuilt from the API server, never carried over.
+    let work = || {
+        let (caches, writers) = Caches::new();
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            BuildContext {
+                proxy_image: args.proxy_image.clone(),
+            },
+            Limits {
+                max_replicas: args.max_replicas,
+            },
+            metrics.clone(),
+            identity.clone(),
+            caches,
+        ));
+        let namespace = namespace.clone();
+        async move { controller::run(ctx, writers, namespace.as_deref()).await }
+    };
     tokio::select! {
         result = async {
             if args.leader_elect {
                 let lease_ns = args.lease_namespace.clone().unwrap_or_else(|| "default".to_owned());
-                leader::run_as_leader(client, &lease_ns, &identity, work).await.map_err(|e| error_chain(&e))
+                leader::run_as_leader(client.clone(), &lease_ns, &identity, work).await.map_err(|e| error_chain(&e))
             } else {
                 work().await;
                 Ok(())

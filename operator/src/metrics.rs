@@ -16,6 +16,7 @@ pub struct Metrics {
     duration: Histogram,
     services: Gauge,
     objects: Gauge,
+    api_requests: Family<[(&'static str, &'static str); 2], Counter>,
 }
 
 impl Default for Metrics {
@@ -47,8 +48,15 @@ impl Default for Metrics {
             "Objects owned for them (Deployments, Services, PDBs, RBAC)",
             objects.clone(),
         );
+        let api_requests = Family::default();
+        registry.register(
+            "api_requests",
+            "Requests sent to the Kubernetes API server, by verb and resource",
+            api_requests.clone(),
+        );
         Self {
             registry,
+            api_requests,
             reconciles,
             failures,
             duration,
@@ -74,6 +82,13 @@ impl Metrics {
             .set(i64::try_from(services).unwrap_or(i64::MAX));
         self.objects
             .set(i64::try_from(services * per_service).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one request sent to the API server.
+    pub fn observe_api_request(&self, request: crate::api_requests::ApiRequest) {
+        self.api_requests
+            .get_or_create(&[("verb", request.verb), ("resource", request.resource)])
+            .inc();
     }
 
     /// The Prometheus text exposition.

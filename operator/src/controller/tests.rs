@@ -16,7 +16,6 @@ const STEP: Duration = Duration::from_secs(5);
 const UID: &str = "7f0c2f9e-0000-4000-8000-000000000001";
 const STATUS_PATH: &str = "/apis/ballast.dev/v1alpha1/namespaces/shop/balancedservices/demo/status";
 const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
-const REPLICASETS_PATH: &str = "/apis/apps/v1/namespaces/shop/replicasets";
 const PODS_PATH: &str = "/api/v1/namespaces/shop/pods";
 
 /// Every owned object in the order it must be applied: path, apiVersion, kind, name.
@@ -155,6 +154,8 @@ impl Exchange {
 /// The mock API server's side.
 struct ApiServer {
     handle: Handle<Request<Body>, Response<Body>>,
+    /// What the operator's pod and ReplicaSet watches would have delivered.
+    cluster: CacheWriters,
     /// The operator has read every owned object once (it reads each only until it has
     /// seen it is its own, or absent).
     checked: bool,
@@ -230,24 +231,29 @@ fn percent_decode(text: &str) -> String {
 
 fn context() -> (Arc<Context>, ApiServer) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
+    let metrics = Arc::new(Metrics::default());
+    let client = kube::client::ClientBuilder::new(service, "default")
+        .with_layer(&crate::api_requests::CountRequests(metrics.clone()))
+        .build();
     let build = BuildContext {
         proxy_image: "ghcr.io/ballast-dev/ballast:test".to_owned(),
     };
+    let (caches, cluster) = Caches::new();
     let ctx = Context::new(
         client,
         build,
         Limits::default(),
-        Arc::new(Metrics::default()),
+        metrics,
         "test".into(),
+        caches,
     );
-    (
-        Arc::new(ctx),
-        ApiServer {
-            handle,
-            checked: false,
-        },
-    )
+    let mut api = ApiServer {
+        handle,
+        cluster,
+        checked: false,
+    };
+    api.seed(json!([]), json!([]), json!([]));
+    (Arc::new(ctx), api)
 }
 
 fn start(bs: &BalancedService, ctx: &Arc<Context>) -> JoinHandle<Result<Action, ReconcileError>> {
@@ -266,35 +272,27 @@ fn settled() -> Value {
     json!({"replicas": 4, "readyReplicas": 4, "updatedReplicas": 4, "availableReplicas": 4})
 }
 
-/// Answers the reads before the applies: app pods, proxy pods, ReplicaSets.
-async fn serve_reads(api: &mut ApiServer, app_pods: Value, proxy_pods: Value, replica_sets: Value) {
-    for (role, items) in [("app", app_pods), ("proxy", proxy_pods)] {
-        let req = api.expect(Method::GET, PODS_PATH).await;
-        assert_eq!(
-            req.param("labelSelector"),
-            Some(format!("ballast.dev/role={role},ballast.dev/service=demo").as_str())
-        );
-        req.reply(&json!({
-            "apiVersion": "v1", "kind": "PodList",
-            "metadata": {"resourceVersion": "10"}, "items": items,
-        }));
+impl ApiServer {
+    /// Replaces what the pod and ReplicaSet caches hold, as a re-list would: call before
+    /// the reconcile starts.
+    fn seed(&mut self, app_pods: Value, proxy_pods: Value, replica_sets: Value) {
+        fn relist<K>(writer: &mut Writer<K>, items: Vec<Value>)
+        where
+            K: Resource<DynamicType = ()> + DeserializeOwned + Clone,
+        {
+            writer.apply_watcher_event(&watcher::Event::Init);
+            for item in items {
+                let object: K = serde_json::from_value(item).unwrap();
+                writer.apply_watcher_event(&watcher::Event::InitApply(object));
+            }
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+        }
+        let items = |v: Value| v.as_array().unwrap().clone();
+        let mut pods = items(app_pods);
+        pods.extend(items(proxy_pods));
+        relist::<Pod>(&mut self.cluster.pods, pods);
+        relist::<ReplicaSet>(&mut self.cluster.replica_sets, items(replica_sets));
     }
-    let req = api.expect(Method::GET, REPLICASETS_PATH).await;
-    assert_eq!(
-        req.param("labelSelector"),
-        Some("ballast.dev/role=app,ballast.dev/service=demo")
-    );
-    req.reply(&json!({
-        "apiVersion": "apps/v1", "kind": "ReplicaSetList",
-        "metadata": {"resourceVersion": "10"}, "items": replica_sets,
-    }));
-}
-
-/// Answers the reads (no pods) and the ten applies of a valid spec, checking each.
-/// The app Deployment comes back with `app_status`, the proxy Deployment with 2 ready.
-async fn serve_applies(api: &mut ApiServer, app_status: Value, replica_sets: Value) {
-    serve_reads(api, json!([]), json!([]), replica_sets).await;
-    serve_apply_only(api, app_status).await;
 }
 
 /// Answers the reads of the owned objects that come before the first apply: none of
@@ -414,7 +412,7 @@ async fn a_settled_service_is_applied_in_order_then_reported_available() {
     let bs = balanced_service();
     let run = start(&bs, &ctx);
 
-    serve_applies(&mut api, settled(), json!([])).await;
+    serve_apply_only(&mut api, settled()).await;
     let status = serve_status(&mut api).await;
     assert_condition(&status, "Available", "True", "AllAvailable");
     assert_condition(&status, "Progressing", "False", "RolloutComplete");
@@ -450,7 +448,7 @@ async fn an_unchanged_status_is_not_written_again() {
     let (ctx, mut api) = context();
     let mut bs = balanced_service();
     let run = start(&bs, &ctx);
-    serve_applies(&mut api, settled(), json!([])).await;
+    serve_apply_only(&mut api, settled()).await;
     let status = serve_status(&mut api).await;
     finish(run).await.unwrap();
     api.assert_idle().await;
@@ -458,34 +456,59 @@ async fn an_unchanged_status_is_not_written_again() {
     // The next reconcile sees the status it wrote: applies again, but writes nothing else.
     bs.status = Some(serde_json::from_value(status).unwrap());
     let run = start(&bs, &ctx);
-    serve_applies(&mut api, settled(), json!([])).await;
+    serve_apply_only(&mut api, settled()).await;
     let action = finish(run).await.unwrap();
     api.assert_idle().await;
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+
+    // What the two reconciles cost the API server: the first reads each owned object
+    // once (none is ballast's yet) and writes status; a steady one only applies. Pods
+    // and ReplicaSets come from the shared watches, never from a LIST per reconcile.
+    let metrics = ctx.metrics.render();
+    let count = |verb: &str, resource: &str| -> u64 {
+        let series = format!(
+            "ballast_operator_api_requests_total{{verb=\"{verb}\",resource=\"{resource}\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .map_or(0, |v| v.parse().unwrap())
+    };
+    assert_eq!(count("get", "services"), 3, "{metrics}");
+    assert_eq!(count("patch", "services"), 6, "{metrics}");
+    assert_eq!(count("patch", "deployments"), 4, "{metrics}");
+    assert_eq!(count("patch", "balancedservices/status"), 1, "{metrics}");
+    assert_eq!(count("list", "pods") + count("list", "replicasets"), 0);
+    let total: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("ballast_operator_api_requests_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(total, 10 + 10 + 1 + 10, "{metrics}");
 }
 
 #[tokio::test]
 async fn a_rollout_in_progress_is_reported_with_an_event_and_a_short_requeue() {
     let (ctx, mut api) = context();
     let bs = balanced_service();
-    let run = start(&bs, &ctx);
-
     let rolling =
         json!({"replicas": 5, "readyReplicas": 4, "updatedReplicas": 2, "availableReplicas": 4});
     let replica_set = |revision: &str, available: i32| {
         json!({
             "metadata": {"name": format!("demo-{revision}"), "namespace": "shop",
-                         "labels": {"ballast.dev/revision": revision}},
+                         "labels": {"ballast.dev/service": "demo", "ballast.dev/role": "app",
+                                    "ballast.dev/revision": revision}},
             "status": {"replicas": available, "availableReplicas": available},
         })
     };
     let new_revision = crate::build::template_revision(&bs.spec.template);
-    serve_applies(
-        &mut api,
-        rolling,
+    api.seed(
+        json!([]),
+        json!([]),
         json!([replica_set("old", 3), replica_set(&new_revision, 1)]),
-    )
-    .await;
+    );
+    let run = start(&bs, &ctx);
+    serve_apply_only(&mut api, rolling).await;
     let status = serve_status(&mut api).await;
     assert_condition(&status, "Progressing", "True", "RolloutInProgress");
     assert_condition(&status, "Available", "True", "AllAvailable");
@@ -550,8 +573,8 @@ async fn first_apply_fails(
     reason: &str,
 ) -> (Arc<Context>, ApiServer, ReconcileError) {
     let (ctx, mut api) = context();
+    api.seed(json!([]), json!([]), json!([]));
     let run = start(&balanced_service(), &ctx);
-    serve_reads(&mut api, json!([]), json!([]), json!([])).await;
     serve_checks(&mut api).await;
     let (path, ..) = APPLIES[0];
     let req = api.expect(Method::PATCH, path).await;
@@ -601,8 +624,8 @@ async fn a_server_error_stops_the_reconcile_at_the_first_apply() {
 #[tokio::test]
 async fn an_existing_service_that_is_not_ballasts_is_never_taken_over() {
     let (ctx, mut api) = context();
+    api.seed(json!([]), json!([]), json!([]));
     let run = start(&balanced_service(), &ctx);
-    serve_reads(&mut api, json!([]), json!([]), json!([])).await;
     // The user's own front Service `demo`, written by kubectl, with another selector.
     for (path, _, kind, name) in APPLIES {
         let req = api.expect(Method::GET, path).await;
@@ -636,8 +659,8 @@ async fn an_existing_service_that_is_not_ballasts_is_never_taken_over() {
 
     // Another BalancedService's object is a conflict too, named by its controller.
     let (ctx, mut api) = context();
+    api.seed(json!([]), json!([]), json!([]));
     let run = start(&balanced_service(), &ctx);
-    serve_reads(&mut api, json!([]), json!([]), json!([])).await;
     let req = api.expect(Method::GET, APPLIES[0].0).await;
     req.reply(&json!({
         "apiVersion": "v1", "kind": "ServiceAccount",
@@ -665,8 +688,8 @@ async fn an_existing_service_that_is_not_ballasts_is_never_taken_over() {
 async fn objects_already_owned_are_applied_over() {
     let (ctx, mut api) = context();
     let bs = balanced_service();
+    api.seed(json!([]), json!([]), json!([]));
     let run = start(&bs, &ctx);
-    serve_reads(&mut api, json!([]), json!([]), json!([])).await;
     for (path, api_version, kind, name) in APPLIES {
         api.expect(Method::GET, path).await.reply(&json!({
             "apiVersion": api_version, "kind": kind,
@@ -705,7 +728,7 @@ async fn repeated_failures_back_off_until_a_success_resets_them() {
     );
 
     let run = start(&bs, &ctx);
-    serve_applies(&mut api, settled(), json!([])).await;
+    serve_apply_only(&mut api, settled()).await;
     serve_status(&mut api).await;
     finish(run).await.unwrap();
     assert_eq!(
@@ -886,8 +909,8 @@ async fn a_new_pod_turns_routable_once_every_ready_proxy_lists_it() {
     ]);
     let proxies = json!([a.pod("demo-proxy-a"), b.pod("demo-proxy-b")]);
 
+    api.seed(pods.clone(), proxies.clone(), json!([]));
     let run = start(&bs, &ctx);
-    serve_reads(&mut api, pods.clone(), proxies.clone(), json!([])).await;
     serve_apply_only(&mut api, settled()).await;
     // B does not list the new pod yet: its gate is set False, with why.
     let gate = serve_gate(&mut api, "demo-new").await;
@@ -917,8 +940,8 @@ async fn a_new_pod_turns_routable_once_every_ready_proxy_lists_it() {
         app_pod("demo-old", "127.0.0.5", "old", Some("True")),
         app_pod("demo-new", "127.0.0.6", &new_revision, Some("False")),
     ]);
+    api.seed(pods.clone(), proxies.clone(), json!([]));
     let run = start(&bs, &ctx);
-    serve_reads(&mut api, pods.clone(), proxies.clone(), json!([])).await;
     serve_apply_only(&mut api, settled()).await;
     let gate = serve_gate(&mut api, "demo-new").await;
     assert_eq!(gate["status"], "True");
@@ -941,14 +964,8 @@ async fn a_new_pod_turns_routable_once_every_ready_proxy_lists_it() {
         app_pod("demo-old", "127.0.0.5", "old", Some("True")),
         app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),
     ]);
+    api.seed(pods, json!([a.pod("demo-proxy-a"), gone]), json!([]));
     let run = start(&bs, &ctx);
-    serve_reads(
-        &mut api,
-        pods,
-        json!([a.pod("demo-proxy-a"), gone]),
-        json!([]),
-    )
-    .await;
     serve_apply_only(&mut api, settled()).await;
     let rest = serve_rest(&mut api).await;
     assert!(
@@ -984,8 +1001,8 @@ async fn a_forced_drain_over_the_threshold_pauses_the_deployment() {
     registry.request_drain(old.ip(), now).unwrap();
     registry.drain_timed_out(old.ip(), now).unwrap();
 
+    api.seed(pods, proxies, json!([]));
     let run = start(&bs, &ctx);
-    serve_reads(&mut api, pods, proxies, json!([])).await;
     let app = serve_apply_only(&mut api, settled()).await;
     assert_eq!(app["spec"]["paused"], true, "the app Deployment is paused");
     let status = serve_status(&mut api).await;
@@ -1021,14 +1038,8 @@ async fn a_forced_drain_over_the_threshold_pauses_the_deployment() {
         app_pod("demo-old", "127.0.0.5", "old", Some("True")),
         app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),
     ]);
+    api.seed(pods, json!([proxy.pod("demo-proxy-a")]), json!([]));
     let run = start(&bs, &ctx);
-    serve_reads(
-        &mut api,
-        pods,
-        json!([proxy.pod("demo-proxy-a")]),
-        json!([]),
-    )
-    .await;
     let app = serve_apply_only(&mut api, settled()).await;
     assert!(app["spec"].get("paused").is_none(), "{}", app["spec"]);
     let status = serve_status(&mut api).await;
@@ -1083,7 +1094,8 @@ async fn with_rollback_the_previous_template_is_restored_instead() {
     registry.drain_timed_out(old.ip(), now).unwrap();
     let old_rs = json!({
         "metadata": {"name": "demo-5d8f", "namespace": "shop",
-                     "labels": {"ballast.dev/revision": "old", "pod-template-hash": "5d8f"}},
+                     "labels": {"ballast.dev/service": "demo", "ballast.dev/role": "app",
+                                "ballast.dev/revision": "old", "pod-template-hash": "5d8f"}},
         "spec": {"selector": {"matchLabels": {"ballast.dev/service": "demo"}},
                  "template": {"metadata": {"labels": {"ballast.dev/revision": "old",
                                                       "pod-template-hash": "5d8f"}},
@@ -1091,14 +1103,8 @@ async fn with_rollback_the_previous_template_is_restored_instead() {
         "status": {"replicas": 3, "availableReplicas": 3},
     });
 
+    api.seed(pods, json!([proxy.pod("demo-proxy-a")]), json!([old_rs]));
     let run = start(&bs, &ctx);
-    serve_reads(
-        &mut api,
-        pods,
-        json!([proxy.pod("demo-proxy-a")]),
-        json!([old_rs]),
-    )
-    .await;
     let app = serve_apply_only(&mut api, settled()).await;
     let template = &app["spec"]["template"];
     assert_eq!(template["spec"]["containers"][0]["image"], "demo:0");
