@@ -22,8 +22,17 @@ impl Process {
     /// # Panics
     /// When the program cannot be started.
     pub fn spawn(program: &str, args: &[&str]) -> Self {
+        Self::spawn_with_env(program, args, &[])
+    }
+
+    /// [`Process::spawn`] with extra environment variables.
+    ///
+    /// # Panics
+    /// When the program cannot be started.
+    pub fn spawn_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -131,6 +140,7 @@ pub fn workspace_bin(name: &str) -> String {
         .into_owned()
 }
 
+pub mod apiserver;
 pub mod cluster;
 pub mod l4;
 pub mod load;
