@@ -237,6 +237,50 @@ impl Context {
     }
 }
 
+impl Context {
+    /// Drops what is remembered for BalancedServices that no longer exist, so the
+    /// operator's memory follows the live objects, not every object it ever saw.
+    fn forget_gone(&self, live: &[Arc<BalancedService>]) {
+        let refs: std::collections::HashSet<ObjectRef<BalancedService>> =
+            live.iter().map(|bs| ObjectRef::from(bs.as_ref())).collect();
+        let uids: std::collections::HashSet<&str> = live
+            .iter()
+            .filter_map(|bs| bs.metadata.uid.as_deref())
+            .collect();
+        self.memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|key, _| refs.contains(key));
+        self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|key, _| refs.contains(key));
+        self.confirmed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|uid, _| uids.contains(uid.as_str()));
+    }
+
+    /// Entries remembered per BalancedService (rollout memory, backoff, objects known
+    /// to be ours), summed: follows the live BalancedServices.
+    pub fn remembered(&self) -> usize {
+        self.memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+            + self
+                .failures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len()
+            + self
+                .confirmed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len()
+    }
+}
+
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
@@ -267,8 +311,9 @@ pub async fn reconcile(
     let started = Instant::now();
     let result = reconcile_inner(&bs, &ctx).await;
     if let Some(store) = ctx.watched.get() {
-        ctx.metrics
-            .set_managed(store.state().len(), OwnedObjects::COUNT);
+        let live = store.state();
+        ctx.metrics.set_managed(live.len(), OwnedObjects::COUNT);
+        ctx.forget_gone(&live);
     }
     ctx.metrics.observe_reconcile(
         started.elapsed(),

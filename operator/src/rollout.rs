@@ -82,6 +82,23 @@ pub struct Tracked {
 }
 
 impl Memory {
+    /// Entries held, over all maps and sets: bounded by the pods and proxies that
+    /// exist now, whatever happened before.
+    pub fn len(&self) -> usize {
+        self.counters.len()
+            + self.proxies.len()
+            + self.revisions.len()
+            + self.drains_counted.len()
+            + self.forced_counted.len()
+            + self.window.len()
+            + self.window_pods.len()
+    }
+
+    /// True when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// After a failover (the memory has not seen this rollout), treats every drain the
     /// proxies still remember as already counted: status has them, or they predate the
     /// rollout.
@@ -227,6 +244,22 @@ pub fn track(memory: &mut Memory, inputs: &Inputs<'_>) -> Tracked {
         seen,
     } = tally;
     memory.counters.retain(|key, _| seen.contains(key));
+    // Revisions only of pods that still exist or that a proxy still reports: every
+    // other one can never be counted again, and a long-lived operator must not keep
+    // the name of every pod it ever saw.
+    let reported: HashSet<&str> = proxies
+        .iter()
+        .filter_map(|o| o.report.as_ref().ok())
+        .flat_map(|r| {
+            r.endpoints
+                .iter()
+                .filter_map(|e| e.pod.as_deref())
+                .chain(r.drains.iter().filter_map(|d| d.pod.as_deref()))
+        })
+        .collect();
+    memory
+        .revisions
+        .retain(|pod, _| reported.contains(pod.as_str()) || pods.iter().any(|p| &p.name == pod));
     let readable: HashSet<&str> = proxies.iter().map(|o| o.proxy.as_str()).collect();
     memory.proxies.retain(|p| readable.contains(p.as_str()));
 

@@ -1127,3 +1127,21 @@ async fn with_rollback_the_previous_template_is_restored_instead() {
     finish(run).await.unwrap();
     proxy.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn what_is_remembered_follows_the_live_balanced_services() {
+    let (ctx, mut api) = context();
+    let bs = balanced_service();
+    let run = start(&bs, &ctx);
+    serve_apply_only(&mut api, settled()).await;
+    serve_status(&mut api).await;
+    finish(run).await.unwrap();
+    assert!(ctx.remembered() > 0);
+    ctx.forget_gone(&[Arc::new(bs)]);
+    assert!(
+        ctx.remembered() > 0,
+        "a live BalancedService keeps its memory"
+    );
+    ctx.forget_gone(&[]);
+    assert_eq!(ctx.remembered(), 0, "a deleted one leaves nothing behind");
+}

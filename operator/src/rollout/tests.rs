@@ -437,3 +437,43 @@ fn a_running_rollout_reads_back_equal_when_nothing_happened() {
         .unwrap();
     assert_eq!(second, stored, "a growing duration rewrites status");
 }
+
+#[test]
+fn memory_stays_flat_over_many_rollouts() {
+    let mut memory = Memory::default();
+    let mut previous: Option<RolloutSummary> = None;
+    let t0 = 1_800_000_000.0;
+    let mut most = 0;
+    for i in 0..300u32 {
+        let (old, new) = (format!("r{i}"), format!("r{}", i + 1));
+        let now = t0 + f64::from(i) * 10.0;
+        let n = |k: u32| u8::try_from(1 + (i * 3 + k) % 250).unwrap();
+        let names: Vec<String> = (0..3).map(|k| format!("pod-{i}-{k}")).collect();
+        let next: Vec<String> = (0..3).map(|k| format!("pod-{}-{k}", i + 1)).collect();
+        let mut pods: Vec<AppPod> = (0..3).map(|k| pod(&names[k], &old, n(k as u32))).collect();
+        pods.extend((0..3).map(|k| pod(&next[k], &new, n(3 + k as u32))));
+        let endpoints = pods
+            .iter()
+            .enumerate()
+            .map(|(k, p)| endpoint(&p.name, n(k as u32), u64::from(i) * 10, 0))
+            .collect();
+        let proxies = [proxy("p", endpoints, vec![])];
+        for step in [&pods[..], &pods[3..]] {
+            let tracked = track(
+                &mut memory,
+                &Inputs {
+                    now,
+                    update_revision: &new,
+                    pods: step,
+                    proxies: &proxies,
+                    previous: previous.as_ref(),
+                },
+            );
+            previous = tracked.last_rollout;
+            most = most.max(memory.len());
+        }
+    }
+    // Six pods and one proxy at a time: a few dozen entries, never one per pod ever seen
+    // (1,800 pod names went by).
+    assert!(most <= 40, "memory grew to {most} entries");
+}
