@@ -9,9 +9,10 @@ use ballast_operator::api_requests::CountRequests;
 use ballast_operator::build::BuildContext;
 use ballast_operator::cli::{Cli, Command, RunArgs};
 use ballast_operator::controller::{self, Caches, Context};
+use ballast_operator::leader::{Election, Timing};
 use ballast_operator::metrics::Metrics;
 use ballast_operator::validate::Limits;
-use ballast_operator::{error_chain, leader, render};
+use ballast_operator::{error_chain, render};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -115,26 +116,40 @@ async fn run(args: RunArgs) -> ExitCode {
         let namespace = namespace.clone();
         async move { controller::run(ctx, writers, namespace.as_deref()).await }
     };
-    tokio::select! {
-        result = async {
-            if args.leader_elect {
-                let lease_ns = args.lease_namespace.clone().unwrap_or_else(|| "default".to_owned());
-                leader::run_as_leader(client.clone(), &lease_ns, &identity, work).await.map_err(|e| error_chain(&e))
-            } else {
-                work().await;
-                Ok(())
-            }
-        } => {
-            if let Err(e) = result {
-                tracing::error!(error = %e, "leader election failed");
+    let stopped = async {
+        shutdown_signal().await;
+        tracing::info!("signal received: stopping");
+    };
+    let election = if args.leader_elect {
+        let lease_ns = args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned());
+        match Election::new(client.clone(), &lease_ns, &identity, Timing::default()) {
+            Ok(election) => Some(election),
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "leader election cannot start");
                 return ExitCode::FAILURE;
             }
         }
+    } else {
+        None
+    };
+    tokio::select! {
+        () = async {
+            match &election {
+                // Releases the lease on the signal, so a standby takes over at once.
+                Some(election) => election.run(work, stopped).await,
+                None => tokio::select! {
+                    () = work() => tracing::error!("controller stopped"),
+                    () = stopped => {}
+                },
+            }
+        } => {}
         admin = admin => {
             tracing::error!(result = ?admin.map(|r| r.map_err(|e| e.to_string())), "admin listener stopped");
             return ExitCode::FAILURE;
         }
-        () = shutdown_signal() => tracing::info!("signal received: stopping"),
     }
     ExitCode::SUCCESS
 }
