@@ -7,9 +7,13 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use std::convert::Infallible;
+
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Body as _, Frame};
+use hyper::header::HeaderMap;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -164,6 +168,95 @@ fn json(body: &Bytes) -> serde_json::Value {
     serde_json::from_slice(body).expect("json body")
 }
 
+// gRPC, written out by hand from the gRPC over HTTP/2 spec and the protobuf
+// encoding rather than shared with the app, so a mistake on one side is not
+// mirrored on the other.
+
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const ECHO_UNARY: &str = "/ballast.demo.v1.Echo/Unary";
+const ECHO_STREAM: &str = "/ballast.demo.v1.Echo/Stream";
+
+/// A length-prefixed gRPC message: uncompressed flag, 4-byte big-endian length.
+fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(message.len()).expect("small message");
+    let mut framed = vec![0];
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(message);
+    framed
+}
+
+/// Protobuf string field `field` (wire type 2), for values under 128 bytes.
+fn proto_string(field: u8, value: &str) -> Vec<u8> {
+    let len = u8::try_from(value.len()).expect("short value");
+    assert!(len < 0x80, "one-byte length only");
+    let mut out = vec![(field << 3) | 2, len];
+    out.extend_from_slice(value.as_bytes());
+    out
+}
+
+/// A gRPC call as grpc-go and the kubelet send it.
+fn grpc_request<B>(addr: SocketAddr, path: &str, body: B) -> Request<B> {
+    Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{addr}{path}"))
+        .header(hyper::header::CONTENT_TYPE, "application/grpc")
+        .header(hyper::header::TE, "trailers")
+        .body(body)
+        .expect("grpc request")
+}
+
+/// A finished unary call: response head, the DATA bytes, the trailers.
+struct GrpcReply {
+    head: Response<()>,
+    /// The stream ended with the response HEADERS frame (gRPC's Trailers-Only).
+    ended_with_headers: bool,
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl GrpcReply {
+    /// `grpc-status`: from the trailers, or from the headers of a
+    /// Trailers-Only answer (then there must be no trailers and no data).
+    fn status(&self) -> &str {
+        match &self.trailers {
+            Some(trailers) => trailers.get("grpc-status"),
+            None => {
+                // grpc-go reads the status from the headers only when they end
+                // the stream; otherwise the call fails for lack of trailers.
+                assert!(
+                    self.ended_with_headers,
+                    "stream ended without trailers after HEADERS"
+                );
+                assert!(self.data.is_empty(), "data without trailers");
+                self.head.headers().get("grpc-status")
+            }
+        }
+        .expect("grpc-status sent")
+        .to_str()
+        .expect("ascii grpc-status")
+    }
+}
+
+async fn grpc_unary(
+    sender: &mut Sender2,
+    addr: SocketAddr,
+    path: &str,
+    message: &[u8],
+) -> GrpcReply {
+    let req = grpc_request(addr, path, Full::new(Bytes::from(grpc_frame(message))));
+    let resp = sender.send_request(req).await.expect("grpc call");
+    let (parts, body) = resp.into_parts();
+    let ended_with_headers = body.is_end_stream();
+    let collected = body.collect().await.expect("read grpc body");
+    let trailers = collected.trailers().cloned();
+    GrpcReply {
+        head: Response::from_parts(parts, ()),
+        ended_with_headers,
+        data: collected.to_bytes(),
+        trailers,
+    }
+}
+
 #[tokio::test]
 async fn healthz_served_by_and_request_id() {
     timeout(TEST_TIMEOUT, async {
@@ -303,6 +396,133 @@ async fn h2c_prior_knowledge() {
             assert_eq!(header(&resp, "x-served-by"), "h2pod");
             assert_eq!(json(&body)["path"], "/h2");
         }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn grpc_health_check_over_h2c() {
+    timeout(TEST_TIMEOUT, async {
+        let app = App::start(&["--pod", "grpcpod"], &[]).await;
+        let mut sender = connect_h2(app.addr).await;
+
+        // What the kubelet's `grpc` probe sends: HealthCheckRequest{service: ""},
+        // which protobuf encodes as an empty message.
+        let reply = grpc_unary(&mut sender, app.addr, HEALTH_CHECK, b"").await;
+        assert_eq!(reply.head.status(), StatusCode::OK);
+        assert_eq!(reply.head.version(), Version::HTTP_2);
+        assert_eq!(header(&reply.head, "content-type"), "application/grpc");
+        assert_eq!(header(&reply.head, "x-served-by"), "grpcpod");
+        // HealthCheckResponse{status: SERVING (1)}: field 1, varint.
+        assert_eq!(reply.data, grpc_frame(&[0x08, 0x01]));
+        assert_eq!(reply.status(), "0");
+
+        // The demo service by name is serving too.
+        let named = proto_string(1, "ballast.demo.v1.Echo");
+        let reply = grpc_unary(&mut sender, app.addr, HEALTH_CHECK, &named).await;
+        assert_eq!(reply.data, grpc_frame(&[0x08, 0x01]));
+        assert_eq!(reply.status(), "0");
+
+        // An unknown service is NOT_FOUND (5), an unknown method UNIMPLEMENTED
+        // (12): both Trailers-Only, still HTTP 200.
+        let unknown = proto_string(1, "no.such.Service");
+        let reply = grpc_unary(&mut sender, app.addr, HEALTH_CHECK, &unknown).await;
+        assert_eq!(reply.head.status(), StatusCode::OK);
+        assert_eq!(reply.status(), "5");
+        let reply = grpc_unary(&mut sender, app.addr, "/grpc.health.v1.Health/Watch", b"").await;
+        assert_eq!(reply.status(), "12");
+
+        // Not protobuf: INTERNAL (13), as gRPC servers answer an unparsable message.
+        let reply = grpc_unary(&mut sender, app.addr, HEALTH_CHECK, &[0x0a, 9]).await;
+        assert_eq!(reply.status(), "13");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn grpc_unary_echo_names_the_pod() {
+    timeout(TEST_TIMEOUT, async {
+        let app = App::start(&["--pod", "grpcpod"], &[]).await;
+        let mut sender = connect_h2(app.addr).await;
+        let request = proto_string(1, "hello");
+        let reply = grpc_unary(&mut sender, app.addr, ECHO_UNARY, &request).await;
+        assert_eq!(reply.status(), "0");
+        // EchoReply{message: "hello", pod: "grpcpod"}.
+        let expected = [proto_string(1, "hello"), proto_string(2, "grpcpod")].concat();
+        assert_eq!(reply.data, grpc_frame(&expected));
+
+        // Plain HTTP on the same connection still reaches the JSON route.
+        let req = Request::builder()
+            .uri(format!("http://{}/after-grpc", app.addr))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let (resp, body) = body_of(sender.send_request(req).await.expect("h2 request")).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(json(&body)["path"], "/after-grpc");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn grpc_stream_echo_replies_while_the_client_sends() {
+    timeout(TEST_TIMEOUT, async {
+        let app = App::start(&["--pod", "grpcpod"], &[]).await;
+        let stream = TcpStream::connect(app.addr).await.expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("http2 handshake");
+        tokio::spawn(conn);
+
+        // The request body stays open while replies are read: each reply must
+        // arrive before the next request message is sent.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let frames = futures::stream::unfold(rx, |mut rx| async move {
+            let data = rx.recv().await?;
+            Some((Ok::<_, Infallible>(Frame::data(data)), rx))
+        });
+        let req = grpc_request(app.addr, ECHO_STREAM, StreamBody::new(Box::pin(frames)));
+        let resp = sender.send_request(req).await.expect("grpc stream");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+
+        for message in ["one", "two", "three"] {
+            tx.send(Bytes::from(grpc_frame(&proto_string(1, message))))
+                .await
+                .expect("send request message");
+            let expected =
+                grpc_frame(&[proto_string(1, message), proto_string(2, "grpcpod")].concat());
+            let mut received = Vec::new();
+            while received.len() < expected.len() {
+                let frame = body
+                    .frame()
+                    .await
+                    .expect("reply before the stream ends")
+                    .expect("read reply");
+                match frame.into_data() {
+                    Ok(data) => received.extend_from_slice(&data),
+                    Err(frame) => panic!("trailers before the reply: {:?}", frame.trailers_ref()),
+                }
+            }
+            assert_eq!(received, expected, "reply to {message:?}");
+        }
+
+        // Half-close: the server ends with grpc-status 0 in the trailers.
+        drop(tx);
+        let frame = body
+            .frame()
+            .await
+            .expect("trailers")
+            .expect("read trailers");
+        let trailers = frame.into_trailers().expect("trailers, not more data");
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"0"[..])
+        );
+        assert!(body.frame().await.is_none(), "nothing after the trailers");
     })
     .await
     .expect("test timed out");

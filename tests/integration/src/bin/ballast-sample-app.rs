@@ -4,9 +4,11 @@
 //! It serves HTTP/1.1 (keep-alive) and HTTP/2 prior knowledge (h2c) on one
 //! port, stamps every response with `x-served-by: <pod>`, echoes
 //! `x-request-id`, answers a small JSON document on every path, echoes
-//! WebSocket messages on `GET /ws`, and shuts down either naively (exit on
-//! SIGTERM, dropping connections) or gracefully (fail `/healthz`, stop
-//! accepting, finish in-flight requests).
+//! WebSocket messages on `GET /ws`, answers gRPC calls over h2c on the same
+//! port (the standard health service and a demo echo service: see `grpc.rs`),
+//! and shuts down either naively (exit on SIGTERM, dropping connections) or
+//! gracefully (fail `/healthz` and the gRPC health check, stop accepting,
+//! finish in-flight requests).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use futures::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -32,6 +34,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{debug, info, warn};
+
+// Next to this file rather than in `src/bin/`, where cargo would take it for a
+// binary of its own.
+#[path = "ballast-sample-app/grpc.rs"]
+mod grpc;
 
 const SERVED_BY: &str = "x-served-by";
 const REQUEST_ID: &str = "x-request-id";
@@ -78,6 +85,8 @@ struct State {
 }
 
 type Body = Full<Bytes>;
+/// What a connection answers with: an HTTP route's body or a gRPC call's.
+type AnyBody = Either<Body, grpc::GrpcBody>;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -160,9 +169,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     Ok(())
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<AnyBody>, Infallible> {
     let request_id = req.headers().get(REQUEST_ID).cloned();
-    let mut resp = route(&state, req).await;
+    let mut resp = if grpc::is_grpc(&req) {
+        grpc::serve(Arc::clone(&state), req)
+            .await
+            .map(Either::Right)
+    } else {
+        route(&state, req).await.map(Either::Left)
+    };
     let headers = resp.headers_mut();
     headers.insert(SERVED_BY, state.served_by.clone());
     if let Some(id) = request_id {
