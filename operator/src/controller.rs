@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::observe::{AppPod, ProxyObservation, ProxyPod, ProxyReader, ROUTABLE_CONDITION};
 use crate::rollout::{self, Inputs, Memory, Tracked};
 use crate::status::{Blocked, Observed, compute, transitions};
+use crate::triggers::{PodChanges, coalesce};
 use crate::validate::{Limits, validate};
 
 /// Set this annotation (any value) on a BalancedService to resume a rollout ballast
@@ -911,19 +912,25 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
     let labelled = watcher::Config::default().labels(crate::build::SERVICE_LABEL);
     // One watch per kind for all BalancedServices; reconciles read the caches they fill.
+    let mut changes = PodChanges::default();
     let pods = watcher(api::<Pod>(&client, namespace), labelled.clone())
         .default_backoff()
         .reflect(writers.pods)
-        .touched_objects();
+        .filter_map(|event| futures::future::ready(watch_event(event, "pods")))
+        .flat_map(move |event| futures::stream::iter(changes.triggers(&event)));
     let replica_sets = watcher(api::<ReplicaSet>(&client, namespace), labelled)
         .default_backoff()
         .reflect(writers.replica_sets)
-        .touched_objects();
-    // Pod events come in bursts during a rollout; one reconcile per burst is enough.
-    let controller = Controller::new(api::<BalancedService>(&client, namespace), config)
-        .with_config(
-            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
-        );
+        .touched_objects()
+        .filter_map(|rs| futures::future::ready(rs.ok().and_then(|rs| labelled_owner(&rs))));
+    // Pod events come in bursts during a rollout: one reconcile per burst is enough, but
+    // a burst that never ends must not hold it back (kube-runtime's debounce would wait
+    // for a quiet gap), so the wait is bounded instead.
+    let triggers = coalesce(
+        futures::stream::select(pods, replica_sets),
+        Duration::from_millis(500),
+    );
+    let controller = Controller::new(api::<BalancedService>(&client, namespace), config);
     let _ = ctx.watched.set(controller.store());
     controller
         .owns(api::<Deployment>(&client, namespace), owned.clone())
@@ -935,8 +942,7 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
         .owns(api::<ServiceAccount>(&client, namespace), owned.clone())
         .owns(api::<Role>(&client, namespace), owned.clone())
         .owns(api::<RoleBinding>(&client, namespace), owned)
-        .watches_stream(pods, |pod| labelled_owner(&pod))
-        .watches_stream(replica_sets, |rs| labelled_owner(&rs))
+        .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {
@@ -945,6 +951,16 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
             }
         })
         .await;
+}
+
+/// The event, or `None` after logging a watch error (the watcher retries on its own).
+fn watch_event<K>(
+    event: Result<watcher::Event<K>, watcher::Error>,
+    kind: &'static str,
+) -> Option<watcher::Event<K>> {
+    event
+        .inspect_err(|e| tracing::warn!(kind, error = %e, "watch failed; retrying"))
+        .ok()
 }
 
 /// The BalancedService an object's `ballast.dev/service` label names.

@@ -20,6 +20,7 @@ pub mod observe;
 pub mod render;
 pub mod rollout;
 pub mod status;
+pub mod triggers;
 pub mod validate;
 
 /// An error and its causes on one line.
