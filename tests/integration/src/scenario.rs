@@ -20,7 +20,7 @@
 
 use ballast_api::BalancedService;
 use ballast_api::status::RolloutSummary;
-use ballast_operator::build::{BuildContext, build};
+use ballast_operator::build::{BuildContext, OwnedObjects, build};
 use ballast_operator::validate::{Limits, validate};
 use k8s_openapi::api::apps::v1::Deployment as K8sDeployment;
 use k8s_openapi::api::core::v1::{LifecycleHandler, SleepAction};
@@ -31,7 +31,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
 
-use crate::cluster::feed::EndpointFeed;
+use crate::apiserver::{ApiServer, Verb};
+use crate::cluster::feed::{EndpointFeed, SliceWriter};
 use crate::cluster::operator::{self, StatusView};
 use crate::cluster::plan::DeploymentPlan;
 use crate::cluster::pod::{ArgRewrite, PodIdentity, PodRuntime};
@@ -90,7 +91,7 @@ pub struct ScenarioConfig {
     pub proxy_rollout: bool,
     /// Directory holding `ballast-proxy`, `ballast-drain`, `ballast-sample-app`.
     pub bin_dir: PathBuf,
-    /// Scratch directory (endpoints file, pod logs); created.
+    /// Scratch directory (kubeconfig, pod logs); created.
     pub work_dir: PathBuf,
     /// Which `127.N.*.*` range the run's addresses come from (runs at once need
     /// different ones).
@@ -143,6 +144,19 @@ pub struct ScenarioReport {
     pub status: Option<RolloutSummary>,
     /// Events the operator would have emitted.
     pub events: Vec<String>,
+    /// What the API stand-in answered: the proxies' EndpointSlice lists and watches.
+    pub api: ApiRequests,
+}
+
+/// Requests the API stand-in answered during a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApiRequests {
+    /// LISTs answered 200.
+    pub lists: usize,
+    /// WATCHes started.
+    pub watches: usize,
+    /// Requests answered with an error.
+    pub failed: usize,
 }
 
 /// One pod in the live view.
@@ -240,20 +254,19 @@ spec:
     )
 }
 
-/// The operator's objects for `yaml`: (app Deployment, proxy Deployment).
+/// Everything the operator builds for `yaml`.
 ///
 /// # Errors
 /// When the YAML is not a valid BalancedService.
-pub fn operator_objects(yaml: &str) -> Result<(K8sDeployment, K8sDeployment), String> {
+pub fn operator_objects(yaml: &str) -> Result<OwnedObjects, String> {
     let bs: BalancedService = serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
     validate(&bs, &Limits::default()).map_err(|e| e.to_string())?;
-    let owned = build(
+    Ok(build(
         &bs,
         &BuildContext {
             proxy_image: "ghcr.io/ballast-dev/ballast:dev".to_owned(),
         },
-    );
-    Ok((owned.app_deployment, owned.proxy_deployment))
+    ))
 }
 
 /// The same app as a plain Deployment with Kubernetes defaults for everything ballast
@@ -298,35 +311,32 @@ pub fn sleep_instead_of_gate(generated: &K8sDeployment, seconds: u64) -> K8sDepl
     d
 }
 
-fn plans(variant: Variant, yaml: &str) -> Result<(DeploymentPlan, DeploymentPlan), String> {
-    let (app, proxy) = operator_objects(yaml)?;
+fn plans(
+    variant: Variant,
+    owned: &OwnedObjects,
+) -> Result<(DeploymentPlan, DeploymentPlan), String> {
+    let app = &owned.app_deployment;
     let app = match variant {
-        Variant::Ballast => app,
-        Variant::KubernetesDefaults => kubernetes_defaults(&app),
-        Variant::SleepInsteadOfGate(s) => sleep_instead_of_gate(&app, s),
+        Variant::Ballast => app.clone(),
+        Variant::KubernetesDefaults => kubernetes_defaults(app),
+        Variant::SleepInsteadOfGate(s) => sleep_instead_of_gate(app, s),
     };
     Ok((
         DeploymentPlan::from_deployment(&app)?,
-        DeploymentPlan::from_deployment(&proxy)?,
+        DeploymentPlan::from_deployment(&owned.proxy_deployment)?,
     ))
 }
 
-fn runtime(cfg: &ScenarioConfig, proxies: Arc<Mutex<Option<Deployment>>>) -> PodRuntime {
+/// How the stand-in runs pods: local programs for images, the proxies' containers
+/// unchanged (they find the API stand-in through `kubeconfig`, as a pod finds the API
+/// server), preStop commands with DNS names resolved.
+fn runtime(
+    cfg: &ScenarioConfig,
+    proxies: Arc<Mutex<Option<Deployment>>>,
+    kubeconfig: &Path,
+) -> PodRuntime {
     let bin = |name: &str| cfg.bin_dir.join(name).to_string_lossy().into_owned();
-    let endpoints_file = cfg.work_dir.join("endpoints.json");
-    let endpoints_file = endpoints_file.to_string_lossy().into_owned();
-    let container_args: ArgRewrite = Arc::new(move |_: &PodIdentity, argv: Vec<String>| {
-        argv.into_iter()
-            .filter(|a| !a.starts_with("--port-name="))
-            .map(|a| {
-                if a.starts_with("--kube-service=") {
-                    format!("--endpoints-file={endpoints_file}")
-                } else {
-                    a
-                }
-            })
-            .collect()
-    });
+    let container_args: ArgRewrite = Arc::new(|_: &PodIdentity, argv: Vec<String>| argv);
     let hook_args: ArgRewrite = Arc::new(move |id: &PodIdentity, argv: Vec<String>| {
         let mut out = Vec::new();
         let mut source_added = false;
@@ -377,6 +387,10 @@ fn runtime(cfg: &ScenarioConfig, proxies: Arc<Mutex<Option<Deployment>>>) -> Pod
         log_dir: cfg.work_dir.join("logs"),
         container_args,
         hook_args,
+        env: vec![(
+            "KUBECONFIG".to_owned(),
+            kubeconfig.to_string_lossy().into_owned(),
+        )],
     }
 }
 
@@ -531,19 +545,35 @@ async fn run_inner(
     }
     std::fs::create_dir_all(cfg.work_dir.join("logs")).map_err(|e| e.to_string())?;
     let net = cfg.net;
-    let (app_plan, proxy_plan) = plans(variant, &demo_service(cfg.pods, 1, "100m"))?;
-    let (app_next, proxy_next) = plans(variant, &demo_service(cfg.pods, 2, "150m"))?;
+    let owned = operator_objects(&demo_service(cfg.pods, 1, "100m"))?;
+    let (app_plan, proxy_plan) = plans(variant, &owned)?;
+    let (app_next, proxy_next) = plans(
+        variant,
+        &operator_objects(&demo_service(cfg.pods, 2, "150m"))?,
+    )?;
 
+    // The cluster's API: the proxies list and watch the backends Service's
+    // EndpointSlices there, through kube's client, as in a cluster.
+    let api_ip = Ipv4Addr::new(127, net, 4, 1);
+    let api = Arc::new(
+        ApiServer::start(api_ip.into())
+            .await
+            .map_err(|e| format!("API stand-in on {api_ip}: {e}"))?,
+    );
+    let kubeconfig = cfg.work_dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, "default")
+        .map_err(|e| format!("{}: {e}", kubeconfig.display()))?;
     let proxies_slot = Arc::new(Mutex::new(None));
-    let runtime = runtime(cfg, Arc::clone(&proxies_slot));
+    let runtime = runtime(cfg, Arc::clone(&proxies_slot), &kubeconfig);
     set_phase(live, "starting pods");
 
-    let backends_feed = EndpointFeed::start(
-        cfg.propagation,
-        variant
-            .has_proxies()
-            .then(|| cfg.work_dir.join("endpoints.json")),
-    );
+    // kube-proxy's stand-in (the defaults variant) reads the feed in process.
+    let slices = if variant.has_proxies() {
+        Some(SliceWriter::new(Arc::clone(&api), &owned.backends_service)?)
+    } else {
+        None
+    };
+    let backends_feed = EndpointFeed::start(cfg.propagation, slices);
     let front_ip = Ipv4Addr::new(127, net, 3, 1);
     // The front Service: kube-proxy over the proxies, or (defaults) over the app pods.
     let (proxies, front_feed) = if variant.has_proxies() {
@@ -707,6 +737,7 @@ async fn run_inner(
         proxy_rollout,
         status: status_summary,
         events,
+        api: api_requests(&api),
     };
     {
         let mut l = lock(live);
@@ -716,6 +747,21 @@ async fn run_inner(
     }
     drop(front);
     Ok(report)
+}
+
+fn api_requests(api: &ApiServer) -> ApiRequests {
+    let requests = api.requests();
+    let ok = |verb: Verb| {
+        requests
+            .iter()
+            .filter(|r| r.verb == verb && r.status == 200)
+            .count()
+    };
+    ApiRequests {
+        lists: ok(Verb::List),
+        watches: ok(Verb::Watch),
+        failed: requests.iter().filter(|r| r.status != 200).count(),
+    }
 }
 
 /// A fresh scratch directory under the system's temp dir.

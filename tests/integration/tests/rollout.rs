@@ -1,8 +1,9 @@
-//! The headline claim, on the local cluster stand-in (processes as pods, a file as the
-//! EndpointSlice feed; not Kubernetes): a rollout of 8 naive pods under keep-alive load
-//! loses no request with ballast and keeps the load even, while the same rollout with
-//! Kubernetes defaults loses requests and leaves the load uneven. The `preStop: sleep`
-//! cure loses nothing either, but its rollout takes longer; the ratio is printed.
+//! The headline claim, on the local cluster stand-in (processes as pods, EndpointSlices
+//! served over list/watch to proxies started with `--kube-service`; not Kubernetes): a
+//! rollout of 8 naive pods under keep-alive load loses no request with ballast and keeps
+//! the load even, while the same rollout with Kubernetes defaults loses requests and
+//! leaves the load uneven. The `preStop: sleep` cure loses nothing either, but its
+//! rollout takes longer; the ratio is printed.
 //!
 //! The three variants run at once, on separate loopback ranges (127.21/22/23.*).
 
@@ -41,6 +42,7 @@ async fn rollout_under_load_ballast_vs_kubernetes_defaults_vs_sleep() {
         run(Variant::SleepInsteadOfGate(30), config(23, "rollout-sleep")),
     );
     println!("{}", scenario::table(&[&ballast, &defaults, &sleep]));
+    println!("API stand-in, ballast variant: {:?}", ballast.api);
 
     // ballast: nothing lost, every pod replaced and drained, load even.
     let b = &ballast;
@@ -68,6 +70,13 @@ async fn rollout_under_load_ballast_vs_kubernetes_defaults_vs_sleep() {
         0
     );
     assert!(b.proxy_rollout.is_some());
+    // The proxies found the pods as in a cluster: `--kube-service`, kube's watcher, the
+    // API stand-in's list/watch (2 replicas, then 2 new ones after the proxy rollout).
+    assert!(
+        b.api.lists >= 4 && b.api.watches >= 4 && b.api.failed == 0,
+        "{:?}",
+        b.api
+    );
     for balance in [b.balance_before, b.balance_after] {
         let balance = balance.expect("balance measured");
         assert!(balance <= 1.1, "ballast balance max/mean {balance:.2}");

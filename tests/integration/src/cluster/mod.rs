@@ -2,22 +2,31 @@
 //! builds. It is a test harness, never presented as Kubernetes:
 //!
 //! * a pod is a local process on its own loopback address (`127.x.y.z`) and the
-//!   container port; `0.0.0.0` in its argv means that address (every pod shares the
-//!   host's network here); images and in-pod paths map to local programs;
+//!   container port; `0.0.0.0` or `[::]` in its argv means that address (every pod
+//!   shares the host's network here); images and in-pod paths map to local programs;
 //! * kubelet: startup and readiness probes as specified (HTTP GET), readiness gates
 //!   honoured, and on deletion the preStop hook, then SIGTERM, then SIGKILL at the
 //!   grace period ([`pod`]);
 //! * the Deployment controller: the rolling update's maxSurge / maxUnavailable /
 //!   minReadySeconds ([`rolling`]);
 //! * the EndpointSlice controller: ready / serving / terminating per pod, delivered
-//!   after a propagation delay to a proxy's endpoints file or to the kube-proxy stand-in
-//!   ([`feed`], [`crate::l4`]);
+//!   after a propagation delay as `discovery.k8s.io/v1` EndpointSlices of the backends
+//!   Service (labelled `kubernetes.io/service-name`, its port name and appProtocol,
+//!   `targetRef` to the pod) in the API stand-in ([`crate::apiserver`]), or in process
+//!   to the kube-proxy stand-in ([`feed`], [`crate::l4`]);
+//! * the API server's read path ([`crate::apiserver`]): the proxies run exactly as the
+//!   operator renders them (`--kube-service <name>-backends --port-name ...`, the
+//!   namespace from the pod's environment) and list/watch their EndpointSlices through
+//!   kube's client and watcher; every container gets a `KUBECONFIG` for it, where a
+//!   cluster gives the API server's address and a service-account token;
 //! * the operator's pod-facing half: the readiness gate and rollout tracking, computed
 //!   by the operator's own functions over the real proxies' reports ([`operator`]).
 //!
 //! What it leaves out: scheduling, nodes and resources, init containers (the drain
 //! helper's install is a path mapping), DNS (a preStop's `--proxies` name is replaced
-//! by the proxy pods' addresses when the hook starts), container restarts.
+//! by the proxy pods' addresses when the hook starts), container restarts, RBAC and
+//! authentication on the API, Pod and Deployment objects in the API (the operator's
+//! pod-facing half reads the pods in process).
 
 pub mod feed;
 pub mod operator;

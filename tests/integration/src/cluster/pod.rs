@@ -44,6 +44,10 @@ pub struct PodRuntime {
     pub container_args: ArgRewrite,
     /// Rewrites a preStop command's argv (DNS names, `--source-address`).
     pub hook_args: ArgRewrite,
+    /// Environment every container gets from the cluster (in Kubernetes: the API
+    /// server's address and a service-account token; here `KUBECONFIG` for the API
+    /// stand-in).
+    pub env: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for PodRuntime {
@@ -51,6 +55,7 @@ impl std::fmt::Debug for PodRuntime {
         f.debug_struct("PodRuntime")
             .field("programs", &self.programs)
             .field("log_dir", &self.log_dir)
+            .field("env", &self.env)
             .finish_non_exhaustive()
     }
 }
@@ -216,6 +221,7 @@ fn spawn_container(pod: &Pod, plan: &PodPlan, runtime: &PodRuntime) -> Result<Ch
         .stdin(Stdio::null())
         .stdout(log_file(runtime, &id.name))
         .stderr(log_file(runtime, &id.name))
+        .envs(runtime.env.iter().map(|(k, v)| (k, v)))
         .kill_on_drop(true);
     for (name, value) in &plan.env {
         let value = match value {
