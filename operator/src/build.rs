@@ -9,9 +9,9 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
     GRPCAction, HTTPGetAction, LifecycleHandler, ObjectFieldSelector, PodReadinessGate,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, SleepAction,
-    TopologySpreadConstraint, Volume, VolumeMount,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceFieldSelector,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -472,17 +472,33 @@ fn proxy_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
         image: Some(ctx.proxy_image.clone()),
         command: Some(vec!["/usr/local/bin/ballast-proxy".to_owned()]),
         args: Some(proxy_args(bs)),
-        env: Some(vec![EnvVar {
-            name: "BALLAST_NAMESPACE".to_owned(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.namespace".to_owned(),
-                    ..ObjectFieldSelector::default()
+        env: Some(vec![
+            EnvVar {
+                name: "BALLAST_NAMESPACE".to_owned(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.namespace".to_owned(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
                 }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        }]),
+                ..EnvVar::default()
+            },
+            // Sizes the proxy's worker threads: the CPU it asked for, not the node's
+            // core count (a proxy without a CPU limit on a 64-core node).
+            EnvVar {
+                name: "BALLAST_CPU_REQUEST_MILLIS".to_owned(),
+                value_from: Some(EnvVarSource {
+                    resource_field_ref: Some(ResourceFieldSelector {
+                        container_name: Some("proxy".to_owned()),
+                        resource: "requests.cpu".to_owned(),
+                        divisor: Some(Quantity("1m".to_owned())),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+        ]),
         ports: Some(vec![
             ContainerPort {
                 name: Some("proxy".to_owned()),

@@ -130,10 +130,16 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_header_bytes: Option<usize>,
     /// Threads serving client connections, each with its own single-threaded runtime
-    /// [default: the CPUs this process may use].
+    /// [default: the CPU request rounded up (--cpu-request-millis), else the CPUs this
+    /// process may use, at most 4].
     #[arg(long, env = "BALLAST_WORKERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
+    /// The container's CPU request in millicores, which sizes --workers when that is
+    /// unset (the operator passes it through the downward API; 0 means none).
+    #[arg(long, env = "BALLAST_CPU_REQUEST_MILLIS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_request_millis: Option<u64>,
     /// Session affinity key: `header:NAME`, `cookie:NAME` or `client-ip` [default: off].
     #[arg(long, env = "BALLAST_AFFINITY")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -357,7 +363,10 @@ impl Settings {
             ));
         }
         let workers = self.workers.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            default_workers(
+                self.cpu_request_millis,
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            )
         });
         if !(1..=256).contains(&workers) {
             problems.push(format!("--workers: {workers} is outside 1..=256"));
@@ -551,6 +560,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
 
+/// Without a CPU limit a process may use every core of the node, and a thread per core
+/// on a 64-core node only adds wake-ups and memory: the CPU the pod asked for is what
+/// it will get under contention, so that (rounded up) sizes the workers. Without a
+/// request, the CPUs available, but at most 4.
+pub fn default_workers(cpu_request_millis: Option<u64>, available: usize) -> usize {
+    let cap = available.max(1);
+    match cpu_request_millis {
+        Some(m) if m > 0 => usize::try_from(m.div_ceil(1000))
+            .unwrap_or(cap)
+            .clamp(1, cap),
+        _ => cap.min(4),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,6 +614,28 @@ mod tests {
         assert!(text.contains("--retry-attempts: 9 is outside 1..=5"));
         assert!(text.contains("--connect-timeout"));
         assert!(text.contains("mutually exclusive"));
+    }
+
+    #[test]
+    fn workers_follow_the_cpu_request_not_the_node() {
+        assert_eq!(default_workers(Some(100), 64), 1);
+        assert_eq!(default_workers(Some(1000), 64), 1);
+        assert_eq!(default_workers(Some(1500), 64), 2);
+        assert_eq!(
+            default_workers(Some(8000), 2),
+            2,
+            "never more than the CPUs usable"
+        );
+        assert_eq!(default_workers(Some(0), 64), 4, "no request: capped");
+        assert_eq!(default_workers(None, 2), 2);
+        let settings = Settings::parse_from([
+            "ballast-proxy",
+            "--endpoints",
+            "127.0.0.2:80",
+            "--cpu-request-millis",
+            "250",
+        ]);
+        assert_eq!(settings.resolve().unwrap().workers, 1);
     }
 
     #[test]

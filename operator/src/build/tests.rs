@@ -275,6 +275,20 @@ fn proxy_runs_restricted_watches_the_backends_and_is_found_by_the_drain_helper()
     ] {
         assert!(args.contains(&want.to_owned()), "{want} in {args:?}");
     }
+    // Workers follow the proxy's CPU request, handed over by the downward API.
+    let cpu = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "BALLAST_CPU_REQUEST_MILLIS")
+        .and_then(|e| e.value_from.clone())
+        .and_then(|v| v.resource_field_ref)
+        .unwrap();
+    assert_eq!(
+        (cpu.container_name.as_deref(), cpu.resource.as_str()),
+        (Some("proxy"), "requests.cpu")
+    );
+    assert_eq!(cpu.divisor, Some(Quantity("1m".into())));
     // No mesh sidecar may hide the drain caller's address from the proxy.
     let meta = build(&balanced_service(), &ctx())
         .proxy_deployment
