@@ -1,8 +1,10 @@
 //! The rollout under load on a real cluster (kind, GKE, any), driven with `kubectl`.
 //!
-//! Runs only when `BALLAST_E2E_KUBECONFIG` names a kubeconfig; otherwise it prints why it
-//! was skipped and passes. Images (built from the repo's Dockerfile and pushed or
-//! `kind load`ed):
+//! Needs a cluster, so it is `#[ignore]`d: `cargo test` lists it as ignored with the
+//! reason. Run it with `BALLAST_E2E_KUBECONFIG` naming the cluster's kubeconfig:
+//! `cargo test -p ballast-integration --test e2e -- --ignored --nocapture` (it fails at
+//! once if the variable is unset). Images (built from the repo's Dockerfile with
+//! `--provenance=false`, then pushed or `kind load`ed; README "Real-cluster e2e"):
 //!
 //! * `BALLAST_E2E_IMAGE`: the ballast image (default `ghcr.io/ballast-dev/ballast:latest`)
 //! * `BALLAST_E2E_APP_IMAGE`: the demo app image, `--target demo-app`
@@ -12,14 +14,19 @@
 //! naive pods (they exit at once on SIGTERM: only the drain gate saves their requests),
 //! waits for `Available`, starts `ballast-load` in a pod, rolls the app to a new
 //! revision, and asserts: no failed request, the rollout complete on status with every
-//! old pod drained and no forced termination. `BALLAST_E2E_KEEP=1` keeps the namespace.
+//! old pod drained and no forced termination.
+//!
+//! Each run works in a namespace of its own (`ballast-e2e-<time>-<random>`), so a run
+//! started while the last one's namespace is still terminating does not apply into it.
+//! The namespace is deleted after a passing run and kept after a failing one (its name
+//! is printed) so it can be inspected; `BALLAST_E2E_KEEP=1` keeps it in any case.
 
 #![allow(clippy::unwrap_used)]
 
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-const NAMESPACE: &str = "ballast-e2e";
+const KUBECONFIG_VAR: &str = "BALLAST_E2E_KUBECONFIG";
 
 struct Kubectl {
     kubeconfig: String,
@@ -67,17 +74,51 @@ impl Kubectl {
     }
 }
 
+/// This run's namespace; deleted on drop after a passing run unless `BALLAST_E2E_KEEP`
+/// is set, kept (and named) after a failing one.
+struct Namespace<'k> {
+    name: String,
+    kubectl: &'k Kubectl,
+}
+
+impl Drop for Namespace<'_> {
+    fn drop(&mut self) {
+        let keep = std::env::var_os("BALLAST_E2E_KEEP").is_some();
+        if keep || std::thread::panicking() {
+            println!(
+                "kept namespace {0}; delete it with: kubectl delete namespace {0}",
+                self.name
+            );
+            return;
+        }
+        // No need to wait: the next run uses another namespace.
+        let _ = self
+            .kubectl
+            .run(&["delete", "namespace", &self.name, "--wait=false"], None);
+    }
+}
+
+/// A namespace name no earlier run used: seconds since the epoch (sorts by age in
+/// `kubectl get ns`) and a random suffix for runs started in the same second.
+fn fresh_namespace_name() -> String {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    format!("ballast-e2e-{secs}-{:04x}", fastrand::u16(..))
+}
+
 fn image(var: &str, default: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| default.to_owned())
 }
 
-fn balanced_service(app_image: &str, revision: &str) -> String {
+fn balanced_service(namespace: &str, app_image: &str, revision: &str) -> String {
     format!(
         r#"apiVersion: ballast.dev/v1alpha1
 kind: BalancedService
 metadata:
   name: demo
-  namespace: {NAMESPACE}
+  namespace: {namespace}
 spec:
   replicas: 4
   ports:
@@ -122,14 +163,14 @@ fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
 }
 
 #[test]
+#[ignore = "needs a cluster: set BALLAST_E2E_KUBECONFIG and run with -- --ignored (README: Real-cluster e2e)"]
 fn rollout_under_load_on_a_real_cluster() {
-    let Ok(kubeconfig) = std::env::var("BALLAST_E2E_KUBECONFIG") else {
-        println!(
-            "skipped: set BALLAST_E2E_KUBECONFIG to a cluster's kubeconfig (kind or GKE) to run \
-             the real-cluster e2e; see README \"Running on a real cluster\""
-        );
-        return;
-    };
+    let kubeconfig = std::env::var(KUBECONFIG_VAR).unwrap_or_else(|_| {
+        panic!(
+            "{KUBECONFIG_VAR} is not set: point it at a cluster's kubeconfig (kind or GKE) \
+             to run the real-cluster e2e; see README \"Real-cluster e2e\""
+        )
+    });
     let kubectl = Kubectl { kubeconfig };
     let ballast = image("BALLAST_E2E_IMAGE", "ghcr.io/ballast-dev/ballast:latest");
     let app_image = image(
@@ -164,15 +205,21 @@ fn rollout_under_load_on_a_real_cluster() {
         None,
     );
 
-    let _ = kubectl.run(&["create", "namespace", NAMESPACE], None);
+    let namespace = Namespace {
+        name: fresh_namespace_name(),
+        kubectl: &kubectl,
+    };
+    let ns = namespace.name.as_str();
+    println!("namespace {ns}");
+    kubectl.ok(&["create", "namespace", ns], None);
     kubectl.ok(
         &["apply", "--server-side", "-f", "-"],
-        Some(&balanced_service(&app_image, "1")),
+        Some(&balanced_service(ns, &app_image, "1")),
     );
     kubectl.ok(
         &[
             "-n",
-            NAMESPACE,
+            ns,
             "wait",
             "--for=condition=Available",
             "balancedservice/demo",
@@ -182,11 +229,10 @@ fn rollout_under_load_on_a_real_cluster() {
     );
 
     // Load from inside the cluster, through the front Service (the proxies).
-    let _ = kubectl.run(&["-n", NAMESPACE, "delete", "pod", "load", "--now"], None);
     kubectl.ok(
         &[
             "-n",
-            NAMESPACE,
+            ns,
             "run",
             "load",
             "--restart=Never",
@@ -194,7 +240,7 @@ fn rollout_under_load_on_a_real_cluster() {
             "--command",
             "--",
             "/usr/local/bin/ballast-load",
-            &format!("--target=http://demo.{NAMESPACE}.svc/"),
+            &format!("--target=http://demo.{ns}.svc/"),
             "--rate=100",
             "--clients=8",
             "--duration-secs=120",
@@ -204,20 +250,19 @@ fn rollout_under_load_on_a_real_cluster() {
         None,
     );
     wait_until(Duration::from_secs(120), "the load pod to run", || {
-        kubectl.json(&["-n", NAMESPACE, "get", "pod", "load"])["status"]["phase"] == "Running"
+        kubectl.json(&["-n", ns, "get", "pod", "load"])["status"]["phase"] == "Running"
     });
     std::thread::sleep(Duration::from_secs(10));
 
     // The rollout: a template change, a new revision.
     kubectl.ok(
         &["apply", "--server-side", "-f", "-"],
-        Some(&balanced_service(&app_image, "2")),
+        Some(&balanced_service(ns, &app_image, "2")),
     );
     let started = Instant::now();
     let mut status = serde_json::Value::Null;
     wait_until(Duration::from_secs(300), "the rollout to complete", || {
-        status =
-            kubectl.json(&["-n", NAMESPACE, "get", "balancedservice", "demo"])["status"].clone();
+        status = kubectl.json(&["-n", ns, "get", "balancedservice", "demo"])["status"].clone();
         let rollout = &status["lastRollout"];
         rollout["revision"] == status["updateRevision"]
             && !rollout["finishedAt"].is_null()
@@ -231,9 +276,9 @@ fn rollout_under_load_on_a_real_cluster() {
     );
 
     wait_until(Duration::from_secs(200), "the load pod to finish", || {
-        kubectl.json(&["-n", NAMESPACE, "get", "pod", "load"])["status"]["phase"] == "Succeeded"
+        kubectl.json(&["-n", ns, "get", "pod", "load"])["status"]["phase"] == "Succeeded"
     });
-    let logs = kubectl.ok(&["-n", NAMESPACE, "logs", "load"], None);
+    let logs = kubectl.ok(&["-n", ns, "logs", "load"], None);
     let summary: serde_json::Value =
         serde_json::from_str(logs.lines().last().unwrap_or("{}")).unwrap();
     println!("load: {summary}");
@@ -264,8 +309,21 @@ fn rollout_under_load_on_a_real_cluster() {
         summary["failed"], 0,
         "no request failed during the rollout: {summary}"
     );
+}
 
-    if std::env::var("BALLAST_E2E_KEEP").is_err() {
-        let _ = kubectl.run(&["delete", "namespace", NAMESPACE, "--wait=false"], None);
+/// The part of the run that needs no cluster: every run's namespace name is one the API
+/// server accepts (a DNS-1123 label).
+#[test]
+fn namespace_names_are_dns_labels() {
+    for _ in 0..100 {
+        let name = fresh_namespace_name();
+        assert!(name.len() <= 63, "{name}");
+        assert!(name.starts_with("ballast-e2e-1"), "{name}: seconds missing");
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            "{name}"
+        );
+        assert!(!name.ends_with('-'), "{name}");
     }
 }
