@@ -201,7 +201,11 @@ async fn initial_list_is_published_as_one_whole_set_then_watched() {
         "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices"
     );
     let watch = &of(&server, Verb::Watch)[0];
-    assert_eq!(watch.query["resourceVersion"], "1003", "the list's version");
+    assert_eq!(
+        watch.query["resourceVersion"],
+        server.resource_version().to_string(),
+        "the list's version"
+    );
     assert_eq!(watch.query["allowWatchBookmarks"], "true");
     assert_eq!(server.count(Verb::List), 1);
 }
