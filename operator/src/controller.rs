@@ -28,6 +28,7 @@ use crate::build::{
 use crate::gate::{self, Verdict};
 use crate::metrics::Metrics;
 use crate::observe::{AppPod, ProxyObservation, ProxyPod, ProxyReader, ROUTABLE_CONDITION};
+use crate::proxy_watch::{self, ProxyReadings};
 use crate::rollout::{self, Inputs, Memory, Tracked};
 use crate::status::{Blocked, Observed, compute, transitions};
 use crate::triggers::{PodChanges, coalesce};
@@ -199,6 +200,11 @@ pub struct Context {
     pub proxies: ProxyReader,
     /// Pods and ReplicaSets.
     caches: Caches,
+    /// The latest reading of each BalancedService's proxies, from [`proxy_watch`].
+    readings: ProxyReadings,
+    /// True while [`proxy_watch::run`] reads the proxies: reconciles then need no
+    /// short requeue, a change wakes them.
+    watching_proxies: std::sync::atomic::AtomicBool,
     /// Rollout counters per BalancedService, between reconciles.
     memory: Mutex<HashMap<ObjectRef<BalancedService>, Memory>>,
     /// Per BalancedService uid, the owned objects (kind, name) seen to carry its
@@ -231,6 +237,8 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             proxies: ProxyReader::new(PROXY_READ_TIMEOUT),
             caches,
+            readings: ProxyReadings::default(),
+            watching_proxies: std::sync::atomic::AtomicBool::new(false),
             memory: Mutex::new(HashMap::new()),
             confirmed: Mutex::new(HashMap::new()),
             watched: std::sync::OnceLock::new(),
@@ -404,14 +412,21 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
         .conditions
         .iter()
         .any(|c| c.type_ == "Progressing" && c.status == "True");
-    // Pods and owned objects wake the controller on change. The proxies' views do not,
-    // so they are polled: every second while a pod waits for proxies that are read fine
+    // Without the proxy watch (tests drive reconcile alone) the proxies are polled: every second while a pod waits for proxies that are read fine
     // (their watches are about to catch up), every 2 s while pods drain, every 5 s during
     // a rollout (or while no proxy can be read), every 30 s for the balance otherwise.
     let proxies_readable = observed
         .tracked
         .as_ref()
         .is_some_and(|t| t.proxies_readable);
+    if ctx
+        .watching_proxies
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        // Pods, owned objects and the proxies' reports wake the controller on change;
+        // this is only the safety net.
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
     Ok(Action::requeue(
         if !observed.gate_waiting.is_empty() && proxies_readable {
             Duration::from_secs(1)
@@ -503,24 +518,48 @@ async fn observe(
     namespace: &str,
 ) -> Result<(Vec<AppPod>, Vec<ProxyObservation>), ReconcileError> {
     ctx.caches.ready().await?;
-    let pods = |role: &str| {
-        let selector = selector_labels(bs, role);
-        ctx.caches
-            .pods
-            .state_filter(|p| selected(&p.metadata, namespace, &selector))
-    };
-    let app: Vec<AppPod> = pods("app").iter().map(|p| AppPod::from_pod(p)).collect();
-    let proxies: Vec<ProxyPod> = pods("proxy")
+    let selector = selector_labels(bs, "app");
+    let app: Vec<AppPod> = ctx
+        .caches
+        .pods
+        .state_filter(|p| selected(&p.metadata, namespace, &selector))
         .iter()
-        .filter_map(|p| ProxyPod::from_pod(p, bs.spec.proxy.admin_port))
+        .map(|p| AppPod::from_pod(p))
         .collect();
-    let observations = ctx.proxies.observe(&proxies).await;
+    let proxies = proxy_pods(ctx, bs, namespace);
+    let key = ObjectRef::from(bs);
+    // With the proxy watch running its reading is at most a period old, and a change
+    // since has already woken this reconcile; without it, read now.
+    let watched = ctx
+        .watching_proxies
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .then(|| ctx.readings.fresh(&key, &proxies))
+        .flatten();
+    let observations = match watched {
+        Some(observations) => observations,
+        None => {
+            let observations = ctx.proxies.observe(&proxies).await;
+            ctx.readings.record(key, &proxies, observations.clone());
+            observations
+        }
+    };
     for o in &observations {
         if let Err(e) = &o.report {
             tracing::warn!(name = %bs.name_any(), proxy = %o.proxy, error = %e, "reading a proxy failed");
         }
     }
     Ok((app, observations))
+}
+
+/// The ready proxy pods of `bs`.
+fn proxy_pods(ctx: &Context, bs: &BalancedService, namespace: &str) -> Vec<ProxyPod> {
+    let selector = selector_labels(bs, "proxy");
+    ctx.caches
+        .pods
+        .state_filter(|p| selected(&p.metadata, namespace, &selector))
+        .iter()
+        .filter_map(|p| ProxyPod::from_pod(p, bs.spec.proxy.admin_port))
+        .collect()
 }
 
 /// The app's ReplicaSets, by name.
@@ -926,13 +965,33 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
     // Pod events come in bursts during a rollout: one reconcile per burst is enough, but
     // a burst that never ends must not hold it back (kube-runtime's debounce would wait
     // for a quiet gap), so the wait is bounded instead.
+    let (changed, proxy_changes) = tokio::sync::mpsc::unbounded_channel();
+    let proxy_changes = futures::stream::unfold(proxy_changes, |mut rx| async move {
+        rx.recv().await.map(|t| (t, rx))
+    });
     let triggers = coalesce(
-        futures::stream::select(pods, replica_sets),
+        futures::stream::select(futures::stream::select(pods, replica_sets), proxy_changes),
         Duration::from_millis(500),
     );
     let controller = Controller::new(api::<BalancedService>(&client, namespace), config);
-    let _ = ctx.watched.set(controller.store());
-    controller
+    let services = controller.store();
+    let _ = ctx.watched.set(services.clone());
+    let watch_ctx = ctx.clone();
+    let proxies = async move {
+        watch_ctx
+            .watching_proxies
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let namespace_of = |bs: &BalancedService| bs.namespace().unwrap_or_default();
+        proxy_watch::run(
+            services,
+            |bs| proxy_pods(&watch_ctx, bs, &namespace_of(bs)),
+            watch_ctx.proxies.clone(),
+            &watch_ctx.readings,
+            changed,
+        )
+        .await;
+    };
+    let controller = controller
         .owns(api::<Deployment>(&client, namespace), owned.clone())
         .owns(api::<Service>(&client, namespace), owned.clone())
         .owns(
@@ -949,8 +1008,11 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
                 Ok((object, _)) => tracing::debug!(name = %object.name, "reconciled"),
                 Err(e) => tracing::debug!(error = %e, "controller event"),
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        () = controller => {}
+        () = proxies => tracing::warn!("proxy watch stopped"),
+    }
 }
 
 /// The event, or `None` after logging a watch error (the watcher retries on its own).

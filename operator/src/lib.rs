@@ -17,6 +17,7 @@ pub mod gate;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+pub mod proxy_watch;
 pub mod render;
 pub mod rollout;
 pub mod status;
