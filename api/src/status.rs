@@ -93,7 +93,7 @@ pub struct RolloutSummary {
     /// When it completed; unset while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
-    /// Seconds from start to completion (or to now, while it runs).
+    /// Seconds from start to completion; 0 while it runs (written once, when it ends).
     pub duration_seconds: i64,
     /// Old pods drained before termination.
     pub pods_drained: i32,
