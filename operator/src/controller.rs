@@ -129,6 +129,19 @@ impl ReconcileError {
 pub struct Caches {
     pods: Store<Pod>,
     replica_sets: Store<ReplicaSet>,
+    owned: OwnedStores,
+}
+
+/// The objects the operator owns, as its `owns` watches see them: an apply whose body
+/// and target did not change since the last one is skipped.
+#[derive(Clone, Debug)]
+struct OwnedStores {
+    deployments: Store<Deployment>,
+    services: Store<Service>,
+    budgets: Store<PodDisruptionBudget>,
+    service_accounts: Store<ServiceAccount>,
+    roles: Store<Role>,
+    role_bindings: Store<RoleBinding>,
 }
 
 /// What fills [`Caches`]: the watches in [`run`], or a test.
@@ -138,6 +151,18 @@ pub struct CacheWriters {
     pub pods: Writer<Pod>,
     /// ReplicaSets carrying it.
     pub replica_sets: Writer<ReplicaSet>,
+    /// Owned Deployments.
+    pub deployments: Writer<Deployment>,
+    /// Owned Services.
+    pub services: Writer<Service>,
+    /// Owned PodDisruptionBudgets.
+    pub budgets: Writer<PodDisruptionBudget>,
+    /// Owned ServiceAccounts.
+    pub service_accounts: Writer<ServiceAccount>,
+    /// Owned Roles.
+    pub roles: Writer<Role>,
+    /// Owned RoleBindings.
+    pub role_bindings: Writer<RoleBinding>,
 }
 
 impl Caches {
@@ -145,11 +170,34 @@ impl Caches {
     pub fn new() -> (Self, CacheWriters) {
         let (pods, pod_writer) = reflector::store();
         let (replica_sets, rs_writer) = reflector::store();
+        let (deployments, deployment_writer) = reflector::store();
+        let (services, service_writer) = reflector::store();
+        let (budgets, budget_writer) = reflector::store();
+        let (service_accounts, sa_writer) = reflector::store();
+        let (roles, role_writer) = reflector::store();
+        let (role_bindings, rb_writer) = reflector::store();
         (
-            Self { pods, replica_sets },
+            Self {
+                pods,
+                replica_sets,
+                owned: OwnedStores {
+                    deployments,
+                    services,
+                    budgets,
+                    service_accounts,
+                    roles,
+                    role_bindings,
+                },
+            },
             CacheWriters {
                 pods: pod_writer,
                 replica_sets: rs_writer,
+                deployments: deployment_writer,
+                services: service_writer,
+                budgets: budget_writer,
+                service_accounts: sa_writer,
+                roles: role_writer,
+                role_bindings: rb_writer,
             },
         )
     }
@@ -183,6 +231,10 @@ fn selected(
         })
 }
 
+/// Per BalancedService, per owned object (kind, name): (body hash, fingerprint).
+type AppliedObjects =
+    HashMap<ObjectRef<BalancedService>, HashMap<(&'static str, String), (u64, u64)>>;
+
 /// Shared by every reconcile.
 pub struct Context {
     /// API client.
@@ -210,6 +262,9 @@ pub struct Context {
     /// Per BalancedService uid, the owned objects (kind, name) seen to carry its
     /// ownerReference or to not exist: those are applied without reading them first.
     confirmed: Mutex<HashMap<String, BTreeSet<(&'static str, String)>>>,
+    /// Per BalancedService, per owned object (kind, name): the hash of the body last
+    /// applied and the fingerprint of what the API server answered.
+    applied: Mutex<AppliedObjects>,
     /// The controller's cache of BalancedServices, for the managed-objects gauges.
     watched: std::sync::OnceLock<kube::runtime::reflector::Store<BalancedService>>,
 }
@@ -241,6 +296,7 @@ impl Context {
             watching_proxies: std::sync::atomic::AtomicBool::new(false),
             memory: Mutex::new(HashMap::new()),
             confirmed: Mutex::new(HashMap::new()),
+            applied: Mutex::new(HashMap::new()),
             watched: std::sync::OnceLock::new(),
         }
     }
@@ -268,6 +324,10 @@ impl Context {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|uid, _| uids.contains(uid.as_str()));
+        self.applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|key, _| refs.contains(key));
     }
 
     /// Entries remembered per BalancedService (rollout memory, backoff, objects known
@@ -284,6 +344,11 @@ impl Context {
                 .len()
             + self
                 .confirmed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len()
+            + self
+                .applied
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .len()
@@ -474,7 +539,7 @@ async fn converge(
         tracing::warn!(name = %bs.name_any(), %namespace, conflict = %conflict.message(), "not applying: an object is not ballast's");
         return Ok((Observed::default(), Some(conflict)));
     }
-    let mut observed = match apply(&ctx.client, namespace, &objects).await {
+    let mut observed = match apply(ctx, bs, namespace, &objects).await {
         Ok(observed) => observed,
         Err(ReconcileError::ApplyObject { kind, name, source }) => {
             let message = match &source {
@@ -862,20 +927,41 @@ fn owner_of(
 /// (its EndpointSlices are what they watch), the proxies before the front Service and
 /// the app (so traffic and new pods always find a proxy), budgets last.
 async fn apply(
-    client: &Client,
+    ctx: &Context,
+    bs: &BalancedService,
     namespace: &str,
     objects: &OwnedObjects,
 ) -> Result<Observed, ReconcileError> {
-    apply_one(client, namespace, &objects.proxy_service_account).await?;
-    apply_one(client, namespace, &objects.proxy_role).await?;
-    apply_one(client, namespace, &objects.proxy_role_binding).await?;
-    apply_one(client, namespace, &objects.backends_service).await?;
-    apply_one(client, namespace, &objects.proxy_admin_service).await?;
-    let proxy = apply_one(client, namespace, &objects.proxy_deployment).await?;
-    apply_one(client, namespace, &objects.front_service).await?;
-    let app = apply_one(client, namespace, &objects.app_deployment).await?;
-    apply_one(client, namespace, &objects.app_pdb).await?;
-    apply_one(client, namespace, &objects.proxy_pdb).await?;
+    let owned = &ctx.caches.owned;
+    let target = Target {
+        ctx,
+        owner: ObjectRef::from(bs),
+        namespace,
+    };
+    target
+        .apply(&owned.service_accounts, &objects.proxy_service_account)
+        .await?;
+    target.apply(&owned.roles, &objects.proxy_role).await?;
+    target
+        .apply(&owned.role_bindings, &objects.proxy_role_binding)
+        .await?;
+    target
+        .apply(&owned.services, &objects.backends_service)
+        .await?;
+    target
+        .apply(&owned.services, &objects.proxy_admin_service)
+        .await?;
+    let proxy = target
+        .apply(&owned.deployments, &objects.proxy_deployment)
+        .await?;
+    target
+        .apply(&owned.services, &objects.front_service)
+        .await?;
+    let app = target
+        .apply(&owned.deployments, &objects.app_deployment)
+        .await?;
+    target.apply(&owned.budgets, &objects.app_pdb).await?;
+    target.apply(&owned.budgets, &objects.proxy_pdb).await?;
     Ok(Observed {
         app: Some(app),
         proxy: Some(proxy),
@@ -883,27 +969,89 @@ async fn apply(
     })
 }
 
-async fn apply_one<K>(client: &Client, namespace: &str, object: &K) -> Result<K, ReconcileError>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + std::fmt::Debug,
-{
-    let name = object.meta().name.clone().unwrap_or_default();
-    Api::<K>::namespaced(client.clone(), namespace)
-        .patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(object),
-        )
-        .await
-        .map_err(|source| ReconcileError::ApplyObject {
-            kind: kind_name::<K>(),
-            name,
-            source,
-        })
+/// Where owned objects are applied: one BalancedService's namespace.
+struct Target<'a> {
+    ctx: &'a Context,
+    owner: ObjectRef<BalancedService>,
+    namespace: &'a str,
+}
+
+impl Target<'_> {
+    /// Server-side applies `object`, unless the same body was applied before and the
+    /// object, as the watch shows it, is still what the API server answered then
+    /// (same generation or version, labels, annotations, owners): a steady reconcile
+    /// then writes nothing. Returns the object as the API server has it.
+    async fn apply<K>(&self, live: &Store<K>, object: &K) -> Result<K, ReconcileError>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Serialize
+            + DeserializeOwned
+            + Clone
+            + std::fmt::Debug,
+    {
+        let kind = kind_name::<K>();
+        let name = object.meta().name.clone().unwrap_or_default();
+        let desired = body_hash(object);
+        let key = (kind, name.clone());
+        let current = live.get(&ObjectRef::new(&name).within(self.namespace));
+        let last = self
+            .ctx
+            .applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&self.owner)
+            .and_then(|m| m.get(&key).copied());
+        if let (Some(current), Some(last)) = (&current, last)
+            && last == (desired, fingerprint(current.meta()))
+        {
+            return Ok(K::clone(current));
+        }
+        let applied = Api::<K>::namespaced(self.ctx.client.clone(), self.namespace)
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(object),
+            )
+            .await
+            .map_err(|source| ReconcileError::ApplyObject { kind, name, source })?;
+        self.ctx
+            .applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(self.owner.clone())
+            .or_default()
+            .insert(key, (desired, fingerprint(applied.meta())));
+        Ok(applied)
+    }
+}
+
+/// A hash of what an apply would send.
+fn body_hash<K: Serialize>(object: &K) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(object)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What of an object's metadata changes when anybody changes what ballast applied: the
+/// generation (its spec) where the kind has one, else the resourceVersion, and the
+/// labels, annotations and ownerReferences. A status update (a Deployment rolling, a
+/// budget counting healthy pods) leaves it alone.
+fn fingerprint(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    match meta.generation {
+        Some(generation) => generation.hash(&mut hasher),
+        None => meta.resource_version.hash(&mut hasher),
+    }
+    meta.labels.hash(&mut hasher);
+    meta.annotations.hash(&mut hasher);
+    serde_json::to_vec(&meta.owner_references)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
 }
 
 fn kind_name<K: Resource<DynamicType = ()>>() -> &'static str {
@@ -992,15 +1140,36 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
         .await;
     };
     let controller = controller
-        .owns(api::<Deployment>(&client, namespace), owned.clone())
-        .owns(api::<Service>(&client, namespace), owned.clone())
-        .owns(
+        .owns_stream(reflected(
+            api::<Deployment>(&client, namespace),
+            &owned,
+            writers.deployments,
+        ))
+        .owns_stream(reflected(
+            api::<Service>(&client, namespace),
+            &owned,
+            writers.services,
+        ))
+        .owns_stream(reflected(
             api::<PodDisruptionBudget>(&client, namespace),
-            owned.clone(),
-        )
-        .owns(api::<ServiceAccount>(&client, namespace), owned.clone())
-        .owns(api::<Role>(&client, namespace), owned.clone())
-        .owns(api::<RoleBinding>(&client, namespace), owned)
+            &owned,
+            writers.budgets,
+        ))
+        .owns_stream(reflected(
+            api::<ServiceAccount>(&client, namespace),
+            &owned,
+            writers.service_accounts,
+        ))
+        .owns_stream(reflected(
+            api::<Role>(&client, namespace),
+            &owned,
+            writers.roles,
+        ))
+        .owns_stream(reflected(
+            api::<RoleBinding>(&client, namespace),
+            &owned,
+            writers.role_bindings,
+        ))
         .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -1013,6 +1182,27 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
         () = controller => {}
         () = proxies => tracing::warn!("proxy watch stopped"),
     }
+}
+
+/// A watch of `api` that fills `writer`'s store and yields every object it touches.
+fn reflected<K>(
+    api: Api<K>,
+    config: &watcher::Config,
+    writer: Writer<K>,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(api, config.clone())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects()
 }
 
 /// The event, or `None` after logging a watch error (the watcher retries on its own).

@@ -159,6 +159,8 @@ struct ApiServer {
     /// The operator has read every owned object once (it reads each only until it has
     /// seen it is its own, or absent).
     checked: bool,
+    /// What the last applies were answered with, in order.
+    replies: Vec<Value>,
 }
 
 impl ApiServer {
@@ -251,6 +253,7 @@ fn context() -> (Arc<Context>, ApiServer) {
         handle,
         cluster,
         checked: false,
+        replies: Vec::new(),
     };
     api.seed(json!([]), json!([]), json!([]));
     (Arc::new(ctx), api)
@@ -292,6 +295,33 @@ impl ApiServer {
         pods.extend(items(proxy_pods));
         relist::<Pod>(&mut self.cluster.pods, pods);
         relist::<ReplicaSet>(&mut self.cluster.replica_sets, items(replica_sets));
+    }
+
+    /// Delivers the objects the last applies returned to the operator's owned-object
+    /// watches, as the API server's watch events would.
+    fn deliver_applied(&mut self) {
+        fn deliver<K>(writer: &mut Writer<K>, item: &Value)
+        where
+            K: Resource<DynamicType = ()> + DeserializeOwned + Clone,
+        {
+            let object: K = serde_json::from_value(item.clone()).unwrap();
+            writer.apply_watcher_event(&watcher::Event::Apply(object));
+        }
+        for item in std::mem::take(&mut self.replies) {
+            match item["kind"].as_str().unwrap() {
+                "Deployment" => deliver::<Deployment>(&mut self.cluster.deployments, &item),
+                "Service" => deliver::<Service>(&mut self.cluster.services, &item),
+                "PodDisruptionBudget" => {
+                    deliver::<PodDisruptionBudget>(&mut self.cluster.budgets, &item)
+                }
+                "ServiceAccount" => {
+                    deliver::<ServiceAccount>(&mut self.cluster.service_accounts, &item)
+                }
+                "Role" => deliver::<Role>(&mut self.cluster.roles, &item),
+                "RoleBinding" => deliver::<RoleBinding>(&mut self.cluster.role_bindings, &item),
+                other => panic!("unexpected kind {other}"),
+            }
+        }
     }
 }
 
@@ -345,6 +375,8 @@ async fn serve_apply_only(api: &mut ApiServer, app_status: Value) -> Value {
             }
             _ => {}
         }
+        reply["metadata"]["resourceVersion"] = "5".into();
+        api.replies.push(reply.clone());
         req.reply(&reply);
     }
     app
@@ -1144,4 +1176,52 @@ async fn what_is_remembered_follows_the_live_balanced_services() {
     );
     ctx.forget_gone(&[]);
     assert_eq!(ctx.remembered(), 0, "a deleted one leaves nothing behind");
+}
+
+#[tokio::test]
+async fn a_steady_reconcile_writes_nothing_once_the_watches_show_what_was_applied() {
+    let (ctx, mut api) = context();
+    let mut bs = balanced_service();
+    let run = start(&bs, &ctx);
+    serve_apply_only(&mut api, settled()).await;
+    let status = serve_status(&mut api).await;
+    finish(run).await.unwrap();
+    // The watches deliver what the applies returned.
+    api.deliver_applied();
+    bs.status = Some(serde_json::from_value(status).unwrap());
+    let run = start(&bs, &ctx);
+    finish(run).await.unwrap();
+    api.assert_idle().await;
+
+    // Somebody edits the app Deployment's labels: that one object is applied again.
+    let mut edited = serde_json::to_value(
+        ctx.caches
+            .owned
+            .deployments
+            .get(&ObjectRef::new("demo").within("shop"))
+            .unwrap()
+            .as_ref(),
+    )
+    .unwrap();
+    edited["metadata"]["labels"]["team"] = "other".into();
+    api.cluster
+        .deployments
+        .apply_watcher_event(&watcher::Event::Apply(
+            serde_json::from_value(edited).unwrap(),
+        ));
+    let run = start(&bs, &ctx);
+    let req = api
+        .expect(
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/shop/deployments/demo",
+        )
+        .await;
+    req.assert_apply();
+    let mut reply = req.body().clone();
+    reply["status"] = settled();
+    reply["status"]["observedGeneration"] = APP_GENERATION.into();
+    reply["metadata"]["generation"] = APP_GENERATION.into();
+    req.reply(&reply);
+    finish(run).await.unwrap();
+    api.assert_idle().await;
 }
