@@ -22,12 +22,19 @@
 //! bookmarks, compaction, 410s and clean ends on open watches, a partition (open
 //! watches end and new requests wait until it heals), HTTP errors or dropped connections
 //! for the next requests ([`ApiServer::fail_next`]), and a log of every request
-//! ([`ApiServer::requests`]). Left out: writes over HTTP, authentication, pagination,
+//! ([`ApiServer::requests`]).
+//!
+//! Writes over HTTP (`write`): POST, PUT with its resourceVersion precondition, PATCH
+//! as server-side apply, merge or strategic merge, on objects and their `status`, and
+//! DELETE, with generation and creation time kept as the API server keeps them: enough
+//! for a controller to run against it. Left out: field ownership and conflicts between
+//! field managers, defaulting, validation, admission, authentication, pagination,
 //! `resourceVersionMatch` (answers are always the most recent state, which satisfies
 //! every match rule the watcher uses).
 
 mod selector;
 mod store;
+mod write;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -84,6 +91,14 @@ pub enum Verb {
     Watch,
     /// GET of one object.
     Get,
+    /// POST of a new object.
+    Create,
+    /// PUT of an object or its status.
+    Update,
+    /// PATCH (server-side apply, merge or strategic merge) of an object or its status.
+    Patch,
+    /// DELETE of one object.
+    Delete,
     /// Anything else (answered 404 or 405).
     Other,
 }
@@ -320,6 +335,31 @@ impl ApiServer {
         serde_json::from_value(value).ok()
     }
 
+    /// The stored objects of a type in `namespace`, as JSON.
+    pub fn list_values(&self, resource: &ResourceType, namespace: &str) -> Vec<Value> {
+        let collection = Collection {
+            resource: resource.clone(),
+            namespace: Some(namespace.to_owned()),
+            selector: Selector::default(),
+        };
+        lock(&self.shared.store)
+            .list(&collection)
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
+    /// One stored object, as JSON.
+    pub fn get_value(&self, resource: &ResourceType, namespace: &str, name: &str) -> Option<Value> {
+        let key = ObjectKey {
+            api_version: resource.api_version.clone(),
+            plural: resource.plural.clone(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        lock(&self.shared.store).get(&key).cloned()
+    }
+
     /// The last resourceVersion handed out.
     pub fn resource_version(&self) -> u64 {
         lock(&self.shared.store).resource_version
@@ -417,6 +457,8 @@ struct Target {
     plural: String,
     namespace: Option<String>,
     name: Option<String>,
+    /// `status` for `.../<name>/status`.
+    subresource: Option<String>,
 }
 
 fn parse_path(path: &str) -> Option<Target> {
@@ -426,11 +468,13 @@ fn parse_path(path: &str) -> Option<Target> {
         ["apis", group, version, rest @ ..] => (format!("{group}/{version}"), rest),
         _ => return None,
     };
-    let (namespace, plural, name) = match rest {
-        ["namespaces", ns, plural] => (Some(*ns), *plural, None),
-        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
-        [plural] => (None, *plural, None),
-        [plural, name] => (None, *plural, Some(*name)),
+    let (namespace, plural, name, subresource) = match rest {
+        ["namespaces", ns, plural] => (Some(*ns), *plural, None, None),
+        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name), None),
+        ["namespaces", ns, plural, name, sub] => (Some(*ns), *plural, Some(*name), Some(*sub)),
+        [plural] => (None, *plural, None, None),
+        [plural, name] => (None, *plural, Some(*name), None),
+        [plural, name, sub] => (None, *plural, Some(*name), Some(*sub)),
         _ => return None,
     };
     Some(Target {
@@ -438,6 +482,7 @@ fn parse_path(path: &str) -> Option<Target> {
         plural: plural.to_owned(),
         namespace: namespace.map(str::to_owned),
         name: name.map(str::to_owned),
+        subresource: subresource.map(str::to_owned),
     })
 }
 
@@ -492,7 +537,27 @@ async fn handle(
         (Some(t), &Method::GET) if t.name.is_some() => Verb::Get,
         (Some(_), &Method::GET) if watching => Verb::Watch,
         (Some(_), &Method::GET) => Verb::List,
+        (Some(t), &Method::POST) if t.name.is_none() => Verb::Create,
+        (Some(t), &Method::PUT) if t.name.is_some() => Verb::Update,
+        (Some(t), &Method::PATCH) if t.name.is_some() => Verb::Patch,
+        (Some(t), &Method::DELETE) if t.name.is_some() => Verb::Delete,
         _ => Verb::Other,
+    };
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = if matches!(verb, Verb::Create | Verb::Update | Verb::Patch) {
+        use http_body_util::BodyExt;
+        req.into_body()
+            .collect()
+            .await
+            .map_err(std::io::Error::other)?
+            .to_bytes()
+    } else {
+        Bytes::new()
     };
     // A partitioned client's requests hang until the network heals.
     let mut signals = shared.signals.subscribe();
@@ -531,9 +596,53 @@ async fn handle(
         }
         None => {}
     }
-    let response = answer(&shared, verb, target, &query);
+    let response = if matches!(
+        verb,
+        Verb::Create | Verb::Update | Verb::Patch | Verb::Delete
+    ) {
+        answer_write(&shared, verb, target, &content_type, &body)
+    } else {
+        answer(&shared, verb, target, &query)
+    };
     record(response.status().as_u16());
     Ok(response)
+}
+
+fn answer_write(
+    shared: &Arc<Shared>,
+    verb: Verb,
+    target: Option<Target>,
+    content_type: &str,
+    body: &[u8],
+) -> Response<ApiBody> {
+    let Some(target) = target else {
+        return error_response(404, "the server could not find the requested resource");
+    };
+    let (code, value) = {
+        let mut store = lock(&shared.store);
+        let Some(resource) = store.resource(&target.api_version, &target.plural).cloned() else {
+            return error_response(404, "the server could not find the requested resource");
+        };
+        if target.subresource.as_deref().is_some_and(|s| s != "status") {
+            return error_response(404, "only the status subresource is served");
+        }
+        write::write(
+            &mut store,
+            &write::Write {
+                verb,
+                resource: &resource,
+                namespace: target.namespace.as_deref(),
+                name: target.name.as_deref(),
+                status_only: target.subresource.is_some(),
+                content_type,
+                body,
+            },
+        )
+    };
+    if code < 300 {
+        shared.signals.send_modify(|s| s.changes += 1);
+    }
+    json_response(code, &value)
 }
 
 fn answer(
@@ -546,7 +655,7 @@ fn answer(
         return error_response(404, "the server could not find the requested resource");
     };
     if verb == Verb::Other {
-        return error_response(405, "this stand-in only reads");
+        return error_response(405, "method not allowed here");
     }
     let store = lock(&shared.store);
     let Some(resource) = store.resource(&target.api_version, &target.plural).cloned() else {
