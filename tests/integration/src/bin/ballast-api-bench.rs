@@ -2,7 +2,9 @@
 //! The load a `ballast-operator` binary puts on the API server: it runs the binary
 //! against the list/watch/write API stand-in with N BalancedServices, acts as the
 //! Deployment controller and kubelet (pods, ReplicaSets, Deployment status; every pod
-//! Ready at once, no proxy pods), and counts the requests the stand-in answers, per
+//! Ready at once) and as the proxies (each BalancedService's proxy pods point at an
+//! admin stand-in on its own loopback address that lists every app pod, as proxies do
+//! once their watch caught up), and counts the requests the stand-in answers, per
 //! BalancedService per minute: once settled, then while every BalancedService rolls out a
 //! new revision one pod at a time. Prints one JSON line. A harness, never presented as a
 //! cluster; what it leaves out (proxies, real probes) is the same for every binary run.
@@ -65,9 +67,11 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: &Args) -> Result<Value, String> {
-    let api = ApiServer::start([127, 0, 0, 1].into())
-        .await
-        .map_err(|e| format!("starting the API stand-in: {e}"))?;
+    let api = std::sync::Arc::new(
+        ApiServer::start([127, 0, 0, 1].into())
+            .await
+            .map_err(|e| format!("starting the API stand-in: {e}"))?,
+    );
     for resource in [
         ResourceType::of::<BalancedService>(),
         ResourceType::of::<Deployment>(),
@@ -93,6 +97,9 @@ async fn run(args: &Args) -> Result<Value, String> {
     )
     .map_err(|e| format!("{}: {e}", args.sample))?;
     let names: Vec<String> = (0..args.services).map(|i| format!("svc-{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        start_admin(std::sync::Arc::clone(&api), name.clone(), proxy_ip(i)).await?;
+    }
     for name in &names {
         let mut bs = sample.clone();
         bs["metadata"] = json!({"name": name, "namespace": NAMESPACE, "generation": 1});
@@ -184,6 +191,67 @@ async fn run(args: &Args) -> Result<Value, String> {
         "rollout": rollout,
         "rollout_seconds": rollout_secs,
     }))
+}
+
+/// The loopback address of the `i`-th BalancedService's proxies.
+fn proxy_ip(i: usize) -> std::net::Ipv4Addr {
+    let i = u8::try_from(i % 250).unwrap_or(0);
+    std::net::Ipv4Addr::new(127, 0, 1, i + 1)
+}
+
+/// A proxy's admin port, reduced to what the operator reads: `/endpoints` lists every
+/// app pod of `service` as active, nothing in flight; `/drains` is empty.
+async fn start_admin(
+    api: std::sync::Arc<ApiServer>,
+    service: String,
+    ip: std::net::Ipv4Addr,
+) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind((ip, 9901))
+        .await
+        .map_err(|e| format!("admin stand-in on {ip}:9901: {e}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (api, service) = (std::sync::Arc::clone(&api), service.clone());
+            tokio::spawn(async move {
+                let handler = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let body = match req.uri().path() {
+                        "/endpoints" => {
+                            let pods: Vec<Value> = api
+                                .list_values(&ResourceType::of::<Pod>(), NAMESPACE)
+                                .into_iter()
+                                .filter(|p| {
+                                    let labels = &p["metadata"]["labels"];
+                                    labels["ballast.dev/service"] == json!(service)
+                                        && labels["ballast.dev/role"] == json!("app")
+                                })
+                                .map(|p| {
+                                    json!({"address": format!("{}:8080", p["status"]["podIP"].as_str().unwrap_or_default()),
+                                           "pod": p["metadata"]["name"], "state": "active",
+                                           "listed": true, "in_flight": 0, "connections": 0,
+                                           "requests": 0, "errors": 0})
+                                })
+                                .collect();
+                            Value::Array(pods)
+                        }
+                        _ => json!([]),
+                    };
+                    let bytes = bytes::Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), handler)
+                    .await;
+            });
+        }
+    });
+    Ok(())
 }
 
 /// Runs the cluster stand-in for `length`, stepping every 200 ms.
@@ -291,6 +359,20 @@ impl Cluster {
                 .get(&name)
                 .is_none_or(|at| at.elapsed() >= step);
             let is_app = labels["ballast.dev/role"] == json!("app");
+            if !is_app && pods.len() < usize::try_from(replicas).unwrap_or(0) {
+                let service = labels["ballast.dev/service"].as_str().unwrap_or_default();
+                let index: usize = service.trim_start_matches("svc-").parse().unwrap_or(0);
+                for k in pods.len()..usize::try_from(replicas).unwrap_or(0) {
+                    api.apply_value(json!({
+                        "apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": format!("{name}-{k}"), "namespace": NAMESPACE,
+                                     "labels": merge_labels(&labels, &name)},
+                        "spec": deployment["spec"]["template"]["spec"].clone(),
+                        "status": {"phase": "Running", "podIP": proxy_ip(index).to_string(),
+                                   "conditions": [{"type": "Ready", "status": "True"}]},
+                    }))?;
+                }
+            }
             if is_app && (pods.is_empty() || (due && (new as i64) < replicas)) {
                 // Surge one new pod; then retire one old pod, as maxUnavailable 0 does.
                 let missing = if pods.is_empty() { replicas } else { 1 };
