@@ -1225,3 +1225,15 @@ async fn a_steady_reconcile_writes_nothing_once_the_watches_show_what_was_applie
     finish(run).await.unwrap();
     api.assert_idle().await;
 }
+
+#[test]
+fn event_notes_are_cut_to_what_the_api_accepts() {
+    let short = "a message".to_owned();
+    assert_eq!(event_note(short.clone()), short);
+    // An API server message quoted in full can be long, and multi-byte.
+    let long = "é".repeat(800);
+    let note = event_note(long);
+    assert!(note.len() <= 1024, "{}", note.len());
+    assert!(note.ends_with("..."));
+    assert!(note.starts_with("éé"));
+}
