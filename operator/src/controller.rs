@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -22,16 +22,16 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::build::{
-    BuildContext, MANAGER, OwnedObjects, build, selector_labels, slow_probes, template_revision,
-};
+use crate::build::{BuildContext, MANAGER, OwnedObjects, build, slow_probes, template_revision};
+use crate::cache::reflected;
+pub use crate::cache::{CacheWriters, Caches};
 use crate::gate::{self, Verdict};
 use crate::metrics::Metrics;
-use crate::observe::{AppPod, ProxyObservation, ProxyPod, ProxyReader, ROUTABLE_CONDITION};
+use crate::observe::{AppPod, ProxyObservation, ProxyReader, ROUTABLE_CONDITION};
 use crate::proxy_watch::{self, ProxyReadings};
 use crate::rollout::{self, Inputs, Memory, Tracked};
 use crate::status::{Blocked, Observed, compute, transitions};
-use crate::triggers::{PodChanges, coalesce};
+use crate::triggers::{PodChanges, coalesce, receiver_stream};
 use crate::validate::{Limits, validate};
 
 /// Set this annotation (any value) on a BalancedService to resume a rollout ballast
@@ -120,115 +120,6 @@ impl ReconcileError {
             Self::CacheClosed => "cache_closed",
         }
     }
-}
-
-/// The app and proxy pods and the app ReplicaSets of every BalancedService, as the
-/// operator's watches see them, shared by all reconciles: reading them costs no API
-/// request (a LIST per kind per reconcile before).
-#[derive(Clone, Debug)]
-pub struct Caches {
-    pods: Store<Pod>,
-    replica_sets: Store<ReplicaSet>,
-    owned: OwnedStores,
-}
-
-/// The objects the operator owns, as its `owns` watches see them: an apply whose body
-/// and target did not change since the last one is skipped.
-#[derive(Clone, Debug)]
-struct OwnedStores {
-    deployments: Store<Deployment>,
-    services: Store<Service>,
-    budgets: Store<PodDisruptionBudget>,
-    service_accounts: Store<ServiceAccount>,
-    roles: Store<Role>,
-    role_bindings: Store<RoleBinding>,
-}
-
-/// What fills [`Caches`]: the watches in [`run`], or a test.
-#[derive(Debug)]
-pub struct CacheWriters {
-    /// Pods carrying the `ballast.dev/service` label.
-    pub pods: Writer<Pod>,
-    /// ReplicaSets carrying it.
-    pub replica_sets: Writer<ReplicaSet>,
-    /// Owned Deployments.
-    pub deployments: Writer<Deployment>,
-    /// Owned Services.
-    pub services: Writer<Service>,
-    /// Owned PodDisruptionBudgets.
-    pub budgets: Writer<PodDisruptionBudget>,
-    /// Owned ServiceAccounts.
-    pub service_accounts: Writer<ServiceAccount>,
-    /// Owned Roles.
-    pub roles: Writer<Role>,
-    /// Owned RoleBindings.
-    pub role_bindings: Writer<RoleBinding>,
-}
-
-impl Caches {
-    /// Empty caches, ready once their writers have seen a first full list.
-    pub fn new() -> (Self, CacheWriters) {
-        let (pods, pod_writer) = reflector::store();
-        let (replica_sets, rs_writer) = reflector::store();
-        let (deployments, deployment_writer) = reflector::store();
-        let (services, service_writer) = reflector::store();
-        let (budgets, budget_writer) = reflector::store();
-        let (service_accounts, sa_writer) = reflector::store();
-        let (roles, role_writer) = reflector::store();
-        let (role_bindings, rb_writer) = reflector::store();
-        (
-            Self {
-                pods,
-                replica_sets,
-                owned: OwnedStores {
-                    deployments,
-                    services,
-                    budgets,
-                    service_accounts,
-                    roles,
-                    role_bindings,
-                },
-            },
-            CacheWriters {
-                pods: pod_writer,
-                replica_sets: rs_writer,
-                deployments: deployment_writer,
-                services: service_writer,
-                budgets: budget_writer,
-                service_accounts: sa_writer,
-                roles: role_writer,
-                role_bindings: rb_writer,
-            },
-        )
-    }
-
-    /// Waits for the first full list of both kinds: before it, a missing pod would look
-    /// like a finished rollout.
-    async fn ready(&self) -> Result<(), ReconcileError> {
-        self.pods
-            .wait_until_ready()
-            .await
-            .map_err(|_| ReconcileError::CacheClosed)?;
-        self.replica_sets
-            .wait_until_ready()
-            .await
-            .map_err(|_| ReconcileError::CacheClosed)
-    }
-}
-
-/// True when `object` is in `namespace` and carries every label of `selector`.
-fn selected(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    namespace: &str,
-    selector: &std::collections::BTreeMap<String, String>,
-) -> bool {
-    meta.namespace.as_deref() == Some(namespace)
-        && selector.iter().all(|(k, v)| {
-            meta.labels
-                .as_ref()
-                .and_then(|l| l.get(k))
-                .is_some_and(|value| value == v)
-        })
 }
 
 /// Per BalancedService, per owned object (kind, name): (body hash, fingerprint).
@@ -473,17 +364,6 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
         }
         Some(Blocked::InvalidSpec(_)) | None => {}
     }
-    let rolling = status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Progressing" && c.status == "True");
-    // Without the proxy watch (tests drive reconcile alone) the proxies are polled: every second while a pod waits for proxies that are read fine
-    // (their watches are about to catch up), every 2 s while pods drain, every 5 s during
-    // a rollout (or while no proxy can be read), every 30 s for the balance otherwise.
-    let proxies_readable = observed
-        .tracked
-        .as_ref()
-        .is_some_and(|t| t.proxies_readable);
     if ctx
         .watching_proxies
         .load(std::sync::atomic::Ordering::Relaxed)
@@ -492,6 +372,18 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
         // this is only the safety net.
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
+    // Without the proxy watch (tests drive reconcile alone) the proxies are polled:
+    // every second while a pod waits for proxies that are read fine (their watches are
+    // about to catch up), every 2 s while pods drain, every 5 s during a rollout (or
+    // while no proxy can be read), every 30 s for the balance otherwise.
+    let rolling = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Progressing" && c.status == "True");
+    let proxies_readable = observed
+        .tracked
+        .as_ref()
+        .is_some_and(|t| t.proxies_readable);
     Ok(Action::requeue(
         if !observed.gate_waiting.is_empty() && proxies_readable {
             Duration::from_secs(1)
@@ -518,7 +410,7 @@ async fn converge(
     let tracked = track(ctx, bs, &pods, &proxies, now);
     let mut objects = build(bs, &ctx.build);
     let rollout = tracked.last_rollout.as_ref();
-    let replica_sets = replica_sets(ctx, bs, namespace);
+    let replica_sets = ctx.caches.replica_sets_of(bs, namespace);
     let rollback = rollout
         .filter(|r| {
             r.paused
@@ -583,15 +475,13 @@ async fn observe(
     namespace: &str,
 ) -> Result<(Vec<AppPod>, Vec<ProxyObservation>), ReconcileError> {
     ctx.caches.ready().await?;
-    let selector = selector_labels(bs, "app");
     let app: Vec<AppPod> = ctx
         .caches
-        .pods
-        .state_filter(|p| selected(&p.metadata, namespace, &selector))
+        .pods_of(bs, namespace, "app")
         .iter()
         .map(|p| AppPod::from_pod(p))
         .collect();
-    let proxies = proxy_pods(ctx, bs, namespace);
+    let proxies = ctx.caches.proxy_pods(bs, namespace);
     let key = ObjectRef::from(bs);
     // With the proxy watch running its reading is at most a period old, and a change
     // since has already woken this reconcile; without it, read now.
@@ -614,31 +504,6 @@ async fn observe(
         }
     }
     Ok((app, observations))
-}
-
-/// The ready proxy pods of `bs`.
-fn proxy_pods(ctx: &Context, bs: &BalancedService, namespace: &str) -> Vec<ProxyPod> {
-    let selector = selector_labels(bs, "proxy");
-    ctx.caches
-        .pods
-        .state_filter(|p| selected(&p.metadata, namespace, &selector))
-        .iter()
-        .filter_map(|p| ProxyPod::from_pod(p, bs.spec.proxy.admin_port))
-        .collect()
-}
-
-/// The app's ReplicaSets, by name.
-fn replica_sets(ctx: &Context, bs: &BalancedService, namespace: &str) -> Vec<ReplicaSet> {
-    let selector = selector_labels(bs, "app");
-    let mut found: Vec<ReplicaSet> = ctx
-        .caches
-        .replica_sets
-        .state_filter(|rs| selected(&rs.metadata, namespace, &selector))
-        .iter()
-        .map(|rs| ReplicaSet::clone(rs))
-        .collect();
-    found.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    found
 }
 
 /// Rollout tracking with this BalancedService's memory, and the pause decision.
@@ -1114,9 +979,7 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
     // a burst that never ends must not hold it back (kube-runtime's debounce would wait
     // for a quiet gap), so the wait is bounded instead.
     let (changed, proxy_changes) = tokio::sync::mpsc::unbounded_channel();
-    let proxy_changes = futures::stream::unfold(proxy_changes, |mut rx| async move {
-        rx.recv().await.map(|t| (t, rx))
-    });
+    let proxy_changes = receiver_stream(proxy_changes);
     let triggers = coalesce(
         futures::stream::select(futures::stream::select(pods, replica_sets), proxy_changes),
         Duration::from_millis(500),
@@ -1132,7 +995,7 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
         let namespace_of = |bs: &BalancedService| bs.namespace().unwrap_or_default();
         proxy_watch::run(
             services,
-            |bs| proxy_pods(&watch_ctx, bs, &namespace_of(bs)),
+            |bs| watch_ctx.caches.proxy_pods(bs, &namespace_of(bs)),
             watch_ctx.proxies.clone(),
             &watch_ctx.readings,
             changed,
@@ -1182,27 +1045,6 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
         () = controller => {}
         () = proxies => tracing::warn!("proxy watch stopped"),
     }
-}
-
-/// A watch of `api` that fills `writer`'s store and yields every object it touches.
-fn reflected<K>(
-    api: Api<K>,
-    config: &watcher::Config,
-    writer: Writer<K>,
-) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    watcher(api, config.clone())
-        .default_backoff()
-        .reflect(writer)
-        .touched_objects()
 }
 
 /// The event, or `None` after logging a watch error (the watcher retries on its own).

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod api_requests;
 pub mod build;
+pub mod cache;
 pub mod cli;
 pub mod controller;
 #[cfg(test)]

@@ -138,6 +138,13 @@ where
             let _ = tx.send(t);
         }
     });
+    receiver_stream(rx)
+}
+
+/// The messages of `rx` as a stream that ends when every sender is gone.
+pub fn receiver_stream<T: Send + 'static>(
+    rx: mpsc::UnboundedReceiver<T>,
+) -> impl Stream<Item = T> + Send + 'static {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|t| (t, rx)) })
 }
 
@@ -191,8 +198,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_steady_stream_of_triggers_delays_a_reconcile_by_one_window_at_most() {
         let (tx, rx) = mpsc::unbounded_channel::<&'static str>();
-        let source =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|t| (t, rx)) });
+        let source = receiver_stream(rx);
         let out = coalesce(source, Duration::from_millis(500));
         let mut out = std::pin::pin!(out);
         let start = Instant::now();

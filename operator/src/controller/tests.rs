@@ -6,6 +6,7 @@ use crate::fixtures::balanced_service;
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::client::Body;
+use kube::runtime::reflector::store::Writer;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
