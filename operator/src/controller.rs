@@ -44,17 +44,6 @@ const PROXY_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// What a reconcile failed to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    /// Server-side apply of an owned object failed.
-    #[error("applying {kind} {name} failed")]
-    ApplyObject {
-        /// Kind of the object.
-        kind: &'static str,
-        /// Its name.
-        name: String,
-        /// Cause.
-        #[source]
-        source: kube::Error,
-    },
     /// Reading an object ballast is about to apply (to check who owns it) failed.
     #[error("reading {kind} {name} failed")]
     ReadObject {
@@ -109,7 +98,6 @@ impl ReconcileError {
     /// Fixed metric label.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::ApplyObject { .. } => "apply_object",
             Self::ReadObject { .. } => "read_object",
             Self::ApplyFailed { .. } => "apply_failed",
             Self::Conflict { .. } => "conflict",
@@ -433,22 +421,7 @@ async fn converge(
     }
     let mut observed = match apply(ctx, bs, namespace, &objects).await {
         Ok(observed) => observed,
-        Err(ReconcileError::ApplyObject { kind, name, source }) => {
-            let message = match &source {
-                kube::Error::Api(status) => status.message.clone(),
-                other => crate::error_chain(other),
-            };
-            tracing::warn!(name = %bs.name_any(), %namespace, object = %name, kind, %message, "apply refused");
-            return Ok((
-                Observed::default(),
-                Some(Blocked::ApplyFailed {
-                    kind,
-                    name,
-                    message,
-                }),
-            ));
-        }
-        Err(other) => return Err(other),
+        Err(refused) => return Ok((Observed::default(), Some(refused))),
     };
     observed.slow_probes = slow_probes(bs);
     observed.replica_sets = replica_sets;
@@ -790,13 +763,14 @@ fn owner_of(
 /// Applies every owned object in order: the proxies' identity and permissions first
 /// (they are needed when the proxy starts), the backends Service before the proxies
 /// (its EndpointSlices are what they watch), the proxies before the front Service and
-/// the app (so traffic and new pods always find a proxy), budgets last.
+/// the app (so traffic and new pods always find a proxy), budgets last. The first
+/// refusal stops it, as [`Blocked::ApplyFailed`] with the API server's message.
 async fn apply(
     ctx: &Context,
     bs: &BalancedService,
     namespace: &str,
     objects: &OwnedObjects,
-) -> Result<Observed, ReconcileError> {
+) -> Result<Observed, Blocked> {
     let owned = &ctx.caches.owned;
     let target = Target {
         ctx,
@@ -846,7 +820,7 @@ impl Target<'_> {
     /// object, as the watch shows it, is still what the API server answered then
     /// (same generation or version, labels, annotations, owners): a steady reconcile
     /// then writes nothing. Returns the object as the API server has it.
-    async fn apply<K>(&self, live: &Store<K>, object: &K) -> Result<K, ReconcileError>
+    async fn apply<K>(&self, live: &Store<K>, object: &K) -> Result<K, Blocked>
     where
         K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
             + Serialize
@@ -878,7 +852,18 @@ impl Target<'_> {
                 &Patch::Apply(object),
             )
             .await
-            .map_err(|source| ReconcileError::ApplyObject { kind, name, source })?;
+            .map_err(|source| {
+                let message = match &source {
+                    kube::Error::Api(status) => status.message.clone(),
+                    other => crate::error_chain(other),
+                };
+                tracing::warn!(namespace = self.namespace, object = %name, kind, %message, "apply refused");
+                Blocked::ApplyFailed {
+                    kind,
+                    name,
+                    message,
+                }
+            })?;
         self.ctx
             .applied
             .lock()
