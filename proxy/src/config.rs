@@ -61,10 +61,21 @@ pub struct Settings {
     #[arg(long, env = "BALLAST_CONNECT_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,
-    /// Limit for a response head, 0 for none; answered 504 [default: 60s].
+    /// Time a pod may take to start its response once the whole request is sent, 0 for
+    /// none; answered 504 [default: 60s].
     #[arg(long, env = "BALLAST_RESPONSE_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_timeout: Option<String>,
+    /// A request/response stream with no frame in either direction for this long is
+    /// cut; 0 for none [default: 5m].
+    #[arg(long, env = "BALLAST_STREAM_IDLE_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout: Option<String>,
+    /// Bytes of a request body kept while it streams so the request can be retried on
+    /// another pod; a longer body is not retried [default: 65536].
+    #[arg(long, env = "BALLAST_RETRY_BODY_LIMIT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_body_limit: Option<usize>,
     /// Idle pooled connections older than this are closed [default: 30s].
     #[arg(long, env = "BALLAST_IDLE_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -195,8 +206,12 @@ pub struct Config {
     pub balancer: BalancerConfig,
     /// Backend connections.
     pub connect: ConnectConfig,
-    /// Response head limit.
+    /// Response head limit, from the end of the request body.
     pub response_timeout: Option<Duration>,
+    /// Idle limit of a request/response stream.
+    pub stream_idle_timeout: Option<Duration>,
+    /// Bytes of a request body kept for a retry.
+    pub retry_body_limit: usize,
     /// Attempts per request.
     pub retry_attempts: u32,
     /// Retry budget ratio (0.2 = 20%).
@@ -293,6 +308,11 @@ impl Settings {
             Duration::from_secs(60),
         );
         let idle_timeout = duration("idle-timeout", &self.idle_timeout, Duration::from_secs(30));
+        let stream_idle_timeout = duration(
+            "stream-idle-timeout",
+            &self.stream_idle_timeout,
+            Duration::from_secs(300),
+        );
         let base_ejection = duration(
             "outlier-base-ejection",
             &self.outlier_base_ejection,
@@ -485,6 +505,11 @@ impl Settings {
                     idle_timeout,
                 },
                 response_timeout: (!response_timeout.is_zero()).then_some(response_timeout),
+                stream_idle_timeout: (!stream_idle_timeout.is_zero())
+                    .then_some(stream_idle_timeout),
+                retry_body_limit: self
+                    .retry_body_limit
+                    .unwrap_or(crate::proxy::DEFAULT_RETRY_BODY_LIMIT),
                 retry_attempts,
                 retry_budget_ratio: f64::from(budget) / 100.0,
                 retry_min_per_second: self.retry_min_per_second.unwrap_or(10),

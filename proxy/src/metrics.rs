@@ -20,6 +20,12 @@ pub struct Metrics {
     pub response_seconds: Histogram,
     /// Retries sent.
     pub retries: Counter,
+    /// Failed attempts that qualified for a retry but were not retried, by reason.
+    pub retries_skipped: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Requests whose body outgrew the copy kept for retries.
+    pub retry_body_overflow: Counter,
+    /// Streams cut by a time limit, by limit.
+    pub stream_timeouts: Family<[(&'static str, &'static str); 1], Counter>,
     /// Requests answered 503 because no endpoint was available.
     pub no_endpoint: Counter,
     /// Requests refused before forwarding, by reason.
@@ -87,6 +93,24 @@ impl Metrics {
             "Upgraded connections (WebSocket) tunnelled",
             upgrades.clone(),
         );
+        let retries_skipped = Family::default();
+        registry.register(
+            "retries_skipped",
+            "Failed attempts safe to retry that were not retried: body-over-limit, attempts or budget",
+            retries_skipped.clone(),
+        );
+        let retry_body_overflow = Counter::default();
+        registry.register(
+            "retry_body_overflow",
+            "Requests whose body outgrew the copy kept for retries (no retry possible after that)",
+            retry_body_overflow.clone(),
+        );
+        let stream_timeouts = Family::default();
+        registry.register(
+            "stream_timeouts",
+            "Requests and streams cut by a time limit: response-head, idle or deadline (grpc-timeout)",
+            stream_timeouts.clone(),
+        );
         let access_log_dropped = Counter::default();
         registry.register(
             "access_log_dropped",
@@ -104,6 +128,9 @@ impl Metrics {
             registry,
             response_seconds,
             retries,
+            retries_skipped,
+            retry_body_overflow,
+            stream_timeouts,
             no_endpoint,
             rejected,
             drain_requests,

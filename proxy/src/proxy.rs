@@ -2,17 +2,18 @@
 //! retries, precise errors.
 
 use crate::access_log::{AccessLog, AccessRecord};
+use crate::grpc;
 use crate::load::RetryBudget;
 use crate::metrics::Metrics;
 use crate::pool::{self, BoxError, ConnectConfig, Sender, UpstreamBody};
 use crate::registry::{EndpointState, Registry};
+use crate::replay::{Replay, ReplayBody};
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::Full;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -38,6 +39,8 @@ pub enum ProxyBody {
     Full(Full<Bytes>),
     /// A backend's response on its way to the client.
     Tracked(TrackedBody),
+    /// A client's request body on its way to a backend, as it arrives.
+    Replay(ReplayBody<Incoming>),
     /// Anything else, as it arrives.
     Stream(UnsyncBoxBody<Bytes, BoxError>),
 }
@@ -67,6 +70,7 @@ impl Body for ProxyBody {
                 .poll_frame(cx)
                 .map(|frame| frame.map(|r| r.map_err(|never| match never {}))),
             Self::Tracked(body) => Pin::new(body).poll_frame(cx),
+            Self::Replay(body) => Pin::new(body).poll_frame(cx),
             Self::Stream(body) => Pin::new(body).poll_frame(cx),
         }
     }
@@ -75,6 +79,7 @@ impl Body for ProxyBody {
         match self {
             Self::Full(body) => body.is_end_stream(),
             Self::Tracked(body) => body.is_end_stream(),
+            Self::Replay(body) => body.is_end_stream(),
             Self::Stream(body) => body.is_end_stream(),
         }
     }
@@ -83,22 +88,28 @@ impl Body for ProxyBody {
         match self {
             Self::Full(body) => body.size_hint(),
             Self::Tracked(body) => body.size_hint(),
+            Self::Replay(body) => body.size_hint(),
             Self::Stream(body) => body.size_hint(),
         }
     }
 }
 
-/// Request bodies up to this size are buffered so the request can be replayed on
+/// Bytes of a request body kept, while it streams, so the request can be sent again to
 /// another endpoint.
-pub const REPLAYABLE_BODY_LIMIT: usize = 64 * 1024;
+pub const DEFAULT_RETRY_BODY_LIMIT: usize = 64 * 1024;
 
 /// Per-request behaviour.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     /// How to reach backends.
     pub connect: ConnectConfig,
-    /// Limit for a response head; `None` waits forever.
+    /// Limit for a response head, counted from the end of the request body; `None`
+    /// waits forever.
     pub response_timeout: Option<Duration>,
+    /// Limit on a stream with no frame in either direction; `None` waits forever.
+    pub stream_idle_timeout: Option<Duration>,
+    /// Bytes of a request body kept for a retry.
+    pub retry_body_limit: usize,
     /// Attempts per request, the first included.
     pub max_attempts: u32,
     /// Session affinity, when configured.
@@ -130,17 +141,192 @@ pub struct ProxyService {
     client_ip: HeaderValue,
 }
 
+/// A request's body, for every attempt that sends it.
 enum RequestBody {
-    /// Buffered: can be sent again.
-    Replayable(Bytes),
-    /// Streamed (the buffered prefix, then the rest): can be sent once.
-    Stream(Option<UpstreamBody>),
+    /// None at all: any attempt can send it.
+    Empty,
+    /// Streamed as it arrives, with a copy for retries while it fits.
+    Streaming(Arc<Replay<Incoming>>),
+}
+
+impl RequestBody {
+    /// Whether another attempt could send the whole body again.
+    fn can_replay(&self) -> bool {
+        match self {
+            Self::Empty => true,
+            Self::Streaming(replay) => replay.can_replay(),
+        }
+    }
+}
+
+/// The time limits of one request.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// From the end of the request body to the response head.
+    response_head: Option<Duration>,
+    /// No frame either way for this long.
+    idle: Option<Duration>,
+    /// The gRPC client's deadline.
+    deadline: Option<Instant>,
+    /// The request is a gRPC call: errors are answered the gRPC way.
+    grpc: bool,
+}
+
+/// Which limit cut a request or a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+enum Timeout {
+    #[error("no response head within {0:?} of the end of the request")]
+    ResponseHead(Duration),
+    #[error("no frame in either direction for {0:?}")]
+    Idle(Duration),
+    #[error("the call's grpc-timeout passed")]
+    Deadline,
+}
+
+impl Timeout {
+    /// The `kind` label of `ballast_stream_timeouts_total`.
+    fn kind(self) -> &'static str {
+        match self {
+            Self::ResponseHead(_) => "response-head",
+            Self::Idle(_) => "idle",
+            Self::Deadline => "deadline",
+        }
+    }
+}
+
+/// The next limit due: the earliest of the deadline, the response-head limit once the
+/// request has ended, and the idle limit after the last frame.
+fn next_limit(
+    limits: &Limits,
+    request_ended: Option<Instant>,
+    last_frame: Instant,
+) -> Option<(Instant, Timeout)> {
+    let candidates = [
+        limits.deadline.map(|at| (at, Timeout::Deadline)),
+        limits
+            .response_head
+            .zip(request_ended)
+            .map(|(limit, ended)| (ended + limit, Timeout::ResponseHead(limit))),
+        limits
+            .idle
+            .map(|limit| (last_frame + limit, Timeout::Idle(limit))),
+    ];
+    candidates.into_iter().flatten().min_by_key(|(at, _)| *at)
+}
+
+/// Waits for a response head within the request's limits. The response-head limit
+/// starts when the request body has ended (a client-streaming call or a slow upload
+/// is not the pod's delay); while it streams, only the deadline and the idle limit
+/// apply.
+async fn wait_for_head<F: std::future::Future>(
+    head: F,
+    limits: &Limits,
+    replay: Option<&Replay<Incoming>>,
+    sent: Instant,
+) -> Result<F::Output, Timeout> {
+    tokio::pin!(head);
+    let mut request_ended = match replay {
+        Some(replay) if !replay.ended() => None,
+        _ => Some(sent),
+    };
+    loop {
+        let last_frame = replay.map_or(sent, |r| r.last_frame().max(sent));
+        let next = next_limit(limits, request_ended, last_frame);
+        let ended = async {
+            match replay {
+                Some(replay) if request_ended.is_none() => replay.wait_ended().await,
+                _ => std::future::pending().await,
+            }
+        };
+        let due = async {
+            match next {
+                Some((at, _)) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            output = &mut head => return Ok(output),
+            () = ended => request_ended = Some(Instant::now()),
+            () = due => {
+                // The idle limit moves with every frame: only a limit still due counts.
+                let now = Instant::now();
+                let last_frame = replay.map_or(sent, |r| r.last_frame().max(sent));
+                if let Some((at, timeout)) = next_limit(limits, request_ended, last_frame)
+                    && at <= now
+                {
+                    return Err(timeout);
+                }
+            }
+        }
+    }
+}
+
+/// Why the proxy answers a request itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Malformed request head (framing).
+    BadRequest,
+    /// The request body could not be read.
+    BadBody,
+    /// No endpoint to send to.
+    NoEndpoint,
+    /// No connection could be made.
+    ConnectFailed,
+    /// The pod failed the request.
+    UpstreamFailed,
+    /// A time limit passed.
+    UpstreamTimeout,
+}
+
+impl ErrorKind {
+    /// Every kind, for the access log's fixed strings.
+    const ALL: [Self; 6] = [
+        Self::BadRequest,
+        Self::BadBody,
+        Self::NoEndpoint,
+        Self::ConnectFailed,
+        Self::UpstreamFailed,
+        Self::UpstreamTimeout,
+    ];
+
+    /// The `x-ballast-error` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad-request",
+            Self::BadBody => "bad-body",
+            Self::NoEndpoint => "no-endpoint",
+            Self::ConnectFailed => "connect-failed",
+            Self::UpstreamFailed => "upstream-failed",
+            Self::UpstreamTimeout => "upstream-timeout",
+        }
+    }
+
+    /// The HTTP status answered to a plain HTTP client.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::BadRequest | Self::BadBody => StatusCode::BAD_REQUEST,
+            Self::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ConnectFailed | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The `grpc-status` answered to a gRPC client.
+    pub fn grpc_code(self) -> grpc::Code {
+        match self {
+            Self::BadRequest | Self::BadBody => grpc::Code::Internal,
+            Self::NoEndpoint | Self::ConnectFailed | Self::UpstreamFailed => {
+                grpc::Code::Unavailable
+            }
+            Self::UpstreamTimeout => grpc::Code::DeadlineExceeded,
+        }
+    }
 }
 
 /// How one attempt failed.
 struct AttemptFailure {
-    status: StatusCode,
-    kind: &'static str,
+    kind: ErrorKind,
     cause: String,
     /// Safe to try again on another endpoint.
     retryable: bool,
@@ -263,7 +449,7 @@ impl ProxyService {
         pending.record.error = response
             .headers()
             .get(&X_BALLAST_ERROR)
-            .and_then(|v| ERROR_KINDS.iter().copied().find(|k| v == *k));
+            .and_then(|v| ErrorKind::ALL.iter().map(|k| k.as_str()).find(|k| v == *k));
         match response.extensions_mut().remove::<UpstreamLog>() {
             // Logged when the response body ends (see `TrackedBody::finish`).
             Some(UpstreamLog(slot)) => {
@@ -282,6 +468,7 @@ impl ProxyService {
         started: Instant,
         mut log: Option<&mut Pending>,
     ) -> Response<ResponseBody> {
+        let grpc = grpc::is_grpc(request.headers());
         if let Err(reason) = check_framing(request.headers()) {
             self.proxy
                 .metrics
@@ -289,7 +476,7 @@ impl ProxyService {
                 .get_or_create(&[("reason", reason)])
                 .inc();
             tracing::warn!(client = %self.client, reason, "malformed request refused");
-            return local_response(StatusCode::BAD_REQUEST, "bad-request", reason);
+            return local_response(ErrorKind::BadRequest, reason, grpc);
         }
         let request_id = ensure_request_id(request.headers_mut());
         let request_id = request_id.to_str().unwrap_or("-");
@@ -301,27 +488,29 @@ impl ProxyService {
         let (mut parts, body) = request.into_parts();
         prepare_upstream_headers(&mut parts.headers, &parts.uri, &self.client_ip, upgrade);
 
-        // Up to 64 KiB of body is read before any endpoint sees the request: a small
-        // body becomes replayable, and a malformed one (bad chunk size) is refused
-        // here instead of half-forwarded.
-        let mut body = match read_prefix(body, REPLAYABLE_BODY_LIMIT).await {
-            Ok(body) => body,
-            Err(e) => {
-                self.proxy
-                    .metrics
-                    .rejected
-                    .get_or_create(&[("reason", "malformed body")])
-                    .inc();
-                tracing::warn!(client = %self.client, error = %e, "request body unreadable; refused");
-                return local_response(
-                    StatusCode::BAD_REQUEST,
-                    "bad-body",
-                    "request body could not be read",
-                );
-            }
+        let proxy = &self.proxy;
+        // The body streams to the pod as it arrives; a bounded copy is kept on the way
+        // so the request can be sent again if the pod fails before answering.
+        let body = if body.is_end_stream() {
+            RequestBody::Empty
+        } else {
+            RequestBody::Streaming(Arc::new(Replay::new(
+                body,
+                proxy.config.retry_body_limit,
+                proxy.metrics.retry_body_overflow.clone(),
+                started,
+            )))
+        };
+        let limits = Limits {
+            response_head: proxy.config.response_timeout,
+            idle: proxy.config.stream_idle_timeout,
+            deadline: grpc
+                .then(|| grpc::timeout(&parts.headers))
+                .flatten()
+                .map(|timeout| started + timeout),
+            grpc,
         };
 
-        let proxy = &self.proxy;
         proxy.budget.record_request(started);
         // Endpoints tried so far; inline up to the default of 2 attempts.
         let mut tried: smallvec::SmallVec<[SocketAddr; 2]> = smallvec::SmallVec::new();
@@ -347,18 +536,21 @@ impl ProxyService {
             };
             let Some(endpoint) = selected else {
                 if let Some(failure) = last {
-                    return failure_response(&failure, request_id);
+                    return failure_response(&failure, request_id, grpc);
                 }
                 proxy.metrics.no_endpoint.inc();
                 tracing::warn!(request_id, path = %parts.uri.path(), "no endpoint available");
                 return local_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no-endpoint",
+                    ErrorKind::NoEndpoint,
                     "no endpoint available for this service",
+                    grpc,
                 );
             };
             tried.push(endpoint.address);
-            match self.attempt(&endpoint, &parts, &mut body, started).await {
+            match self
+                .attempt(&endpoint, &parts, &body, started, &limits)
+                .await
+            {
                 Ok(mut response) => {
                     if let Some(log) = log.as_deref_mut() {
                         let record = &mut log.record;
@@ -367,9 +559,6 @@ impl ProxyService {
                         record.pod = endpoint.pod();
                         record.reused = response.body().reused;
                         record.upgraded = client_upgrade.is_some();
-                        if let RequestBody::Replayable(bytes) = &body {
-                            record.bytes_in = bytes.len() as u64;
-                        }
                         let slot: LogSlot = Arc::new(std::sync::Mutex::new(None));
                         response.body_mut().log = Some(slot.clone());
                         response.extensions_mut().insert(UpstreamLog(slot));
@@ -394,16 +583,25 @@ impl ProxyService {
                         cause = %failure.cause,
                         "attempt failed"
                     );
-                    let body_available = match &body {
-                        RequestBody::Replayable(_) => true,
-                        RequestBody::Stream(slot) => slot.is_some(),
+                    if !failure.retryable {
+                        return failure_response(&failure, request_id, grpc);
+                    }
+                    let skipped = if !body.can_replay() {
+                        Some("body-over-limit")
+                    } else if tried.len() as u32 >= proxy.config.max_attempts {
+                        Some("attempts")
+                    } else if !proxy.budget.try_retry(Instant::now()) {
+                        Some("budget")
+                    } else {
+                        None
                     };
-                    let retry = failure.retryable
-                        && body_available
-                        && (tried.len() as u32) < proxy.config.max_attempts
-                        && proxy.budget.try_retry(Instant::now());
-                    if !retry {
-                        return failure_response(&failure, request_id);
+                    if let Some(reason) = skipped {
+                        proxy
+                            .metrics
+                            .retries_skipped
+                            .get_or_create(&[("reason", reason)])
+                            .inc();
+                        return failure_response(&failure, request_id, grpc);
                     }
                     proxy.metrics.retries.inc();
                     last = Some(failure);
@@ -418,8 +616,9 @@ impl ProxyService {
         &self,
         endpoint: &Arc<EndpointState>,
         parts: &http::request::Parts,
-        body: &mut RequestBody,
+        body: &RequestBody,
         started: Instant,
+        limits: &Limits,
     ) -> Result<Response<TrackedBody>, AttemptFailure> {
         let proxy = &self.proxy;
         let (sender, reused) = match pool::checkout(endpoint, proxy.config.connect).await {
@@ -429,77 +628,76 @@ impl ProxyService {
                 proxy.registry.record_failure(endpoint, Instant::now());
                 // Nothing was sent: always safe to try elsewhere.
                 return Err(AttemptFailure {
-                    status: StatusCode::BAD_GATEWAY,
-                    kind: "connect-failed",
+                    kind: ErrorKind::ConnectFailed,
                     cause: error_chain(&e),
                     retryable: true,
                 });
             }
         };
-        let body = match body {
-            RequestBody::Replayable(bytes) => ProxyBody::full(bytes.clone()),
-            RequestBody::Stream(stream) => match stream.take() {
-                Some(stream) => stream,
+        let (upstream_body, replay) = match body {
+            RequestBody::Empty => (ProxyBody::empty(), None),
+            RequestBody::Streaming(replay) => match replay.next_attempt() {
+                Some(attempt) => (ProxyBody::Replay(attempt), Some(replay.clone())),
                 None => {
                     return Err(AttemptFailure {
-                        status: StatusCode::BAD_GATEWAY,
-                        kind: "upstream-failed",
-                        cause: "the streamed request body was already sent once".into(),
+                        kind: ErrorKind::UpstreamFailed,
+                        cause: "the request body outgrew the retry copy".into(),
                         retryable: false,
                     });
                 }
             },
         };
-        let mut request = Request::from_parts(parts.clone(), body);
+        let mut request = Request::from_parts(parts.clone(), upstream_body);
         let exchange = Exchange::begin(endpoint.clone());
         let sent = Instant::now();
-        let response = match sender {
-            Sender::Http1(mut sender) => {
-                *request.version_mut() = Version::HTTP_11;
-                // Backends get origin-form ("/path?query"), which is what HTTP/1.1
-                // clients send anyway; absolute-form and HTTP/2 URIs are cut down.
-                if request.uri().scheme().is_some() || request.uri().authority().is_some() {
-                    let origin = request.uri().path_and_query().cloned();
-                    let mut uri = http::uri::Parts::default();
-                    uri.path_and_query =
-                        Some(origin.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
-                    *request.uri_mut() =
-                        Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
+        let head = async {
+            match sender {
+                Sender::Http1(mut sender) => {
+                    *request.version_mut() = Version::HTTP_11;
+                    // Backends get origin-form ("/path?query"), which is what HTTP/1.1
+                    // clients send anyway; absolute-form and HTTP/2 URIs are cut down.
+                    if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+                        let origin = request.uri().path_and_query().cloned();
+                        let mut uri = http::uri::Parts::default();
+                        uri.path_and_query = Some(
+                            origin.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+                        );
+                        *request.uri_mut() =
+                            Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
+                    }
+                    let response = sender.send_request(request).await;
+                    response.map(|r| (r, Some(sender)))
                 }
-                let result =
-                    with_timeout(proxy.config.response_timeout, sender.send_request(request)).await;
-                result.map(|r| (r, Some(sender)))
-            }
-            Sender::Http2(mut sender) => {
-                *request.version_mut() = Version::HTTP_2;
-                let authority = request
-                    .headers_mut()
-                    .remove(header::HOST)
-                    .and_then(|h| h.to_str().ok().map(str::to_owned))
-                    .or_else(|| request.uri().authority().map(|a| a.to_string()))
-                    .unwrap_or_else(|| endpoint.address.to_string());
-                let pq = request
-                    .uri()
-                    .path_and_query()
-                    .map_or("/", |pq| pq.as_str())
-                    .to_owned();
-                if let Ok(uri) = Uri::builder()
-                    .scheme("http")
-                    .authority(authority)
-                    .path_and_query(pq)
-                    .build()
-                {
-                    *request.uri_mut() = uri;
+                Sender::Http2(mut sender) => {
+                    *request.version_mut() = Version::HTTP_2;
+                    let authority = request
+                        .headers_mut()
+                        .remove(header::HOST)
+                        .and_then(|h| h.to_str().ok().map(str::to_owned))
+                        .or_else(|| request.uri().authority().map(|a| a.to_string()))
+                        .unwrap_or_else(|| endpoint.address.to_string());
+                    let pq = request
+                        .uri()
+                        .path_and_query()
+                        .map_or("/", |pq| pq.as_str())
+                        .to_owned();
+                    if let Ok(uri) = Uri::builder()
+                        .scheme("http")
+                        .authority(authority)
+                        .path_and_query(pq)
+                        .build()
+                    {
+                        *request.uri_mut() = uri;
+                    }
+                    sender.send_request(request).await.map(|r| (r, None))
                 }
-                let result =
-                    with_timeout(proxy.config.response_timeout, sender.send_request(request)).await;
-                result.map(|r| (r, None))
             }
         };
+        let response = wait_for_head(head, limits, replay.as_deref(), sent).await;
         endpoint.pending.fetch_sub(1, Relaxed);
         let now = Instant::now();
         match response {
-            Ok((Ok(mut response), sender)) => {
+            Ok(Ok((mut response, sender))) => {
                 endpoint.observe_rtt(now.saturating_duration_since(sent), now);
                 proxy
                     .metrics
@@ -521,35 +719,50 @@ impl ProxyService {
                 }
                 let keep_alive = sender.is_some() && status != StatusCode::SWITCHING_PROTOCOLS;
                 let exchange = exchange.with_sender(if keep_alive { sender } else { None });
-                let mut body = TrackedBody::new(incoming, exchange);
+                let mut body = TrackedBody::new(incoming, exchange, replay);
                 body.upgrade = upgrade;
                 body.reused = reused;
+                body.watch(limits, proxy.metrics.clone(), now);
                 Ok(Response::from_parts(head, body))
             }
-            Ok((Err(e), _)) => {
+            Ok(Err(e)) => {
                 drop(exchange);
+                if replay.as_ref().is_some_and(|r| r.client_failed()) {
+                    // The client's body broke (bad chunking, a reset): the pod saw a
+                    // request cut short, never a malformed one; the client gets a 400.
+                    proxy
+                        .metrics
+                        .rejected
+                        .get_or_create(&[("reason", "malformed body")])
+                        .inc();
+                    return Err(AttemptFailure {
+                        kind: ErrorKind::BadBody,
+                        cause: error_chain(&e),
+                        retryable: false,
+                    });
+                }
                 endpoint.failures.fetch_add(1, Relaxed);
                 proxy.registry.record_failure(endpoint, now);
-                let before_response = failed_before_response(&e);
-                let failure = AttemptFailure {
-                    status: StatusCode::BAD_GATEWAY,
-                    kind: "upstream-failed",
+                Err(AttemptFailure {
+                    kind: ErrorKind::UpstreamFailed,
                     cause: error_chain(&e),
-                    retryable: before_response,
-                };
-                Err(failure)
+                    retryable: failed_before_response(&e),
+                })
             }
-            Err(elapsed) => {
+            Err(timeout) => {
                 drop(exchange);
                 endpoint.failures.fetch_add(1, Relaxed);
                 proxy.registry.record_failure(endpoint, now);
-                let failure = AttemptFailure {
-                    status: StatusCode::GATEWAY_TIMEOUT,
-                    kind: "upstream-timeout",
-                    cause: format!("no response head within {elapsed:?}"),
+                proxy
+                    .metrics
+                    .stream_timeouts
+                    .get_or_create(&[("kind", timeout.kind())])
+                    .inc();
+                Err(AttemptFailure {
+                    kind: ErrorKind::UpstreamTimeout,
+                    cause: timeout.to_string(),
                     retryable: false,
-                };
-                Err(failure)
+                })
             }
         }
     }
@@ -645,10 +858,11 @@ impl Drop for Exchange {
 }
 
 /// A response body from a backend that ends its [`Exchange`] when it completes or is
-/// dropped.
+/// dropped, and cuts the stream when one of the request's time limits passes.
 #[derive(Debug)]
 pub struct TrackedBody {
-    inner: Incoming,
+    /// The backend's body; `None` once cut.
+    inner: Option<Incoming>,
     exchange: Option<Exchange>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
     /// The upstream connection came from the pool.
@@ -656,32 +870,127 @@ pub struct TrackedBody {
     /// Where the access-log record waits for the end of the body.
     log: Option<LogSlot>,
     bytes_out: u64,
+    /// The request body, while it may still be streaming.
+    replay: Option<Arc<Replay<Incoming>>>,
+    /// Time limits, when the request has any after its head.
+    watch: Option<Box<Watch>>,
+}
+
+/// The limits a response body keeps: the idle limit (no frame either way) and the gRPC
+/// deadline. Boxed: most responses end in one poll and never need it.
+#[derive(Debug)]
+struct Watch {
+    limits: Limits,
+    last_frame: Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Watch {
+    /// Polls the timer; `Ready` with the limit that passed. The request body's frames
+    /// count as activity too.
+    fn poll_expired(
+        &mut self,
+        replay: Option<&Replay<Incoming>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Timeout> {
+        loop {
+            let last_frame =
+                replay.map_or(self.last_frame, |r| r.last_frame().max(self.last_frame));
+            let limits = Limits {
+                response_head: None,
+                ..self.limits
+            };
+            let Some((at, timeout)) = next_limit(&limits, None, last_frame) else {
+                return Poll::Pending;
+            };
+            if at <= Instant::now() {
+                return Poll::Ready(timeout);
+            }
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
 }
 
 impl TrackedBody {
-    fn new(inner: Incoming, exchange: Exchange) -> Self {
+    fn new(inner: Incoming, exchange: Exchange, replay: Option<Arc<Replay<Incoming>>>) -> Self {
         let mut body = Self {
-            inner,
+            inner: Some(inner),
             exchange: Some(exchange),
             upgrade: None,
             reused: false,
             log: None,
             bytes_out: 0,
+            replay,
+            watch: None,
         };
-        if body.inner.is_end_stream() {
+        if body.is_end_stream() {
             body.finish(true);
         }
         body
     }
 
+    /// Keeps the request's idle limit and deadline on this body while it streams; the
+    /// request body's frames count as activity.
+    fn watch(&mut self, limits: &Limits, metrics: Arc<Metrics>, now: Instant) {
+        if self.exchange.is_none() || (limits.idle.is_none() && limits.deadline.is_none()) {
+            return;
+        }
+        self.watch = Some(Box::new(Watch {
+            limits: *limits,
+            last_frame: now,
+            timer: None,
+            metrics,
+        }));
+    }
+
     fn finish(&mut self, completed: bool) {
         if let Some(mut exchange) = self.exchange.take() {
-            exchange.completed = completed;
+            // An HTTP/1.1 connection goes back to the pool only once the request body
+            // has been sent in full too (a pod may answer before reading it all).
+            let request_sent = self.replay.as_ref().is_none_or(|r| r.ended());
+            exchange.completed = completed && request_sent;
         }
         if let Some(slot) = self.log.take()
-            && let Some(pending) = slot.lock().ok().and_then(|mut p| p.take())
+            && let Some(mut pending) = slot.lock().ok().and_then(|mut p| p.take())
         {
+            if let Some(replay) = &self.replay {
+                pending.record.bytes_in = replay.received();
+            }
             pending.finish(self.bytes_out);
+        }
+    }
+
+    /// Ends the stream because `timeout` passed: the backend's stream is dropped (reset),
+    /// and a gRPC call gets `DEADLINE_EXCEEDED` trailers, anything else an error that
+    /// aborts the response.
+    fn cut(&mut self, timeout: Timeout) -> Result<Frame<Bytes>, BoxError> {
+        self.inner = None;
+        self.finish(false);
+        let Some(watch) = self.watch.as_ref() else {
+            return Err(timeout.into());
+        };
+        watch
+            .metrics
+            .stream_timeouts
+            .get_or_create(&[("kind", timeout.kind())])
+            .inc();
+        tracing::warn!(error = %timeout, "stream cut");
+        if watch.limits.grpc {
+            Ok(Frame::trailers(grpc::status(
+                grpc::Code::DeadlineExceeded,
+                &timeout.to_string(),
+            )))
+        } else {
+            Err(timeout.into())
         }
     }
 
@@ -698,65 +1007,45 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes_out += data.len() as u64;
-        }
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        let end = inner.is_end_stream();
         match &polled {
-            Poll::Ready(None) => self.finish(true),
-            Poll::Ready(Some(Err(_))) => self.finish(false),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(true),
-            _ => {}
+            Poll::Pending => {
+                if let Some(watch) = this.watch.as_mut()
+                    && let Poll::Ready(timeout) = watch.poll_expired(this.replay.as_deref(), cx)
+                {
+                    return Poll::Ready(Some(this.cut(timeout)));
+                }
+                return Poll::Pending;
+            }
+            Poll::Ready(None) => this.finish(true),
+            Poll::Ready(Some(Err(_))) => this.finish(false),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes_out += data.len() as u64;
+                }
+                if end {
+                    this.finish(true);
+                } else if let Some(watch) = this.watch.as_mut() {
+                    watch.last_frame = Instant::now();
+                }
+            }
         }
         polled.map(|frame| frame.map(|r| r.map_err(BoxError::from)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Reads frames until the body ends or more than `limit` bytes arrived. A body that
-/// ended is replayable; otherwise the prefix is sent ahead of the rest.
-async fn read_prefix(mut body: Incoming, limit: usize) -> Result<RequestBody, hyper::Error> {
-    let mut prefix = bytes::BytesMut::new();
-    let mut trailers = None;
-    while !body.is_end_stream() && prefix.len() <= limit && trailers.is_none() {
-        match body.frame().await {
-            None => break,
-            Some(frame) => match frame?.into_data() {
-                Ok(data) => prefix.extend_from_slice(&data),
-                Err(frame) => trailers = frame.into_trailers().ok(),
-            },
-        }
-    }
-    if body.is_end_stream() && trailers.is_none() {
-        return Ok(RequestBody::Replayable(prefix.freeze()));
-    }
-    // The prefix, then the rest as it arrives, then trailers read early (gRPC clients
-    // end with them).
-    let head = futures::stream::iter([Ok::<_, BoxError>(Frame::data(prefix.freeze()))]);
-    let tail = http_body_util::BodyStream::new(body).map(|frame| frame.map_err(BoxError::from));
-    let end = futures::stream::iter(trailers.map(|t| Ok::<_, BoxError>(Frame::trailers(t))));
-    let frames = head.chain(tail).chain(end);
-    Ok(RequestBody::Stream(Some(ProxyBody::Stream(
-        http_body_util::StreamBody::new(frames).boxed_unsync(),
-    ))))
-}
-
-async fn with_timeout<F: std::future::Future>(
-    limit: Option<Duration>,
-    future: F,
-) -> Result<F::Output, Duration> {
-    match limit {
-        Some(limit) => tokio::time::timeout(limit, future).await.map_err(|_| limit),
-        None => Ok(future.await),
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 
@@ -963,29 +1252,40 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn failure_response(failure: &AttemptFailure, request_id: &str) -> Response<ResponseBody> {
-    tracing::warn!(request_id, status = failure.status.as_u16(), kind = failure.kind, cause = %failure.cause, "request failed");
-    let message = match failure.status {
-        StatusCode::GATEWAY_TIMEOUT => "upstream did not answer in time",
+fn failure_response(
+    failure: &AttemptFailure,
+    request_id: &str,
+    grpc: bool,
+) -> Response<ResponseBody> {
+    tracing::warn!(request_id, kind = failure.kind.as_str(), cause = %failure.cause, "request failed");
+    let message = match failure.kind {
+        ErrorKind::UpstreamTimeout => "upstream did not answer in time",
+        ErrorKind::BadBody => "request body could not be read",
         _ => "upstream request failed",
     };
-    local_response(failure.status, failure.kind, message)
+    local_response(failure.kind, message, grpc)
 }
 
-/// A response the proxy makes itself; `kind` goes into `x-ballast-error`.
-pub fn local_response(
-    status: StatusCode,
-    kind: &'static str,
-    message: &str,
-) -> Response<ResponseBody> {
-    let mut response = Response::new(ProxyBody::full(format!("{message}\n")));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(&X_BALLAST_ERROR, HeaderValue::from_static(kind));
+/// A response the proxy makes itself; the kind goes into `x-ballast-error`. A gRPC
+/// call gets a trailers-only answer (HTTP 200, `grpc-status`, `grpc-message`) that its
+/// client library reports with the right code; anything else a plain-text HTTP error.
+pub fn local_response(kind: ErrorKind, message: &str, grpc: bool) -> Response<ResponseBody> {
+    let mut response = if grpc {
+        let mut response = Response::new(ProxyBody::empty());
+        *response.headers_mut() = grpc::trailers_only(kind.grpc_code(), message);
+        response
+    } else {
+        let mut response = Response::new(ProxyBody::full(format!("{message}\n")));
+        *response.status_mut() = kind.status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    };
+    response
+        .headers_mut()
+        .insert(&X_BALLAST_ERROR, HeaderValue::from_static(kind.as_str()));
     response
 }
 
@@ -1121,7 +1421,7 @@ impl Drop for TrackedBody {
     fn drop(&mut self) {
         // Dropped at or before the end (an empty body is never polled; a client may
         // leave mid-body): the record is written now.
-        let completed = self.inner.is_end_stream();
+        let completed = self.is_end_stream();
         self.finish(completed);
     }
 }
@@ -1139,16 +1439,6 @@ type LogSlot = Arc<std::sync::Mutex<Option<Pending>>>;
 /// Response extension: the slot the record goes into once the handler knows the status.
 #[derive(Clone, Debug)]
 struct UpstreamLog(LogSlot);
-
-/// The `x-ballast-error` kinds, as fixed strings for the log.
-const ERROR_KINDS: [&str; 6] = [
-    "bad-request",
-    "bad-body",
-    "no-endpoint",
-    "connect-failed",
-    "upstream-failed",
-    "upstream-timeout",
-];
 
 impl Pending {
     fn finish(mut self, bytes_out: u64) {
@@ -1170,6 +1460,103 @@ impl Default for Tunnels {
         Self {
             open: std::sync::atomic::AtomicUsize::new(0),
             cut: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    fn limits(deadline: Option<Instant>) -> Limits {
+        Limits {
+            response_head: Some(Duration::from_secs(60)),
+            idle: Some(Duration::from_secs(300)),
+            deadline,
+            grpc: false,
+        }
+    }
+
+    #[test]
+    fn the_response_head_limit_starts_only_when_the_request_has_ended() {
+        let t0 = Instant::now();
+        let streaming = next_limit(&limits(None), None, t0);
+        assert_eq!(
+            streaming,
+            Some((
+                t0 + Duration::from_secs(300),
+                Timeout::Idle(Duration::from_secs(300))
+            )),
+            "while the body streams only the idle limit runs"
+        );
+        let ended = t0 + Duration::from_secs(10);
+        assert_eq!(
+            next_limit(&limits(None), Some(ended), t0),
+            Some((
+                ended + Duration::from_secs(60),
+                Timeout::ResponseHead(Duration::from_secs(60))
+            ))
+        );
+    }
+
+    #[test]
+    fn the_earliest_limit_wins_and_a_frame_moves_the_idle_one() {
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_millis(250);
+        assert_eq!(
+            next_limit(&limits(Some(deadline)), Some(t0), t0),
+            Some((deadline, Timeout::Deadline))
+        );
+        let quiet = Limits {
+            response_head: None,
+            idle: Some(Duration::from_secs(1)),
+            deadline: None,
+            grpc: true,
+        };
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(
+            next_limit(&quiet, None, later),
+            Some((
+                later + Duration::from_secs(1),
+                Timeout::Idle(Duration::from_secs(1))
+            ))
+        );
+        let none = Limits {
+            response_head: None,
+            idle: None,
+            deadline: None,
+            grpc: false,
+        };
+        assert_eq!(next_limit(&none, Some(t0), t0), None);
+    }
+
+    #[test]
+    fn error_kinds_map_to_http_and_grpc_answers() {
+        for (kind, status, code) in [
+            (ErrorKind::NoEndpoint, 503, grpc::Code::Unavailable),
+            (ErrorKind::ConnectFailed, 502, grpc::Code::Unavailable),
+            (ErrorKind::UpstreamFailed, 502, grpc::Code::Unavailable),
+            (
+                ErrorKind::UpstreamTimeout,
+                504,
+                grpc::Code::DeadlineExceeded,
+            ),
+            (ErrorKind::BadRequest, 400, grpc::Code::Internal),
+            (ErrorKind::BadBody, 400, grpc::Code::Internal),
+        ] {
+            assert_eq!(kind.status().as_u16(), status, "{kind:?}");
+            assert_eq!(kind.grpc_code(), code, "{kind:?}");
+            let plain = local_response(kind, "x", false);
+            assert_eq!(plain.status().as_u16(), status);
+            assert_eq!(plain.headers()["x-ballast-error"], kind.as_str());
+            let grpc = local_response(kind, "x", true);
+            assert_eq!(grpc.status(), StatusCode::OK);
+            assert_eq!(grpc.headers()["content-type"], "application/grpc");
+            assert_eq!(
+                grpc.headers()["grpc-status"],
+                (code as u16).to_string().as_str()
+            );
+            assert!(grpc.body().is_end_stream(), "trailers-only: no body");
         }
     }
 }

@@ -142,6 +142,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ProxyConfig {
             connect: config.connect,
             response_timeout: config.response_timeout,
+            stream_idle_timeout: config.stream_idle_timeout,
+            retry_body_limit: config.retry_body_limit,
             max_attempts: config.retry_attempts,
             affinity: config.affinity.clone(),
         },
