@@ -493,6 +493,13 @@ pub struct RetrySpec {
     /// Retries per second always allowed, whatever the budget.
     #[schemars(range(min = 0, max = 10000))]
     pub min_per_second: i32,
+
+    /// Bytes of a request body the proxy keeps while streaming it to a pod, so that the
+    /// request can be sent again to another pod if the first failed before answering.
+    /// A longer body still streams, but is not retried. 0 retries only bodiless
+    /// requests.
+    #[schemars(range(min = 0, max = 16777216))]
+    pub body_limit_bytes: i32,
 }
 
 /// Timeouts towards the pods.
@@ -503,10 +510,17 @@ pub struct TimeoutSpec {
     #[schemars(range(min = 10, max = 60000))]
     pub connect_millis: i32,
 
-    /// Seconds to wait for a response's head (streaming bodies are not cut). 0 waits
-    /// forever. Answered with 504 when exceeded.
+    /// Seconds a pod may take to start its response once the whole request has been
+    /// sent (a slow upload or a client-streaming call does not count). 0 waits forever.
+    /// Answered with 504, or DEADLINE_EXCEEDED to a gRPC call.
     #[schemars(range(min = 0, max = 86400))]
     pub response_seconds: i32,
+
+    /// Seconds a request/response stream may go without a frame in either direction
+    /// before it is cut (a gRPC call then ends with DEADLINE_EXCEEDED). Long-lived streams
+    /// are not cut while messages flow. 0 never cuts.
+    #[schemars(range(min = 0, max = 86400))]
+    pub stream_idle_seconds: i32,
 
     /// Seconds an unused pooled connection is kept. Keep it below the app's own
     /// keep-alive timeout so the app never closes a connection the proxy is about to use.
@@ -621,6 +635,7 @@ impl Default for RetrySpec {
             attempts: 2,
             budget_percent: 20,
             min_per_second: 10,
+            body_limit_bytes: 65536,
         }
     }
 }
@@ -630,6 +645,7 @@ impl Default for TimeoutSpec {
         Self {
             connect_millis: 1000,
             response_seconds: 60,
+            stream_idle_seconds: 300,
             idle_seconds: 30,
         }
     }

@@ -398,6 +398,10 @@ pub fn proxy_args(bs: &BalancedService) -> Vec<String> {
             format!("{}s", balancing.timeouts.response_seconds),
         ),
         (
+            "--stream-idle-timeout",
+            format!("{}s", balancing.timeouts.stream_idle_seconds),
+        ),
+        (
             "--idle-timeout",
             format!("{}s", balancing.timeouts.idle_seconds),
         ),
@@ -409,6 +413,10 @@ pub fn proxy_args(bs: &BalancedService) -> Vec<String> {
         (
             "--retry-min-per-second",
             balancing.retries.min_per_second.to_string(),
+        ),
+        (
+            "--retry-body-limit",
+            balancing.retries.body_limit_bytes.to_string(),
         ),
         (
             "--outlier-consecutive-failures",

@@ -485,3 +485,28 @@ fn affinity_becomes_proxy_flags() {
         assert!(args.contains(&want.to_owned()), "{want} in {args:?}");
     }
 }
+
+#[test]
+fn the_proxy_accepts_every_argument_the_operator_gives_it() {
+    use clap::Parser;
+    let mut bs = balanced_service();
+    bs.spec.balancing.timeouts.stream_idle_seconds = 120;
+    bs.spec.balancing.retries.body_limit_bytes = 4096;
+    let args = proxy_args(&bs);
+    let settings = ballast_proxy::config::Settings::try_parse_from(
+        std::iter::once("ballast-proxy".to_owned()).chain(args.iter().cloned()),
+    )
+    .unwrap_or_else(|e| panic!("the proxy refuses the operator's arguments {args:?}: {e}"));
+    let config = settings
+        .resolve()
+        .unwrap_or_else(|e| panic!("the proxy refuses the operator's arguments {args:?}: {e}"));
+    assert_eq!(
+        config.stream_idle_timeout,
+        Some(std::time::Duration::from_secs(120))
+    );
+    assert_eq!(config.retry_body_limit, 4096);
+    assert_eq!(
+        config.response_timeout,
+        Some(std::time::Duration::from_secs(60))
+    );
+}
