@@ -1217,8 +1217,10 @@ fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
 /// Whether a request failed before any byte of a response arrived, so that sending it
 /// again cannot repeat a response the client half-saw. This is the keep-alive race: the
 /// backend closed (FIN) or dropped (RST) an idle connection just as it was reused, and
-/// the request met a closed connection or a reset while waiting for the head. A response
-/// head that arrived malformed is not in this set.
+/// the request met a closed connection or a reset while waiting for the head; or an
+/// HTTP/2 pod refused the stream (REFUSED_STREAM, as a server shutting down does for
+/// streams past its GOAWAY), which HTTP/2 defines as never processed. A response head
+/// that arrived malformed is not in this set.
 fn failed_before_response(error: &hyper::Error) -> bool {
     if error.is_canceled() || error.is_incomplete_message() {
         return true;
@@ -1228,6 +1230,11 @@ fn failed_before_response(error: &hyper::Error) -> bool {
     }
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return true;
+        }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
             return matches!(
                 io.kind(),

@@ -560,6 +560,69 @@ async fn h2c_clients_and_backends_with_streaming_and_trailers() {
     running.shutdown().await;
 }
 
+/// An HTTP/2 pod that refuses every stream (REFUSED_STREAM, as a server past its GOAWAY
+/// does) and counts them.
+async fn refusing_h2_pod(last_octet: u8) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, last_octet], 0)))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let refused = Arc::new(AtomicU64::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                    count.fetch_add(1, Relaxed);
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    (addr, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_an_h2_pod_refused_is_retried_on_another_pod() {
+    let (refusing, refused) = refusing_h2_pod(2).await;
+    let healthy = Backend::start(3, Behaviour::default()).await;
+    let running = proxy(&[
+        "--endpoints",
+        &format!("{refusing},{}", healthy.addr),
+        "--backend-protocol",
+        "h2c",
+        "--algorithm",
+        "round-robin",
+        "--retry-budget-percent",
+        "100",
+    ])
+    .await;
+    let mut client = Client::connect(running.listen).await.unwrap();
+    for i in 0..6 {
+        let body = format!("call {i}");
+        let r = client
+            .send(
+                Request::post("/echo")
+                    .header("host", "t")
+                    .body(Full::new(Bytes::from(body.clone())))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!((r.status, r.text()), (StatusCode::OK, body), "call {i}");
+    }
+    assert!(
+        refused.load(Relaxed) >= 1,
+        "round-robin must have offered calls to the refusing pod"
+    );
+    assert_eq!(healthy.hits(), 6, "every call answered by the healthy pod");
+    running.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_shutdown_under_load_fails_no_request_for_clients_that_reconnect() {
     let pods = backends(
