@@ -565,8 +565,8 @@ async fn h2c_clients_and_backends_with_streaming_and_trailers() {
 async fn refusing_h2_pod(last_octet: u8) -> (SocketAddr, Arc<AtomicU64>) {
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, last_octet], 0)))
         .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
+        .expect("bind a loopback address");
+    let addr = listener.local_addr().expect("a bound address");
     let refused = Arc::new(AtomicU64::new(0));
     let count = refused.clone();
     tokio::spawn(async move {
