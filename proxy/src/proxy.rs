@@ -907,10 +907,12 @@ impl Watch {
             if at <= Instant::now() {
                 return Poll::Ready(timeout);
             }
+            // Armed once; the due time only moves later (a frame pushes the idle limit
+            // on), so a timer that fires early is re-armed then, not at every frame.
             let timer = self
                 .timer
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-            if timer.deadline() != at {
+            if timer.is_elapsed() {
                 timer.as_mut().reset(at);
             }
             if timer.as_mut().poll(cx).is_pending() {
