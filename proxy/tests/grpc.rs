@@ -1,7 +1,8 @@
 //! gRPC through the proxy: the four call kinds, messages flowing both ways while a call is
 //! open, errors the proxy makes itself answered the gRPC way, and the drain gate holding
-//! for an open stream. Pods are in-process gRPC servers on 127.0.0.x; the client is
-//! tonic's `Channel`.
+//! for an open stream, and the stream limits (idle, `grpc-timeout`). Pods are in-process
+//! gRPC servers on 127.0.0.x; the client is tonic's `Channel`, or tonic over a bare
+//! HTTP/2 connection where `Channel` would enforce the deadline itself.
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,8 +14,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use support::grpc::{
     BIDI, CLIENT_STREAM, GrpcBackend, GrpcBehaviour, MESSAGE_LIMIT, RawCodec, SERVER_STREAM, STALL,
-    UNARY, WINDOW, bare_client, client, client_message, outbound, path, raw_unary, server_message,
-    within,
+    TICK, UNARY, WINDOW, bare_client, client, client_message, outbound, path, raw_unary,
+    server_message, within,
 };
 use support::{drain, get_json, proxy};
 use tonic::Code;
@@ -418,5 +419,120 @@ async fn a_drain_waits_for_an_open_bidi_stream_which_keeps_working() {
         }
     })
     .await;
+    running.shutdown().await;
+}
+
+/// What `/metrics` says for `name` (labels included, as printed), or 0.
+async fn metric(admin: SocketAddr, name: &str) -> f64 {
+    let mut c = support::Client::connect(admin).await.unwrap();
+    let text = c.get("/metrics").await.unwrap().text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stream_longer_than_the_idle_and_head_limits_lives_while_it_sends() {
+    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
+    let limits = ["--stream-idle-timeout", "1s", "--response-timeout", "1s"];
+    let running = grpc_proxy(&[&pod], &limits).await;
+    let mut grpc = client(running.listen).await;
+    let (tx, stream) = outbound();
+    let call = tokio::spawn(async move {
+        grpc.client_streaming(tonic::Request::new(stream), path(CLIENT_STREAM), RawCodec)
+            .await
+    });
+    // Only the client speaks, for 3 s; the pod answers (head included) at the end. The
+    // response-head limit runs from the end of the request, the idle one from the last
+    // frame either way: neither is due.
+    within(LIMIT, "slow client stream", async {
+        for i in 0..10 {
+            tx.send(client_message(i)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        drop(tx);
+        let reply = call
+            .await
+            .unwrap()
+            .unwrap_or_else(|status| panic!("{status:?}"));
+        let expected: Vec<Bytes> = (0..10).map(client_message).collect();
+        assert_eq!(reply.into_inner(), Bytes::from(expected.join(&b'\n')));
+    })
+    .await;
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stream_longer_than_the_idle_limit_lives_while_the_pod_sends() {
+    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
+    let running = grpc_proxy(&[&pod], &["--stream-idle-timeout", "1s"]).await;
+    let mut grpc = client(running.listen).await;
+    within(LIMIT, "slow server stream", async {
+        let mut inbound = grpc
+            .server_streaming(
+                tonic::Request::new(Bytes::from_static(b"10,300")),
+                path(TICK),
+                RawCodec,
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        for i in 0..10 {
+            let tick = inbound
+                .message()
+                .await
+                .unwrap_or_else(|status| panic!("tick {i}: {status:?}"));
+            assert_eq!(tick, Some(Bytes::from(format!("t{i}"))));
+        }
+        assert_eq!(inbound.message().await.unwrap(), None);
+        assert_ok_trailers(inbound.trailers().await.unwrap(), "ticks");
+    })
+    .await;
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stream_is_cut_at_the_idle_limit_with_deadline_exceeded() {
+    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
+    let running = grpc_proxy(&[&pod], &["--stream-idle-timeout", "1s"]).await;
+    let mut grpc = client(running.listen).await;
+    within(LIMIT, "silent stream", async {
+        let (tx, stream) = outbound();
+        let call = grpc.streaming(tonic::Request::new(stream), path(BIDI), RawCodec);
+        let mut inbound = within(MESSAGE_LIMIT, "response head", call)
+            .await
+            .unwrap()
+            .into_inner();
+        for round in 0..2 {
+            tx.send(client_message(round)).await.unwrap();
+            assert_eq!(
+                inbound.message().await.unwrap(),
+                Some(client_message(round))
+            );
+        }
+        // Neither side speaks now; the client keeps its half open.
+        let status = within(MESSAGE_LIMIT, "the idle cut", inbound.message())
+            .await
+            .expect_err("the proxy ends a stream silent for longer than the idle limit");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        drop(tx);
+    })
+    .await;
+    assert_eq!(
+        metric(
+            running.admin,
+            "ballast_stream_timeouts_total{kind=\"idle\"}"
+        )
+        .await,
+        1.0
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while in_flight(&get_json(running.admin, "/endpoints").await, pod.addr) != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cut stream still counts as in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     running.shutdown().await;
 }

@@ -48,6 +48,7 @@ enum Seen {
 /// * `/trailers`: answers `got N bytes` with response trailers `x-body-length: N`, and
 ///   names the request trailers it got in `x-request-trailers`.
 /// * `/drip`: answers `first`, then `last` once the test calls `release`.
+/// * `/hold`: answers `first`, then nothing for a minute.
 /// * `/upload`: counts the body and answers the count; `/download/N`: N bytes in 64 KiB
 ///   chunks, made as they are sent.
 #[derive(Debug)]
@@ -118,6 +119,16 @@ async fn pod_route(
             std::task::Poll::Ready((n > 0).then(|| Ok(Frame::data(chunk.slice(..n)))))
         });
         return Ok(Response::new(StreamBody::new(chunks).boxed_unsync()));
+    }
+    if path == "/hold" {
+        // `first`, then nothing for a minute: longer than any test waits.
+        let frames = futures::stream::once(async { Ok(Frame::data(Bytes::from("first"))) }).chain(
+            futures::stream::once(async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok(Frame::data(Bytes::from("late")))
+            }),
+        );
+        return Ok(Response::new(StreamBody::new(frames).boxed_unsync()));
     }
     if path == "/drip" {
         let frames = futures::stream::once(async { Ok(Frame::data(Bytes::from("first"))) }).chain(
@@ -806,5 +817,122 @@ async fn expect_100_continue_gets_its_interim_answer_before_the_body_is_sent() {
         assert_eq!(&answer[split + 4..], body, "the echoed body");
     })
     .await;
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_retry_limit_still_moves_on_after_a_connect_failure() {
+    // Nothing of the body was sent to a pod that could not be reached.
+    let gone = std::net::TcpListener::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let healthy = Backend::start(3, Behaviour::default()).await;
+    let endpoints = format!("{gone},{}", healthy.addr);
+    let running = try_proxy(&[
+        "--endpoints",
+        &endpoints,
+        "--algorithm",
+        "round-robin",
+        "--retry-body-limit",
+        "4096",
+    ])
+    .await
+    .expect("the proxy takes --retry-body-limit");
+    let big = Bytes::from(vec![b'x'; 64 * 1024]);
+    within(LIMIT, "large bodies", async {
+        let mut client = Client::connect(running.listen).await.unwrap();
+        for i in 0..4 {
+            let reply = client
+                .send(
+                    Request::post("/echo")
+                        .header("host", "t")
+                        .body(Full::new(big.clone()))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                reply.status,
+                StatusCode::OK,
+                "request {i}: {}",
+                reply.text()
+            );
+            assert_eq!(reply.body, big, "request {i}");
+        }
+    })
+    .await;
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_exchange_silent_past_the_idle_limit_is_cut() {
+    let (pod, _seen) = Pod::start(2).await;
+    let delayed = Backend::start(3, Behaviour::default()).await;
+    let running = try_proxy(&[
+        "--endpoints",
+        &pod.addr.to_string(),
+        "--stream-idle-timeout",
+        "1s",
+    ])
+    .await
+    .expect("the proxy takes --stream-idle-timeout");
+    within(LIMIT, "idle HTTP exchange", async {
+        // After the head: the response is aborted, not left hanging for the pod's minute.
+        let (body, response) = start_request(
+            Protocol::Http1,
+            running.listen,
+            Request::get("/hold").header("host", "t"),
+        )
+        .await;
+        drop(body);
+        let response = within(STEP, "response head", response)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut incoming = response.into_body();
+        let first = incoming
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        assert_eq!(first, "first");
+        let rest = within(STEP, "the idle cut", incoming.collect()).await;
+        assert!(rest.is_err(), "the response is aborted: {rest:?}");
+    })
+    .await;
+    running.shutdown().await;
+
+    // Before the head: 504.
+    let running = try_proxy(&[
+        "--endpoints",
+        &delayed.addr.to_string(),
+        "--stream-idle-timeout",
+        "1s",
+    ])
+    .await
+    .unwrap();
+    let mut client = Client::connect(running.listen).await.unwrap();
+    let reply = within(STEP, "the idle cut", client.get("/delay/30000"))
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.headers["x-ballast-error"], "upstream-timeout");
+    assert_eq!(
+        metric(
+            running.admin,
+            "ballast_stream_timeouts_total{kind=\"idle\"}"
+        )
+        .await,
+        1.0
+    );
     running.shutdown().await;
 }

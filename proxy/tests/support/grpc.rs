@@ -40,6 +40,9 @@ pub const BIDI: &str = "/ballast.test.Echo/Bidi";
 /// Sends one reply at once, the second after [`GrpcBehaviour::stall`], then ends OK.
 pub const STALL: &str = "/ballast.test.Echo/Stall";
 
+/// The request is `count,interval_ms`; replies `t0`..`t{count-1}`, one per interval.
+pub const TICK: &str = "/ballast.test.Echo/Tick";
+
 /// How many messages a peer may be ahead of the other.
 pub const WINDOW: u64 = 16;
 /// How long one message may take through the proxy before a test calls it held back.
@@ -194,6 +197,7 @@ async fn route(
         CLIENT_STREAM => grpc.client_streaming(ClientStream(shared), req).await,
         BIDI => grpc.streaming(Bidi(shared), req).await,
         STALL => grpc.server_streaming(Stall(shared), req).await,
+        TICK => grpc.server_streaming(Tick, req).await,
         _ => Status::unimplemented(format!("no method {path}")).into_http(),
     })
 }
@@ -317,6 +321,32 @@ impl tonic::server::ServerStreamingService<Bytes> for Stall {
                 Ok(Bytes::from_static(b"second"))
             });
             Ok(tonic::Response::new(first.chain(second).boxed()))
+        })
+    }
+}
+
+struct Tick;
+
+impl tonic::server::ServerStreamingService<Bytes> for Tick {
+    type Response = Bytes;
+    type ResponseStream = Replies;
+    type Future = BoxFuture<'static, Result<tonic::Response<Replies>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        Box::pin(async move {
+            let text = String::from_utf8_lossy(request.get_ref()).into_owned();
+            let (count, interval) = text
+                .split_once(',')
+                .and_then(|(c, i)| Some((c.parse::<u64>().ok()?, i.parse().ok()?)))
+                .ok_or_else(|| Status::invalid_argument("the request is count,interval_ms"))?;
+            let interval = Duration::from_millis(interval);
+            let ticks = futures::stream::iter(0..count).then(move |i| async move {
+                if i > 0 {
+                    tokio::time::sleep(interval).await;
+                }
+                Ok(Bytes::from(format!("t{i}")))
+            });
+            Ok(tonic::Response::new(ticks.boxed()))
         })
     }
 }
