@@ -2,6 +2,8 @@
 //! "pods"), the real proxy, and keep-alive clients.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod grpc;
+
 use ballast_proxy::config::Settings;
 use ballast_proxy::server::{self, Running};
 use bytes::Bytes;
