@@ -257,6 +257,7 @@ async fn serve(
         .max_header_list_size(config.max_header_bytes as u32);
     let builder = Arc::new(builder);
 
+    let registry = admin.registry.clone();
     let admin_task = tokio::spawn(serve_admin(admin_listener, admin));
     let graceful = GracefulShutdown::new();
     let accept = async {
@@ -319,7 +320,18 @@ async fn serve(
     match tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all client connections closed"),
         Err(_) => {
-            tracing::warn!(timeout = ?config.drain_timeout, "drain timeout reached; closing remaining connections")
+            // Long-lived streams (gRPC, downloads) still open are cut now: counted as
+            // forced, like a pod's drain that timed out.
+            let in_flight: u64 = registry
+                .reports(Instant::now())
+                .iter()
+                .map(|r| r.in_flight)
+                .sum();
+            tracing::warn!(
+                timeout = ?config.drain_timeout,
+                forced = in_flight,
+                "drain timeout reached; closing remaining connections and the requests and streams still in flight on them"
+            )
         }
     }
     // Upgraded connections (WebSocket) left hyper's hands at the upgrade: they get the

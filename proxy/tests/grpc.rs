@@ -422,6 +422,76 @@ async fn a_drain_waits_for_an_open_bidi_stream_which_keeps_working() {
     running.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_shutdown_lets_an_open_bidi_stream_finish_then_cuts_what_outlives_it() {
+    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
+    // First: the stream ends on its own during the proxy's drain and completes.
+    let running = grpc_proxy(&[&pod], &["--drain-timeout", "10s"]).await;
+    let mut grpc = client(running.listen).await;
+    let trigger = running.shutdown_trigger();
+    within(LIMIT, "a stream through the proxy's shutdown", async {
+        let (tx, stream) = outbound();
+        let call = grpc.streaming(tonic::Request::new(stream), path(BIDI), RawCodec);
+        let mut inbound = within(MESSAGE_LIMIT, "response head", call)
+            .await
+            .unwrap()
+            .into_inner();
+        for round in 0..30 {
+            if round == 3 {
+                trigger.notify_one();
+            }
+            tx.send(client_message(round)).await.unwrap();
+            let what = format!("round {round}");
+            let answer = within(MESSAGE_LIMIT, &what, inbound.message()).await;
+            assert_eq!(
+                answer.unwrap_or_else(|status| panic!("{what}: {status:?}")),
+                Some(client_message(round)),
+                "{what}"
+            );
+        }
+        drop(tx);
+        assert_eq!(inbound.message().await.unwrap(), None);
+        assert_ok_trailers(
+            inbound.trailers().await.unwrap(),
+            "stream ended in the drain",
+        );
+    })
+    .await;
+    within(
+        LIMIT,
+        "the proxy stops once the stream ended",
+        running.stopped(),
+    )
+    .await;
+
+    // Then: a stream still open at the drain timeout is cut, and the proxy stops.
+    let running = grpc_proxy(&[&pod], &["--drain-timeout", "500ms"]).await;
+    let mut grpc = client(running.listen).await;
+    let trigger = running.shutdown_trigger();
+    let (tx, stream) = outbound();
+    let call = grpc.streaming(tonic::Request::new(stream), path(BIDI), RawCodec);
+    let mut inbound = within(MESSAGE_LIMIT, "response head", call)
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(client_message(0)).await.unwrap();
+    let first = within(MESSAGE_LIMIT, "first echo", inbound.message()).await;
+    assert_eq!(first.unwrap(), Some(client_message(0)));
+    trigger.notify_one();
+    within(
+        LIMIT,
+        "the proxy stops at its drain timeout",
+        running.stopped(),
+    )
+    .await;
+    let after = within(LIMIT, "the cut stream ends", inbound.message()).await;
+    assert!(
+        after.is_err(),
+        "a stream cut at the drain timeout must end with an error, not look complete: {after:?}"
+    );
+    drop(tx);
+}
+
 /// What `/metrics` says for `name` (labels included, as printed), or 0.
 async fn metric(admin: SocketAddr, name: &str) -> f64 {
     let mut c = support::Client::connect(admin).await.unwrap();
