@@ -569,6 +569,12 @@ pub struct ProxySpec {
     /// Never exposed on the front Service.
     #[schemars(range(min = 1, max = 65535))]
     pub admin_port: i32,
+
+    /// Requests and streams in flight through each proxy at once; more are refused
+    /// with 503 (gRPC: RESOURCE_EXHAUSTED) so an overload cannot pile up on the pods.
+    /// 0 sets no limit.
+    #[schemars(range(min = 0, max = 1000000))]
+    pub max_in_flight: i32,
 }
 
 /// The front Service.
@@ -669,6 +675,7 @@ impl Default for ProxySpec {
             resources: None,
             service: FrontServiceSpec::default(),
             admin_port: 9901,
+            max_in_flight: 0,
         }
     }
 }

@@ -418,6 +418,7 @@ pub fn proxy_args(bs: &BalancedService) -> Vec<String> {
             "--retry-body-limit",
             balancing.retries.body_limit_bytes.to_string(),
         ),
+        ("--max-in-flight", spec.proxy.max_in_flight.to_string()),
         (
             "--outlier-consecutive-failures",
             od.consecutive_failures.to_string(),

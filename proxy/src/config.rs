@@ -76,6 +76,11 @@ pub struct Settings {
     #[arg(long, env = "BALLAST_RETRY_BODY_LIMIT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_body_limit: Option<usize>,
+    /// Requests and streams in flight through this proxy at once; more are refused with
+    /// 503 (gRPC: RESOURCE_EXHAUSTED); 0 for no limit [default: 0].
+    #[arg(long, env = "BALLAST_MAX_IN_FLIGHT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<usize>,
     /// Idle pooled connections older than this are closed [default: 30s].
     #[arg(long, env = "BALLAST_IDLE_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -212,6 +217,8 @@ pub struct Config {
     pub stream_idle_timeout: Option<Duration>,
     /// Bytes of a request body kept for a retry.
     pub retry_body_limit: usize,
+    /// In-flight limit of the proxy, if any.
+    pub max_in_flight: Option<usize>,
     /// Attempts per request.
     pub retry_attempts: u32,
     /// Retry budget ratio (0.2 = 20%).
@@ -510,6 +517,7 @@ impl Settings {
                 retry_body_limit: self
                     .retry_body_limit
                     .unwrap_or(crate::proxy::DEFAULT_RETRY_BODY_LIMIT),
+                max_in_flight: self.max_in_flight.filter(|&max| max > 0),
                 retry_attempts,
                 retry_budget_ratio: f64::from(budget) / 100.0,
                 retry_min_per_second: self.retry_min_per_second.unwrap_or(10),

@@ -110,6 +110,8 @@ pub struct ProxyConfig {
     pub stream_idle_timeout: Option<Duration>,
     /// Bytes of a request body kept for a retry.
     pub retry_body_limit: usize,
+    /// Requests and streams in flight through this proxy at once; more are refused.
+    pub max_in_flight: Option<usize>,
     /// Attempts per request, the first included.
     pub max_attempts: u32,
     /// Session affinity, when configured.
@@ -130,6 +132,18 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     config: Arc<ProxyConfig>,
     budget: Arc<RetryBudget>,
+    /// Requests and streams in flight, counted only with `max_in_flight` set.
+    admitted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A request counted against `--max-in-flight` until its response ends.
+#[derive(Debug)]
+struct Admission(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 /// The proxy bound to one client connection (its address feeds X-Forwarded-For).
@@ -277,17 +291,20 @@ pub enum ErrorKind {
     UpstreamFailed,
     /// A time limit passed.
     UpstreamTimeout,
+    /// The proxy has `--max-in-flight` requests in flight already.
+    Overloaded,
 }
 
 impl ErrorKind {
     /// Every kind, for the access log's fixed strings.
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::BadRequest,
         Self::BadBody,
         Self::NoEndpoint,
         Self::ConnectFailed,
         Self::UpstreamFailed,
         Self::UpstreamTimeout,
+        Self::Overloaded,
     ];
 
     /// The `x-ballast-error` value.
@@ -299,6 +316,7 @@ impl ErrorKind {
             Self::ConnectFailed => "connect-failed",
             Self::UpstreamFailed => "upstream-failed",
             Self::UpstreamTimeout => "upstream-timeout",
+            Self::Overloaded => "overloaded",
         }
     }
 
@@ -306,7 +324,7 @@ impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
             Self::BadRequest | Self::BadBody => StatusCode::BAD_REQUEST,
-            Self::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoEndpoint | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::ConnectFailed | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -320,6 +338,7 @@ impl ErrorKind {
                 grpc::Code::Unavailable
             }
             Self::UpstreamTimeout => grpc::Code::DeadlineExceeded,
+            Self::Overloaded => grpc::Code::ResourceExhausted,
         }
     }
 }
@@ -348,7 +367,21 @@ impl Proxy {
             metrics,
             config: Arc::new(config),
             budget: Arc::new(budget),
+            admitted: Arc::default(),
         }
+    }
+
+    /// Counts a request against `--max-in-flight`: `Err` when the proxy is full, `None`
+    /// when there is no limit (and nothing to count).
+    fn admit(&self) -> Result<Option<Admission>, ()> {
+        let Some(max) = self.config.max_in_flight else {
+            return Ok(None);
+        };
+        if self.admitted.fetch_add(1, Relaxed) >= max {
+            self.admitted.fetch_sub(1, Relaxed);
+            return Err(());
+        }
+        Ok(Some(Admission(self.admitted.clone())))
     }
 
     /// Logs every request through `log`.
@@ -478,6 +511,18 @@ impl ProxyService {
             tracing::warn!(client = %self.client, reason, "malformed request refused");
             return local_response(ErrorKind::BadRequest, reason, grpc);
         }
+        let Ok(admission) = self.proxy.admit() else {
+            self.proxy
+                .metrics
+                .rejected
+                .get_or_create(&[("reason", "overloaded")])
+                .inc();
+            return local_response(
+                ErrorKind::Overloaded,
+                "too many requests in flight through this proxy",
+                grpc,
+            );
+        };
         let request_id = ensure_request_id(request.headers_mut());
         let request_id = request_id.to_str().unwrap_or("-");
         if let Some(log) = log.as_deref_mut() {
@@ -563,6 +608,7 @@ impl ProxyService {
                         response.body_mut().log = Some(slot.clone());
                         response.extensions_mut().insert(UpstreamLog(slot));
                     }
+                    response.body_mut().admission = admission;
                     if let Some(cookie) =
                         affinity.as_ref().and_then(|(k, _)| k.set_cookie.as_deref())
                         && let Ok(value) = HeaderValue::from_str(cookie)
@@ -874,6 +920,8 @@ pub struct TrackedBody {
     replay: Option<Arc<Replay<Incoming>>>,
     /// Time limits, when the request has any after its head.
     watch: Option<Box<Watch>>,
+    /// Held until the response ends (or its tunnel closes).
+    admission: Option<Admission>,
 }
 
 /// The limits a response body keeps: the idle limit (no frame either way) and the gRPC
@@ -933,6 +981,7 @@ impl TrackedBody {
             bytes_out: 0,
             replay,
             watch: None,
+            admission: None,
         };
         if body.is_end_stream() {
             body.finish(true);
@@ -955,6 +1004,7 @@ impl TrackedBody {
     }
 
     fn finish(&mut self, completed: bool) {
+        self.admission = None;
         if let Some(mut exchange) = self.exchange.take() {
             // An HTTP/1.1 connection goes back to the pool only once the request body
             // has been sent in full too (a pod may answer before reading it all).
@@ -1552,6 +1602,7 @@ mod limit_tests {
             ),
             (ErrorKind::BadRequest, 400, grpc::Code::Internal),
             (ErrorKind::BadBody, 400, grpc::Code::Internal),
+            (ErrorKind::Overloaded, 503, grpc::Code::ResourceExhausted),
         ] {
             assert_eq!(kind.status().as_u16(), status, "{kind:?}");
             assert_eq!(kind.grpc_code(), code, "{kind:?}");

@@ -144,6 +144,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             response_timeout: config.response_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
             retry_body_limit: config.retry_body_limit,
+            max_in_flight: config.max_in_flight,
             max_attempts: config.retry_attempts,
             affinity: config.affinity.clone(),
         },

@@ -281,6 +281,42 @@ async fn a_connect_failure_is_unavailable_the_grpc_way() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_at_its_in_flight_limit_answers_resource_exhausted_until_a_stream_ends() {
+    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
+    let running = grpc_proxy(&[&pod], &["--max-in-flight", "1"]).await;
+    let mut grpc = client(running.listen).await;
+    let (tx, stream) = outbound();
+    let call = grpc.streaming(tonic::Request::new(stream), path(BIDI), RawCodec);
+    let mut inbound = within(MESSAGE_LIMIT, "response head", call)
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(client_message(0)).await.unwrap();
+    let echo = within(MESSAGE_LIMIT, "first echo", inbound.message()).await;
+    assert_eq!(echo.unwrap(), Some(client_message(0)));
+    // The open stream holds the only place.
+    assert_local_grpc_error(running.listen, Code::ResourceExhausted, "8", "overloaded").await;
+    drop(tx);
+    assert_eq!(inbound.message().await.unwrap(), None);
+    drop(inbound);
+    // Its place is free again once it ended.
+    grpc.ready().await.unwrap();
+    let reply = within(
+        LIMIT,
+        "a call after the stream ended",
+        grpc.unary(
+            tonic::Request::new(Bytes::from_static(b"again")),
+            path(UNARY),
+            RawCodec,
+        ),
+    )
+    .await
+    .expect("admitted again");
+    assert_eq!(reply.into_inner(), Bytes::from_static(b"again"));
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_timeout_shorter_than_the_pod_is_deadline_exceeded() {
     let pod = GrpcBackend::start(
         2,

@@ -492,6 +492,7 @@ fn the_proxy_accepts_every_argument_the_operator_gives_it() {
     let mut bs = balanced_service();
     bs.spec.balancing.timeouts.stream_idle_seconds = 120;
     bs.spec.balancing.retries.body_limit_bytes = 4096;
+    bs.spec.proxy.max_in_flight = 500;
     let args = proxy_args(&bs);
     let settings = ballast_proxy::config::Settings::try_parse_from(
         std::iter::once("ballast-proxy".to_owned()).chain(args.iter().cloned()),
@@ -505,6 +506,7 @@ fn the_proxy_accepts_every_argument_the_operator_gives_it() {
         Some(std::time::Duration::from_secs(120))
     );
     assert_eq!(config.retry_body_limit, 4096);
+    assert_eq!(config.max_in_flight, Some(500));
     assert_eq!(
         config.response_timeout,
         Some(std::time::Duration::from_secs(60))
