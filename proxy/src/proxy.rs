@@ -231,13 +231,14 @@ fn next_limit(
 /// Waits for a response head within the request's limits. The response-head limit
 /// starts when the request body has ended (a client-streaming call or a slow upload
 /// is not the pod's delay); while it streams, only the deadline and the idle limit
-/// apply.
+/// apply. Returns the head and when the pod's turn began: the end of the request body,
+/// or `sent` when the head came first.
 async fn wait_for_head<F: std::future::Future>(
     head: F,
     limits: &Limits,
     replay: Option<&Replay<Incoming>>,
     sent: Instant,
-) -> Result<F::Output, Timeout> {
+) -> Result<(F::Output, Instant), Timeout> {
     tokio::pin!(head);
     let mut request_ended = match replay {
         Some(replay) if !replay.ended() => None,
@@ -260,7 +261,7 @@ async fn wait_for_head<F: std::future::Future>(
         };
         tokio::select! {
             biased;
-            output = &mut head => return Ok(output),
+            output = &mut head => return Ok((output, request_ended.unwrap_or(sent))),
             () = ended => request_ended = Some(Instant::now()),
             () = due => {
                 // The idle limit moves with every frame: only a limit still due counts.
@@ -743,8 +744,10 @@ impl ProxyService {
         endpoint.pending.fetch_sub(1, Relaxed);
         let now = Instant::now();
         match response {
-            Ok(Ok((mut response, sender))) => {
-                endpoint.observe_rtt(now.saturating_duration_since(sent), now);
+            Ok((Ok((mut response, sender)), pods_turn)) => {
+                // The pod's latency counts from when it had the whole request: a long
+                // upload or client stream says nothing about how fast the pod is.
+                endpoint.observe_rtt(now.saturating_duration_since(pods_turn), now);
                 proxy
                     .metrics
                     .response_seconds
@@ -771,7 +774,7 @@ impl ProxyService {
                 body.watch(limits, proxy.metrics.clone(), now);
                 Ok(Response::from_parts(head, body))
             }
-            Ok(Err(e)) => {
+            Ok((Err(e), _)) => {
                 drop(exchange);
                 if replay.as_ref().is_some_and(|r| r.client_failed()) {
                     // The client's body broke (bad chunking, a reset): the pod saw a

@@ -291,5 +291,14 @@ async fn the_response_head_limit_counts_from_the_end_of_the_request_body() {
     assert_eq!(&body[..], "part;".repeat(4).as_bytes());
     uploading.await.unwrap();
     assert_eq!(timeouts(running.admin, "response-head").await, 0);
+    // The pod answered as soon as it had the body: its latency sample is that, not the
+    // 1.2 s the client took to upload (peak-EWMA would price the pod out for a while).
+    let ewma = get_json(running.admin, "/endpoints").await[0]["ewma_ms"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        ewma < 500.0,
+        "the upload time must not count as the pod's latency: ewma {ewma} ms"
+    );
     running.shutdown().await;
 }
