@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Benchmark ballast-proxy against direct access, nginx and haproxy on loopback.
 #
-#   bash bench/proxy.sh [--duration 10s] [--rounds 3] [--quick] [--sections 1,2,3,4,5] [--no-build]
+#   bash bench/proxy.sh [--duration 10s] [--rounds 3] [--quick] [--sections 1,2,3,4,5,6] [--no-build]
 #
 # Every process this script starts is a child it stops by PID on exit (also on
-# failure or Ctrl-C). All traffic stays on 127.0.0.0/8. Raw wrk output and
-# process logs go to bench/out/<timestamp>/; see bench/README.md.
+# failure or Ctrl-C). All traffic stays on 127.0.0.0/8. Binaries come from
+# $CARGO_TARGET_DIR (default target/). Raw output and process logs go to
+# bench/out/<timestamp>/; see bench/README.md.
 set -euo pipefail
 
 # ---------------------------------------------------------------- settings --
@@ -15,12 +16,12 @@ source "$ROOT/bench/lib.sh"
 DURATION=10s
 DURATION_SET=0
 QUICK=0
-SECTIONS=1,2,3,4,5
+SECTIONS=1,2,3,4,5,6
 BUILD=1
 ROUNDS=3
 ROUNDS_SET=0
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
     case $1 in
         --duration) DURATION=${2:?--duration needs a value}; DURATION_SET=1; shift 2 ;;
@@ -41,9 +42,14 @@ if ((QUICK)) && ((!ROUNDS_SET)); then ROUNDS=1; fi
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "--rounds must be a positive whole number" >&2; exit 2; }
 if ((QUICK)); then BIG_N=20; else BIG_N=100; fi
 
-PROXY_BIN=$ROOT/target/release/ballast-proxy
-APP_BIN=$ROOT/target/release/ballast-sample-app
-FLOOR_BIN=$ROOT/target/release/examples/hyper_floor
+# Where cargo puts the binaries: $CARGO_TARGET_DIR (relative to the repository, as
+# cargo runs there), else target/.
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+[[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
+PROXY_BIN=$TARGET_DIR/release/ballast-proxy
+APP_BIN=$TARGET_DIR/release/ballast-sample-app
+FLOOR_BIN=$TARGET_DIR/release/examples/hyper_floor
+LOAD_BIN=$TARGET_DIR/release/examples/stream_load
 BACKEND_PORT=8080
 BALLAST_ADDR=127.0.0.1:18080
 BALLAST_ADMIN=127.0.0.1:18090
@@ -139,9 +145,9 @@ require_free() { # host:port ...
     done
 }
 
-wait_http() { # url timeout_s [pid]
-    local url=$1 deadline=$((SECONDS + $2)) pid=${3:-}
-    until curl -sf -o /dev/null --max-time 1 "$url"; do
+wait_http() { # url timeout_s [pid [curl option, e.g. --http2-prior-knowledge]]
+    local url=$1 deadline=$((SECONDS + $2)) pid=${3:-} opt=${4:-}
+    until curl -sf ${opt:+"$opt"} -o /dev/null --max-time 1 "$url"; do
         [[ -z $pid ]] || kill -0 "$pid" 2>/dev/null || return 1
         ((SECONDS < deadline)) || return 1
         sleep 0.1
@@ -175,9 +181,11 @@ export PATH=$PATH:/usr/sbin:/sbin
 if ((BUILD)); then
     log "building release binaries"
     (cd "$ROOT" && cargo build --release -q -p ballast-proxy -p ballast-integration &&
-        cargo build --release -q -p ballast-proxy --example hyper_floor)
+        cargo build --release -q -p ballast-proxy --example hyper_floor --example stream_load)
 fi
-[[ -x $PROXY_BIN && -x $APP_BIN && -x $FLOOR_BIN ]] || die "missing $PROXY_BIN, $APP_BIN or $FLOOR_BIN (build them)"
+for bin in "$PROXY_BIN" "$APP_BIN" "$FLOOR_BIN" "$LOAD_BIN"; do
+    [[ -x $bin ]] || die "missing $bin (build it, or drop --no-build)"
+done
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # -------------------------------------------------------------- backends --
@@ -616,6 +624,288 @@ section_access_log() {
     print_table "$TABLE"
 }
 
+# ------------------------------------------------------------- section 6 --
+# Streaming: large request/response bodies over HTTP/1.1, and bidirectional gRPC streams
+# over h2c, with proxies configured to stream (not buffer) both.
+S6_CLIENTS=8             # upload/download clients, one keep-alive connection each
+S6_BODY=$((32 << 20))    # bytes per upload/download: 8 x 32 MiB = 256 MiB in flight per round of requests
+S6_STREAMS=32            # concurrent gRPC calls
+S6_CONNS=4               # HTTP/2 connections they share
+S6_MESSAGES=1000         # messages per call, at most
+S6_WINDOW=4              # messages per stream awaiting their echo
+S6_MSG_BYTES=64          # payload per message
+S6_STALL=3s              # no progress for this long: stalled, not waited for
+
+# start_nginx_streaming MODE(http|grpc) ADDR: nginx in front of backend 1, streaming.
+start_nginx_streaming() {
+    local mode=$1 d=$TMP/nginx-s6-$1 i
+    require_free "$NGINX_ADDR"
+    mkdir -p "$d/tmp"
+    {
+        echo "worker_processes $NPROC;"
+        echo "pid $d/nginx.pid;"
+        echo "error_log $LOGS/nginx-s6-error.log warn;"
+        echo "events { worker_connections 4096; }"
+        echo "http {"
+        echo "  access_log off;"
+        echo "  keepalive_requests 1000000;"
+        echo "  client_max_body_size 0;"
+        for i in client_body proxy fastcgi uwsgi scgi; do echo "  ${i}_temp_path $d/tmp/$i;"; done
+        echo "  upstream backends {"
+        echo "    server $(backend_ip 1):$BACKEND_PORT;"
+        echo "    keepalive 64;"
+        echo "    keepalive_requests 1000000;"
+        echo "  }"
+        echo "  server {"
+        if [[ $mode == grpc ]]; then
+            # nginx 1.22 syntax; from 1.25.1 on it is `http2 on;` (the old form still works, with a warning).
+            echo "    listen $NGINX_ADDR http2;"
+            echo "    location / { grpc_pass grpc://backends; }"
+        else
+            echo "    listen $NGINX_ADDR;"
+            echo "    location / {"
+            echo "      proxy_pass http://backends;"
+            echo "      proxy_http_version 1.1;"
+            echo "      proxy_set_header Connection \"\";"
+            echo "      proxy_request_buffering off;"
+            echo "      proxy_buffering off;"
+            echo "    }"
+        fi
+        echo "  }"
+        echo "}"
+    } >"$d/nginx.conf"
+    cp "$d/nginx.conf" "$LOGS/nginx-s6-$mode.conf"
+    nginx -e "$LOGS/nginx-s6-error.log" -p "$d" -c "$d/nginx.conf" -g 'daemon off;' >>"$LOGS/nginx.log" 2>&1 &
+    PROXY_PID=$!
+    track "$PROXY_PID"
+    local h2=
+    [[ $mode == http ]] || h2=--http2-prior-knowledge
+    wait_http "http://$NGINX_ADDR/healthz" 10 "$PROXY_PID" "$h2" || die "nginx not ready; see $LOGS/nginx-s6-error.log"
+    TARGET_URL=http://$NGINX_ADDR
+}
+
+# start_haproxy_streaming MODE(http|grpc): haproxy mode http in front of backend 1;
+# grpc: h2 (prior knowledge) on both sides.
+start_haproxy_streaming() {
+    local mode=$1 cfg=$TMP/haproxy-s6-$1.cfg h2=
+    require_free "$HAPROXY_ADDR"
+    [[ $mode == http ]] || h2=" proto h2"
+    {
+        echo "global"
+        echo "  nbthread $NPROC"
+        echo "  maxconn 2000"
+        echo "defaults"
+        echo "  mode http"
+        echo "  timeout connect 1s"
+        echo "  timeout client 60s"
+        echo "  timeout server 60s"
+        echo "  option http-keep-alive"
+        echo "  http-reuse always"
+        echo "frontend fe"
+        echo "  bind $HAPROXY_ADDR$h2"
+        echo "  default_backend be"
+        echo "backend be"
+        echo "  server b1 $(backend_ip 1):$BACKEND_PORT$h2"
+    } >"$cfg"
+    cp "$cfg" "$LOGS/"
+    haproxy -db -f "$cfg" >>"$LOGS/haproxy.log" 2>&1 &
+    PROXY_PID=$!
+    track "$PROXY_PID"
+    [[ -z $h2 ]] || h2=--http2-prior-knowledge
+    wait_http "http://$HAPROXY_ADDR/healthz" 10 "$PROXY_PID" "$h2" || die "haproxy not ready; see $LOGS/haproxy.log"
+    TARGET_URL=http://$HAPROXY_ADDR
+}
+
+# start_streaming_target NAME MODE(http|grpc): sets PROXY_PID (empty for direct) and TARGET_URL (no slash).
+start_streaming_target() {
+    case $1 in
+        direct) PROXY_PID=; TARGET_URL=http://$(backend_ip 1):$BACKEND_PORT ;;
+        ballast)
+            if [[ $2 == grpc ]]; then
+                start_ballast "$(backend_list 1)" --backend-protocol h2c
+            else
+                start_ballast "$(backend_list 1)"
+            fi
+            TARGET_URL=${TARGET_URL%/}
+            ;;
+        nginx) start_nginx_streaming "$2" ;;
+        haproxy) start_haproxy_streaming "$2" ;;
+    esac
+}
+
+# run_stream NAME stream_load-ARGS...: runs the load tool against the current proxy.
+# Sets S_VALUE (MB/s or messages/s), S_AMOUNT (bytes or messages), S_ERRS, S_STALLED,
+# S_CALLS, S_CPU_S (proxy CPU seconds, or -) and S_RSS (proxy VmHWM MiB, or -).
+run_stream() {
+    local name=$1 raw=$OUT/$1.txt t0=0 t1 line secs
+    shift
+    secs=$(dur_seconds "$DURATION")
+    log "stream_load $*  ($name)"
+    [[ -z $PROXY_PID ]] || t0=$(cpu_ticks "$PROXY_PID")
+    timeout --signal=INT $((secs + 40)) "$LOAD_BIN" "$@" --duration "${secs}s" \
+        --stall-timeout "$S6_STALL" >"$raw" 2>&1 || true
+    line=$(grep '^result ' "$raw" | tail -1 || true)
+    S_VALUE=$(s6_field "$line" mb_per_s)
+    [[ -n $S_VALUE ]] || S_VALUE=$(s6_field "$line" msgs_per_s)
+    S_AMOUNT=$(s6_field "$line" bytes)
+    [[ -n $S_AMOUNT ]] || S_AMOUNT=$(s6_field "$line" messages)
+    S_ERRS=$(s6_field "$line" errors) S_STALLED=$(s6_field "$line" stalled) S_CALLS=$(s6_field "$line" calls)
+    S_CPU_S=- S_RSS=-
+    if [[ -n $PROXY_PID ]]; then
+        t1=$(cpu_ticks "$PROXY_PID")
+        S_CPU_S=$(calc "($t1 - $t0) / $CLK_TCK" 2)
+        S_RSS=$(mib "$(proc_kib "$PROXY_PID" VmHWM)")
+    fi
+    if [[ -z $line ]]; then
+        log "stream_load failed for $name; see $raw"
+        S_VALUE=0 S_AMOUNT=0 S_ERRS=failed S_STALLED=0 S_CALLS=0
+    fi
+}
+
+# s6_notes "r1: ...; r2: ...; " -> without the last "; ", or "none"
+s6_notes() { local v=${1%; }; echo "${v:-none}"; }
+
+# s6_field RESULT_LINE KEY: the value of KEY=value in stream_load's result line.
+s6_field() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<"$1"; }
+
+# s6_note ERRS STALLED OF -> "none", "errors=3", "stalled 32/32", ...
+s6_note() {
+    local out=()
+    [[ $1 == 0 ]] || out+=("errors=$1")
+    [[ $2 == 0 ]] || out+=("stalled $2/$3")
+    ((${#out[@]})) || out=(none)
+    echo "${out[*]}"
+}
+
+section_streaming() {
+    local name round i t
+    local targets=(direct ballast haproxy nginx)
+    say ""
+    say "## 6. Streaming: large bodies and gRPC bidi streams (1 backend; medians of $ROUNDS rounds)"
+    say ""
+    say "Upload: $S6_CLIENTS clients, one keep-alive HTTP/1.1 connection each, POSTing $((S6_BODY >> 20)) MiB bodies"
+    say "(content-length, 64 KiB writes; $((S6_CLIENTS * S6_BODY >> 20)) MiB in flight) for $DURATION; the backend counts"
+    say "each body as it streams in without keeping it and answers the count, checked by the client."
+    say "Download: the same clients GET \`/download?bytes=$S6_BODY\`, streamed by the backend."
+    say "gRPC: $S6_STREAMS concurrent \`Echo/Stream\` calls over $S6_CONNS h2c connections (tonic), each sending up to"
+    say "$S6_MESSAGES messages of $S6_MSG_BYTES bytes with at most $S6_WINDOW awaiting their echo, the next one sent as each echo"
+    say "arrives, a new call when one ends. No progress for $S6_STALL: that stream or client is *stalled* and stops."
+    say ""
+    start_backends 1 0
+    declare -A up down grpc upcpu downcpu grpccpu uprss downrss grpcrss notes calls upbytes downbytes msgs
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for ((i = 0; i < ${#targets[@]}; i++)); do
+            name=${targets[(i + round - 1) % ${#targets[@]}]}
+            for t in upload download; do
+                start_streaming_target "$name" http
+                if [[ $t == upload ]]; then
+                    run_stream "s6-$name-upload-r$round" upload --url "$TARGET_URL/upload" \
+                        --clients "$S6_CLIENTS" --body-bytes "$S6_BODY"
+                else
+                    run_stream "s6-$name-download-r$round" download --url "$TARGET_URL/download?bytes=$S6_BODY" \
+                        --clients "$S6_CLIENTS" --body-bytes "$S6_BODY"
+                fi
+                [[ -z $PROXY_PID ]] || stop_proxy
+                if [[ $t == upload ]]; then
+                    up[$name]+=" $S_VALUE" upcpu[$name]+=" $S_CPU_S" upbytes[$name]+=" $S_AMOUNT"
+                    uprss[$name]=$(max_of "${uprss[$name]:-}" "$S_RSS")
+                else
+                    down[$name]+=" $S_VALUE" downcpu[$name]+=" $S_CPU_S" downbytes[$name]+=" $S_AMOUNT"
+                    downrss[$name]=$(max_of "${downrss[$name]:-}" "$S_RSS")
+                fi
+                [[ $S_ERRS == 0 && $S_STALLED == 0 ]] ||
+                    notes[$name-$t]+="r$round: $(s6_note "$S_ERRS" "$S_STALLED" "$S6_CLIENTS"); "
+            done
+            start_streaming_target "$name" grpc
+            run_stream "s6-$name-grpc-r$round" grpc --url "$TARGET_URL" --streams "$S6_STREAMS" \
+                --connections "$S6_CONNS" --messages "$S6_MESSAGES" --window "$S6_WINDOW" \
+                --message-bytes "$S6_MSG_BYTES"
+            [[ -z $PROXY_PID ]] || stop_proxy
+            grpc[$name]+=" $S_VALUE" grpccpu[$name]+=" $S_CPU_S" msgs[$name]+=" $S_AMOUNT"
+            calls[$name]=$((${calls[$name]:-0} + ${S_CALLS:-0}))
+            grpcrss[$name]=$(max_of "${grpcrss[$name]:-}" "$S_RSS")
+            [[ $S_ERRS == 0 && $S_STALLED == 0 ]] ||
+                notes[$name-grpc]+="r$round: $(s6_note "$S_ERRS" "$S_STALLED" "$S6_STREAMS"); "
+        done
+    done
+    stop_backends
+
+    declare -A mup mdown mgrpc
+    # shellcheck disable=SC2086 # one value per round, split on purpose
+    for name in "${targets[@]}"; do
+        mup[$name]=$(median ${up[$name]})
+        mdown[$name]=$(median ${down[$name]})
+        mgrpc[$name]=$(median ${grpc[$name]})
+    done
+    new_table 6a
+    row target "upload MB/s" "per round" "vs haproxy" "vs nginx" "download MB/s" "per round" "vs haproxy" "vs nginx" \
+        "proxy CPU s/GB up" "proxy CPU s/GB down" "peak RSS MiB up" "peak RSS MiB down" "errors / stalled"
+    for name in "${targets[@]}"; do
+        local label="$name (defaults)"
+        [[ $name != direct ]] || label="direct ($(backend_ip 1))"
+        [[ $name != nginx ]] || label="nginx (request_buffering off, buffering off)"
+        [[ $name != haproxy ]] || label="haproxy (mode http)"
+        row "$label" "${mup[$name]}" "$(slashed "${up[$name]}")" \
+            "$(ratio "${mup[$name]}" "${mup[haproxy]}")" "$(ratio "${mup[$name]}" "${mup[nginx]}")" \
+            "${mdown[$name]}" "$(slashed "${down[$name]}")" \
+            "$(ratio "${mdown[$name]}" "${mdown[haproxy]}")" "$(ratio "${mdown[$name]}" "${mdown[nginx]}")" \
+            "$(per_unit "${upcpu[$name]}" "${upbytes[$name]}" 1e9 2)" \
+            "$(per_unit "${downcpu[$name]}" "${downbytes[$name]}" 1e9 2)" \
+            "${uprss[$name]}" "${downrss[$name]}" \
+            "up: $(s6_notes "${notes[$name-upload]:-}"); down: $(s6_notes "${notes[$name-download]:-}")"
+    done
+    say "### 6a. Large bodies over HTTP/1.1 (MB = 10^6 bytes)"
+    say ""
+    print_table "$TABLE"
+    say ""
+    say "nginx runs with \`proxy_request_buffering off; proxy_buffering off; proxy_http_version 1.1;\` and"
+    say "\`client_max_body_size 0\`, so it streams both ways instead of spooling bodies to disk; haproxy \`mode http\`"
+    say "streams by default; ballast with its defaults. CPU s/GB: the proxy's CPU time (user + system) over the bytes"
+    say "moved, summed over the rounds. Peak RSS: VmHWM (nginx: master + workers), the highest of the rounds, each"
+    say "round a fresh process."
+    say ""
+
+    new_table 6b
+    row target "messages/s" "per round" "vs haproxy" "vs nginx" "proxy CPU us/msg" "peak RSS MiB" "calls completed" "errors / stalled"
+    for name in "${targets[@]}"; do
+        local label=$name
+        [[ $name != direct ]] || label="direct ($(backend_ip 1), h2c)"
+        [[ $name != ballast ]] || label="ballast (--backend-protocol h2c)"
+        [[ $name != nginx ]] || label="nginx (listen http2, grpc_pass)"
+        [[ $name != haproxy ]] || label="haproxy (mode http, proto h2 both sides)"
+        row "$label" "${mgrpc[$name]}" "$(slashed "${grpc[$name]}")" \
+            "$(ratio "${mgrpc[$name]}" "${mgrpc[haproxy]}")" "$(ratio "${mgrpc[$name]}" "${mgrpc[nginx]}")" \
+            "$(per_unit "${grpccpu[$name]}" "${msgs[$name]}" 1e6 1)" "${grpcrss[$name]}" "${calls[$name]}" \
+            "$(s6_notes "${notes[$name-grpc]:-}")"
+    done
+    say "### 6b. gRPC bidi streaming (Echo/Stream, h2c end to end)"
+    say ""
+    print_table "$TABLE"
+    say ""
+    say "A message counts when its echo is back at the client. *stalled N/$S6_STREAMS*: N streams got no echo for"
+    say "$S6_STALL (a proxy that holds the request back until the body ends, or until it has some KiB of it, never"
+    say "answers a ping-pong) and were abandoned; their rate is 0."
+}
+
+# max_of A B: the larger number, ignoring empty or "-" values ("-" if neither is a number).
+max_of() {
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        na = (a ~ /^[0-9.]+$/); nb = (b ~ /^[0-9.]+$/)
+        if (!na && !nb) print "-"; else if (!nb || (na && a + 0 >= b + 0)) print a; else print b }'
+}
+# slashed " V1 V2 V3" -> V1/V2/V3
+slashed() { local v=${1# }; echo "${v// //}"; }
+# ratio A B: A / B with two decimals, "-" when B is 0.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2f\n", a / b }'; }
+# per_unit "CPU_S..." "AMOUNT..." SCALE DECIMALS: sum(CPU) / (sum(AMOUNT) / SCALE) ("-" without CPU or amount).
+per_unit() {
+    awk -v c="$1" -v n="$2" -v s="$3" -v d="$4" 'BEGIN {
+        k = split(c, cs, " "); split(n, ns, " "); tc = 0; tn = 0
+        for (i = 1; i <= k; i++) { if (cs[i] == "-") { print "-"; exit } tc += cs[i]; tn += ns[i] }
+        if (k == 0 || tn == 0) { print "-"; exit }
+        printf "%." d "f\n", tc / (tn / s) }'
+}
+
 # ------------------------------------------------------------------ main --
 header
 want 1 && section_throughput
@@ -623,5 +913,6 @@ want 2 && section_balance
 want 3 && section_slow
 want 4 && section_memory
 want 5 && section_access_log
+want 6 && section_streaming
 say ""
 log "summary written to ${SUMMARY#"$ROOT"/}"

@@ -3,25 +3,28 @@
 //!
 //! It serves HTTP/1.1 (keep-alive) and HTTP/2 prior knowledge (h2c) on one
 //! port, stamps every response with `x-served-by: <pod>`, echoes
-//! `x-request-id`, answers a small JSON document on every path, echoes
-//! WebSocket messages on `GET /ws`, answers gRPC calls over h2c on the same
-//! port (the standard health service and a demo echo service: see `grpc.rs`),
-//! and shuts down either naively (exit on SIGTERM, dropping connections) or
-//! gracefully (fail `/healthz` and the gRPC health check, stop accepting,
-//! finish in-flight requests).
+//! `x-request-id`, answers a small JSON document on every path (counting a
+//! request body as it streams in, without keeping it), streams N bytes on
+//! `GET /download?bytes=N`, echoes WebSocket messages on `GET /ws`, answers
+//! gRPC calls over h2c on the same port (the standard health service and a
+//! demo echo service: see `grpc.rs`), and shuts down either naively (exit on
+//! SIGTERM, dropping connections) or gracefully (fail `/healthz` and the gRPC
+//! health check, stop accepting, finish in-flight requests).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -42,6 +45,8 @@ mod grpc;
 
 const SERVED_BY: &str = "x-served-by";
 const REQUEST_ID: &str = "x-request-id";
+/// Size of the chunks `/download` sends.
+const DOWNLOAD_CHUNK: usize = 64 * 1024;
 
 /// What the app does on SIGTERM (or SIGINT).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,8 +90,43 @@ struct State {
 }
 
 type Body = Full<Bytes>;
+/// An HTTP route's body: a whole one, or `/download`'s stream.
+type HttpBody = Either<Body, Download>;
 /// What a connection answers with: an HTTP route's body or a gRPC call's.
-type AnyBody = Either<Body, grpc::GrpcBody>;
+type AnyBody = Either<HttpBody, grpc::GrpcBody>;
+
+/// `/download`'s body: `remaining` bytes, sent as slices of one shared chunk.
+#[derive(Debug)]
+struct Download {
+    remaining: u64,
+    chunk: Bytes,
+}
+
+impl hyper::body::Body for Download {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let len =
+            usize::try_from(self.remaining).map_or(self.chunk.len(), |r| r.min(self.chunk.len()));
+        self.remaining -= len as u64;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..len)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -189,18 +229,55 @@ async fn handle(
     Ok(resp)
 }
 
-async fn route(state: &State, req: Request<Incoming>) -> Response<Body> {
+async fn route(state: &State, req: Request<Incoming>) -> Response<HttpBody> {
     if req.uri().path() == "/healthz" && req.method() == Method::GET {
         return if state.shutting_down.load(Ordering::SeqCst) {
             text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
         } else {
             text(StatusCode::OK, "ok")
-        };
+        }
+        .map(Either::Left);
     }
     if req.uri().path() == "/ws" && req.method() == Method::GET && is_websocket_upgrade(&req) {
-        return websocket(req);
+        return websocket(req).map(Either::Left);
     }
-    app(state, req).await
+    if req.uri().path() == "/download" && req.method() == Method::GET {
+        return download(state, &req);
+    }
+    app(state, req).await.map(Either::Left)
+}
+
+/// `GET /download?bytes=N`: N bytes (default 1 MiB) streamed in 64 KiB chunks, with
+/// a `content-length`; a source for download benchmarks.
+fn download(state: &State, req: &Request<Incoming>) -> Response<HttpBody> {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let mut bytes = 1024 * 1024;
+    for (key, value) in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+    {
+        if key == "bytes" {
+            match value.parse::<u64>() {
+                Ok(n) => bytes = n,
+                Err(_) => {
+                    return text(StatusCode::BAD_REQUEST, "bytes must be an integer\n")
+                        .map(Either::Left);
+                }
+            }
+        }
+    }
+    let mut resp = Response::new(Either::Right(Download {
+        remaining: bytes,
+        chunk: Bytes::from(vec![b'x'; DOWNLOAD_CHUNK]),
+    }));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    resp
 }
 
 /// The catch-all route: optional delay, optional status, JSON description.
@@ -240,14 +317,19 @@ async fn app(state: &State, req: Request<Incoming>) -> Response<Body> {
         }
     }
 
-    // Read the body fully whatever the method, so the connection stays usable.
-    let body_bytes = match req.into_body().collect().await {
-        Ok(collected) => collected.to_bytes().len(),
-        Err(err) => {
-            debug!(%err, "reading request body failed");
-            return text(StatusCode::BAD_REQUEST, "could not read body\n");
+    // Read the body fully whatever the method, so the connection stays usable; count
+    // it frame by frame without keeping it (an upload sink for benchmarks, too).
+    let mut body = req.into_body();
+    let mut body_bytes = 0u64;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => body_bytes += frame.data_ref().map_or(0, |data| data.len() as u64),
+            Err(err) => {
+                debug!(%err, "reading request body failed");
+                return text(StatusCode::BAD_REQUEST, "could not read body\n");
+            }
         }
-    };
+    }
 
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
