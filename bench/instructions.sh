@@ -29,9 +29,13 @@ while (($#)); do
 done
 [[ $REQUESTS =~ ^[1-9][0-9]*$ ]] || { echo "--requests must be a positive whole number" >&2; exit 2; }
 
-PROXY_BIN=$ROOT/target/release/ballast-proxy
-APP_BIN=$ROOT/target/release/ballast-sample-app
-FLOOR_BIN=$ROOT/target/release/examples/hyper_floor
+# Where cargo puts the binaries: $CARGO_TARGET_DIR (relative to the repository, as
+# cargo reads it) or target/.
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+[[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
+PROXY_BIN=$TARGET_DIR/release/ballast-proxy
+APP_BIN=$TARGET_DIR/release/ballast-sample-app
+FLOOR_BIN=$TARGET_DIR/release/examples/hyper_floor
 LISTEN=127.0.0.1:18080
 ADMIN=127.0.0.1:18090
 BACKENDS=(127.0.0.2:8080 127.0.0.3:8080 127.0.0.4:8080 127.0.0.5:8080)
