@@ -4,9 +4,10 @@
 //! least likely to have been closed by the backend) and expire after the idle timeout,
 //! which should be shorter than the backends' keep-alive. An idle connection is reused
 //! only by the worker thread it lives on (see [`crate::workers`]), so a request and its
-//! upstream connection never wake each other across threads. HTTP/2 endpoints share one
-//! multiplexed connection. Every connection is counted on its endpoint while open: the
-//! drain gate reads that count.
+//! upstream connection never wake each other across threads. HTTP/2 endpoints get one
+//! multiplexed connection per worker thread, for the same reason (as Envoy's per-worker
+//! pools do): every frame of a stream would otherwise cross threads twice. Every
+//! connection is counted on its endpoint while open: the drain gate reads that count.
 
 use crate::registry::EndpointState;
 use hyper::client::conn::{http1, http2};
@@ -78,7 +79,8 @@ pub enum ConnectError {
 #[derive(Debug, Default)]
 pub struct Pool {
     idle: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// The HTTP/2 connection of each worker thread (`None`: outside the workers).
+    h2: Mutex<Vec<(Option<usize>, http2::SendRequest<UpstreamBody>)>>,
     /// Held while an HTTP/2 connection is being established, so concurrent first
     /// requests share one connection instead of racing to open several.
     h2_connecting: tokio::sync::Mutex<()>,
@@ -134,14 +136,15 @@ impl Pool {
     pub fn close_idle(&self) {
         let idle = std::mem::take(&mut *lock(&self.idle));
         drop(idle);
-        lock(&self.h2).take();
+        lock(&self.h2).clear();
     }
 
-    /// The shared HTTP/2 connection, while it is open and can take a stream.
-    fn shared_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+    /// Worker `home`'s HTTP/2 connection, while it is open and can take a stream.
+    fn shared_h2(&self, home: Option<usize>) -> Option<http2::SendRequest<UpstreamBody>> {
         lock(&self.h2)
-            .clone()
-            .filter(|s| !s.is_closed() && s.is_ready())
+            .iter()
+            .find(|(h, s)| *h == home && !s.is_closed() && s.is_ready())
+            .map(|(_, s)| s.clone())
     }
 
     /// Drops idle connections older than `idle_timeout`.
@@ -185,7 +188,7 @@ pub async fn checkout(
             }
         }
         BackendProtocol::H2c => {
-            if let Some(sender) = endpoint.pool.shared_h2() {
+            if let Some(sender) = endpoint.pool.shared_h2(crate::workers::current()) {
                 return Ok((Sender::Http2(sender), true));
             }
         }
@@ -215,8 +218,9 @@ async fn open(
             Ok((Sender::Http1(sender), false))
         }
         BackendProtocol::H2c => {
+            let home = crate::workers::current();
             let _connecting = endpoint.pool.h2_connecting.lock().await;
-            if let Some(sender) = endpoint.pool.shared_h2() {
+            if let Some(sender) = endpoint.pool.shared_h2(home) {
                 return Ok((Sender::Http2(sender), true));
             }
             let io = connect(endpoint, config).await?;
@@ -229,7 +233,9 @@ async fn open(
                 })?;
             track(endpoint, conn);
             if !endpoint.is_draining() {
-                *lock(&endpoint.pool.h2) = Some(sender.clone());
+                let mut shared = lock(&endpoint.pool.h2);
+                shared.retain(|(h, s)| *h != home && !s.is_closed());
+                shared.push((home, sender.clone()));
             }
             Ok((Sender::Http2(sender), false))
         }

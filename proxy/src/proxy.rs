@@ -33,6 +33,9 @@ pub type ResponseBody = ProxyBody;
 /// stream. An enum rather than a boxed trait object: most requests carry none or a
 /// buffered one, and most responses are a backend's, so none of them costs an
 /// allocation.
+// `Tracked` is the large variant and the common one: boxing it would cost every
+// response an allocation, which is what the enum is here to avoid.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ProxyBody {
     /// Bytes held in full (a buffered request body, a response the proxy makes).
@@ -502,7 +505,8 @@ impl ProxyService {
         started: Instant,
         mut log: Option<&mut Pending>,
     ) -> Response<ResponseBody> {
-        let grpc = grpc::is_grpc(request.headers());
+        // gRPC runs over HTTP/2 only: HTTP/1.1 requests skip the header lookup.
+        let grpc = request.version() == Version::HTTP_2 && grpc::is_grpc(request.headers());
         if let Err(reason) = check_framing(request.headers()) {
             self.proxy
                 .metrics
@@ -922,17 +926,21 @@ pub struct TrackedBody {
     /// The request body, while it may still be streaming.
     replay: Option<Arc<Replay<Incoming>>>,
     /// Time limits, when the request has any after its head.
-    watch: Option<Box<Watch>>,
+    watch: Option<Watch>,
     /// Held until the response ends (or its tunnel closes).
     admission: Option<Admission>,
 }
 
 /// The limits a response body keeps: the idle limit (no frame either way) and the gRPC
-/// deadline. Boxed: most responses end in one poll and never need it.
+/// deadline. Cheap while frames flow: no clock read per frame (the silence starts at the
+/// first `Pending` after a frame) and no timer until the body first waits.
 #[derive(Debug)]
 struct Watch {
     limits: Limits,
+    /// When the body last went quiet (or the head arrived).
     last_frame: Instant,
+    /// A frame passed since `last_frame` was read.
+    fresh: bool,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     metrics: Arc<Metrics>,
 }
@@ -945,6 +953,10 @@ impl Watch {
         replay: Option<&Replay<Incoming>>,
         cx: &mut Context<'_>,
     ) -> Poll<Timeout> {
+        if self.fresh {
+            self.fresh = false;
+            self.last_frame = Instant::now();
+        }
         loop {
             let last_frame =
                 replay.map_or(self.last_frame, |r| r.last_frame().max(self.last_frame));
@@ -998,12 +1010,13 @@ impl TrackedBody {
         if self.exchange.is_none() || (limits.idle.is_none() && limits.deadline.is_none()) {
             return;
         }
-        self.watch = Some(Box::new(Watch {
+        self.watch = Some(Watch {
             limits: *limits,
             last_frame: now,
+            fresh: false,
             timer: None,
             metrics,
-        }));
+        });
     }
 
     fn finish(&mut self, completed: bool) {
@@ -1086,7 +1099,7 @@ impl Body for TrackedBody {
                 if end {
                     this.finish(true);
                 } else if let Some(watch) = this.watch.as_mut() {
-                    watch.last_frame = Instant::now();
+                    watch.fresh = true;
                 }
             }
         }
