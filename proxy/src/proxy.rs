@@ -218,17 +218,22 @@ fn next_limit(
     request_ended: Option<Instant>,
     last_frame: Instant,
 ) -> Option<(Instant, Timeout)> {
-    let candidates = [
-        limits.deadline.map(|at| (at, Timeout::Deadline)),
-        limits
-            .response_head
-            .zip(request_ended)
-            .map(|(limit, ended)| (ended + limit, Timeout::ResponseHead(limit))),
-        limits
-            .idle
-            .map(|limit| (last_frame + limit, Timeout::Idle(limit))),
-    ];
-    candidates.into_iter().flatten().min_by_key(|(at, _)| *at)
+    let mut next: Option<(Instant, Timeout)> = None;
+    let mut consider = |at: Instant, timeout: Timeout| {
+        if next.is_none_or(|(earliest, _)| at < earliest) {
+            next = Some((at, timeout));
+        }
+    };
+    if let Some(at) = limits.deadline {
+        consider(at, Timeout::Deadline);
+    }
+    if let (Some(limit), Some(ended)) = (limits.response_head, request_ended) {
+        consider(ended + limit, Timeout::ResponseHead(limit));
+    }
+    if let Some(limit) = limits.idle {
+        consider(last_frame + limit, Timeout::Idle(limit));
+    }
+    next
 }
 
 /// Waits for a response head within the request's limits. The response-head limit
@@ -236,48 +241,52 @@ fn next_limit(
 /// is not the pod's delay); while it streams, only the deadline and the idle limit
 /// apply. Returns the head and when the pod's turn began: the end of the request body,
 /// or `sent` when the head came first.
+///
+/// Written with `poll_fn` and one timer rather than `select!` over helper futures: this
+/// future is part of every request's, and its size is copied as the request moves.
 async fn wait_for_head<F: std::future::Future>(
-    head: F,
+    mut head: Pin<&mut F>,
     limits: &Limits,
     replay: Option<&Replay<Incoming>>,
     sent: Instant,
 ) -> Result<(F::Output, Instant), Timeout> {
-    tokio::pin!(head);
     let mut request_ended = match replay {
         Some(replay) if !replay.ended() => None,
         _ => Some(sent),
     };
-    loop {
-        let last_frame = replay.map_or(sent, |r| r.last_frame().max(sent));
-        let next = next_limit(limits, request_ended, last_frame);
-        let ended = async {
-            match replay {
-                Some(replay) if request_ended.is_none() => replay.wait_ended().await,
-                _ => std::future::pending().await,
+    let first = next_limit(limits, request_ended, sent);
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(
+        first.map_or(sent + Duration::from_secs(86_400), |(at, _)| at)
+    ));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = head.as_mut().poll(cx) {
+            return Poll::Ready(Ok((output, request_ended.unwrap_or(sent))));
+        }
+        if request_ended.is_none()
+            && let Some(replay) = replay
+            && replay.poll_ended(cx).is_ready()
+        {
+            request_ended = Some(Instant::now());
+        }
+        loop {
+            let last_frame = replay.map_or(sent, |r| r.last_frame().max(sent));
+            let Some((at, timeout)) = next_limit(limits, request_ended, last_frame) else {
+                return Poll::Pending;
+            };
+            if at <= Instant::now() {
+                return Poll::Ready(Err(timeout));
             }
-        };
-        let due = async {
-            match next {
-                Some((at, _)) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
+            // The due time moves later with frames and earlier only when the request
+            // ends (the response-head limit starts).
+            if timer.deadline() != at && (timer.is_elapsed() || at < timer.deadline()) {
+                timer.as_mut().reset(at);
             }
-        };
-        tokio::select! {
-            biased;
-            output = &mut head => return Ok((output, request_ended.unwrap_or(sent))),
-            () = ended => request_ended = Some(Instant::now()),
-            () = due => {
-                // The idle limit moves with every frame: only a limit still due counts.
-                let now = Instant::now();
-                let last_frame = replay.map_or(sent, |r| r.last_frame().max(sent));
-                if let Some((at, timeout)) = next_limit(limits, request_ended, last_frame)
-                    && at <= now
-                {
-                    return Err(timeout);
-                }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
             }
         }
-    }
+    })
+    .await
 }
 
 /// Why the proxy answers a request itself.
@@ -701,54 +710,59 @@ impl ProxyService {
         let mut request = Request::from_parts(parts.clone(), upstream_body);
         let exchange = Exchange::begin(endpoint.clone());
         let sent = Instant::now();
-        let head = async {
-            match sender {
-                Sender::Http1(mut sender) => {
-                    *request.version_mut() = Version::HTTP_11;
-                    // Backends get origin-form ("/path?query"), which is what HTTP/1.1
-                    // clients send anyway; absolute-form and HTTP/2 URIs are cut down.
-                    if request.uri().scheme().is_some() || request.uri().authority().is_some() {
-                        let origin = request.uri().path_and_query().cloned();
-                        let mut uri = http::uri::Parts::default();
-                        uri.path_and_query = Some(
-                            origin.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-                        );
-                        *request.uri_mut() =
-                            Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
-                    }
-                    let response = sender.send_request(request).await;
-                    response.map(|r| (r, Some(sender)))
+        // The request goes into hyper at once; what is awaited is only its small
+        // response future (the request itself is not held across the wait).
+        let (head, sender) = match sender {
+            Sender::Http1(mut sender) => {
+                *request.version_mut() = Version::HTTP_11;
+                // Backends get origin-form ("/path?query"), which is what HTTP/1.1
+                // clients send anyway; absolute-form and HTTP/2 URIs are cut down.
+                if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+                    let origin = request.uri().path_and_query().cloned();
+                    let mut uri = http::uri::Parts::default();
+                    uri.path_and_query =
+                        Some(origin.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+                    *request.uri_mut() =
+                        Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
                 }
-                Sender::Http2(mut sender) => {
-                    *request.version_mut() = Version::HTTP_2;
-                    let authority = request
-                        .headers_mut()
-                        .remove(header::HOST)
-                        .and_then(|h| h.to_str().ok().map(str::to_owned))
-                        .or_else(|| request.uri().authority().map(|a| a.to_string()))
-                        .unwrap_or_else(|| endpoint.address.to_string());
-                    let pq = request
-                        .uri()
-                        .path_and_query()
-                        .map_or("/", |pq| pq.as_str())
-                        .to_owned();
-                    if let Ok(uri) = Uri::builder()
-                        .scheme("http")
-                        .authority(authority)
-                        .path_and_query(pq)
-                        .build()
-                    {
-                        *request.uri_mut() = uri;
-                    }
-                    sender.send_request(request).await.map(|r| (r, None))
+                (
+                    futures::future::Either::Left(sender.send_request(request)),
+                    Some(sender),
+                )
+            }
+            Sender::Http2(mut sender) => {
+                *request.version_mut() = Version::HTTP_2;
+                let authority = request
+                    .headers_mut()
+                    .remove(header::HOST)
+                    .and_then(|h| h.to_str().ok().map(str::to_owned))
+                    .or_else(|| request.uri().authority().map(|a| a.to_string()))
+                    .unwrap_or_else(|| endpoint.address.to_string());
+                let pq = request
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |pq| pq.as_str())
+                    .to_owned();
+                if let Ok(uri) = Uri::builder()
+                    .scheme("http")
+                    .authority(authority)
+                    .path_and_query(pq)
+                    .build()
+                {
+                    *request.uri_mut() = uri;
                 }
+                (
+                    futures::future::Either::Right(sender.send_request(request)),
+                    None,
+                )
             }
         };
+        let head = std::pin::pin!(head);
         let response = wait_for_head(head, limits, replay.as_deref(), sent).await;
         endpoint.pending.fetch_sub(1, Relaxed);
         let now = Instant::now();
         match response {
-            Ok((Ok((mut response, sender)), pods_turn)) => {
+            Ok((Ok(mut response), pods_turn)) => {
                 // The pod's latency counts from when it had the whole request: a long
                 // upload or client stream says nothing about how fast the pod is.
                 endpoint.observe_rtt(now.saturating_duration_since(pods_turn), now);

@@ -17,17 +17,13 @@ use hyper::body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
-use tokio::sync::Notify;
+use std::task::{Context, Poll, Waker};
 use tokio::time::Instant;
 
 /// The client's request body, shared by the attempts that send it.
 #[derive(Debug)]
 pub struct Replay<B> {
     state: Mutex<State<B>>,
-    /// Signalled once when the client's body has ended (the response-head timer starts
-    /// then).
-    ended: Notify,
 }
 
 #[derive(Debug)]
@@ -51,6 +47,9 @@ struct State<B> {
     last_frame: Instant,
     /// The attempt whose body may read the client now.
     attempt: u32,
+    /// Woken once when the client's body has ended (the response-head timer starts
+    /// then).
+    ended_waker: Option<Waker>,
 }
 
 /// One attempt's view of the shared body.
@@ -86,8 +85,8 @@ impl<B> Replay<B> {
                 received: 0,
                 last_frame: now,
                 attempt: 0,
+                ended_waker: None,
             }),
-            ended: Notify::new(),
         }
     }
 
@@ -139,11 +138,22 @@ impl<B> Replay<B> {
         lock(&self.state).last_frame
     }
 
+    /// Ready once the client's body has ended.
+    pub fn poll_ended(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = lock(&self.state);
+        if state.ended {
+            return Poll::Ready(());
+        }
+        match &mut state.ended_waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
     /// Resolves once the client's body has ended.
     pub async fn wait_ended(&self) {
-        if !self.ended() {
-            self.ended.notified().await;
-        }
+        std::future::poll_fn(|cx| self.poll_ended(cx)).await;
     }
 }
 
@@ -190,8 +200,11 @@ where
             Poll::Ready(None) => {
                 state.client = None;
                 state.ended = true;
+                let waiting = state.ended_waker.take();
                 drop(state);
-                replay.ended.notify_one();
+                if let Some(waker) = waiting {
+                    waker.wake();
+                }
                 this.trailers_sent = true;
                 return Poll::Ready(None);
             }
@@ -239,8 +252,11 @@ where
                 // Nothing after this frame: the attempt's body ends with it.
                 this.trailers_sent = true;
             }
+            let waiting = state.ended_waker.take();
             drop(state);
-            replay.ended.notify_one();
+            if let Some(waker) = waiting {
+                waker.wake();
+            }
         }
         Poll::Ready(Some(Ok(frame)))
     }
