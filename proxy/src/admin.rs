@@ -5,8 +5,8 @@
 //! drain only itself, with no token to leak. `GET /drain` reports that endpoint's
 //! in-flight requests and open connections.
 
+use crate::forward::ResponseBody;
 use crate::metrics::Metrics;
-use crate::proxy::ResponseBody;
 use crate::registry::Registry;
 use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode, header};

@@ -516,7 +516,7 @@ impl Settings {
                     .then_some(stream_idle_timeout),
                 retry_body_limit: self
                     .retry_body_limit
-                    .unwrap_or(crate::proxy::DEFAULT_RETRY_BODY_LIMIT),
+                    .unwrap_or(crate::forward::DEFAULT_RETRY_BODY_LIMIT),
                 max_in_flight: self.max_in_flight.filter(|&max| max > 0),
                 retry_attempts,
                 retry_budget_ratio: f64::from(budget) / 100.0,

@@ -3,7 +3,7 @@
 //!
 //! Data flow: [`discovery`] publishes [`endpoint::EndpointSet`]s; the
 //! [`registry::Registry`] turns them into live endpoint state and a snapshot that
-//! [`proxy::Proxy`] selects from per request; [`pool`] keeps connections per endpoint;
+//! [`forward::Proxy`] selects from per request; [`pool`] keeps connections per endpoint;
 //! [`admin`] serves health, metrics, the endpoint table and the drain API.
 #![forbid(unsafe_code)]
 
@@ -14,11 +14,11 @@ pub mod config;
 pub mod discovery;
 pub mod drain;
 pub mod endpoint;
+pub mod forward;
 pub mod grpc;
 pub mod load;
 pub mod metrics;
 pub mod pool;
-pub mod proxy;
 pub mod registry;
 pub mod replay;
 pub mod server;

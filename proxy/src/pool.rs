@@ -21,7 +21,7 @@ use tokio::time::Instant;
 /// Errors a body sent upstream may carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A request body on its way to a backend.
-pub type UpstreamBody = crate::proxy::ProxyBody;
+pub type UpstreamBody = crate::forward::ProxyBody;
 
 /// Protocol spoken to the backends.
 #[derive(
