@@ -238,7 +238,7 @@ pub struct Config {
     /// JSON logs.
     pub json_logs: bool,
     /// Session affinity.
-    pub affinity: Option<crate::affinity::AffinityConfig>,
+    pub affinity: Option<crate::balance::affinity::AffinityConfig>,
     /// Where the access log goes, if anywhere.
     pub access_log: Option<crate::access_log::Destination>,
     /// Keep query strings in the access log.
@@ -421,10 +421,10 @@ impl Settings {
         }
         let affinity_source = match self.affinity.as_deref() {
             None => None,
-            Some("client-ip") => Some(crate::affinity::KeySource::ClientIp),
+            Some("client-ip") => Some(crate::balance::affinity::KeySource::ClientIp),
             Some(other) => match other.split_once(':') {
                 Some(("header", name)) => match http::HeaderName::from_bytes(name.as_bytes()) {
-                    Ok(name) => Some(crate::affinity::KeySource::Header(name)),
+                    Ok(name) => Some(crate::balance::affinity::KeySource::Header(name)),
                     Err(_) => {
                         problems.push(format!("--affinity: {name:?} is not a header name"));
                         None
@@ -436,7 +436,7 @@ impl Settings {
                             .bytes()
                             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
                 {
-                    Some(crate::affinity::KeySource::Cookie(name.to_owned()))
+                    Some(crate::balance::affinity::KeySource::Cookie(name.to_owned()))
                 }
                 _ => {
                     problems.push(format!(
@@ -458,7 +458,7 @@ impl Settings {
         if same_site == "None" && self.affinity_cookie_secure != Some(true) {
             problems.push("--affinity-cookie-same-site None needs --affinity-cookie-secure true (browsers drop it otherwise)".to_owned());
         }
-        let affinity = affinity_source.map(|source| crate::affinity::AffinityConfig {
+        let affinity = affinity_source.map(|source| crate::balance::affinity::AffinityConfig {
             source,
             load_factor,
             cookie_ttl,

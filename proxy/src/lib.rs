@@ -9,7 +9,7 @@
 
 pub mod access_log;
 pub mod admin;
-pub mod affinity;
+pub mod balance;
 pub mod config;
 pub mod discovery;
 pub mod drain;

@@ -62,7 +62,7 @@ pub struct ProxyConfig {
     /// Attempts per request, the first included.
     pub max_attempts: u32,
     /// Session affinity, when configured.
-    pub affinity: Option<crate::affinity::AffinityConfig>,
+    pub affinity: Option<crate::balance::affinity::AffinityConfig>,
 }
 
 /// The proxy, shared by all client connections.

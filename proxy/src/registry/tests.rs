@@ -1,4 +1,5 @@
 use super::*;
+use crate::endpoint::Endpoint;
 use crate::load::EjectionPolicy;
 
 fn config(algorithm: Algorithm) -> BalancerConfig {
@@ -386,7 +387,7 @@ async fn one_hot_key_never_pushes_an_endpoint_past_the_bounded_load() {
     let registry = Registry::new(config(Algorithm::P2cEwma));
     let endpoints: Vec<_> = (2..6).map(|i| Endpoint::ready(addr(i))).collect();
     registry.apply(&set(&endpoints), Instant::now());
-    let hot = crate::affinity::hash(b"celebrity");
+    let hot = crate::balance::affinity::hash(b"celebrity");
     let mut outstanding = Vec::new();
     for _ in 0..40 {
         let (endpoint, _) = registry
@@ -433,7 +434,7 @@ async fn a_draining_endpoints_keys_move_and_come_back() {
     let registry = Registry::new(config(Algorithm::P2cEwma));
     let endpoints: Vec<_> = (2..6).map(|i| Endpoint::ready(addr(i))).collect();
     registry.apply(&set(&endpoints), Instant::now());
-    let key = crate::affinity::hash(b"session-7");
+    let key = crate::balance::affinity::hash(b"session-7");
     let (owner, moved) = registry
         .select_affine(Instant::now(), &[], key, 1.25)
         .unwrap();

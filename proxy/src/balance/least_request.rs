@@ -1,0 +1,23 @@
+//! Least request: P2C over in-flight requests divided by the slow-start weight.
+
+use super::p2c::p2c;
+use super::{Pick, Select};
+use crate::registry::EndpointState;
+use std::sync::Arc;
+
+/// P2C over in-flight requests; equal loads take turns.
+#[derive(Debug, Default)]
+pub struct LeastRequest;
+
+impl Select for LeastRequest {
+    fn select<'a>(
+        &self,
+        candidates: &[&'a Arc<EndpointState>],
+        pick: &Pick,
+    ) -> &'a Arc<EndpointState> {
+        p2c(candidates, candidates.len(), 1.0, |e| {
+            e.request_cost(pick.now, pick.warmup)
+        })
+        .0
+    }
+}
