@@ -13,10 +13,11 @@ impl Select for LeastRequest {
     fn select<'a>(
         &self,
         candidates: &[&'a Arc<EndpointState>],
-        pick: &Pick,
+        pick: &mut Pick,
     ) -> &'a Arc<EndpointState> {
-        p2c(candidates, candidates.len(), 1.0, |e| {
-            e.request_cost(pick.now, pick.warmup)
+        let (now, warmup) = (pick.now, pick.warmup);
+        p2c(candidates, candidates.len(), 1.0, &mut pick.rng, |e| {
+            e.request_cost(now, warmup)
         })
         .0
     }

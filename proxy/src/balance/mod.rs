@@ -25,6 +25,8 @@ pub struct Pick {
     pub warmup: Duration,
     /// Sequence number of this selection (P2C's probe turns and tie-breaks).
     pub picks: u64,
+    /// Randomness for this selection, drawn from the registry's seeded stream.
+    pub rng: fastrand::Rng,
 }
 
 /// A selection algorithm.
@@ -33,7 +35,7 @@ pub trait Select {
     fn select<'a>(
         &self,
         candidates: &[&'a Arc<EndpointState>],
-        pick: &Pick,
+        pick: &mut Pick,
     ) -> &'a Arc<EndpointState>;
 }
 
@@ -63,7 +65,7 @@ impl Select for Balancer {
     fn select<'a>(
         &self,
         candidates: &[&'a Arc<EndpointState>],
-        pick: &Pick,
+        pick: &mut Pick,
     ) -> &'a Arc<EndpointState> {
         match self {
             Self::P2cEwma(b) => b.select(candidates, pick),

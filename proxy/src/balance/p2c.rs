@@ -40,10 +40,11 @@ pub(super) fn p2c<'a>(
     candidates: &[&'a Arc<EndpointState>],
     n: usize,
     tolerance: f64,
+    rng: &mut fastrand::Rng,
     cost: impl Fn(&EndpointState) -> Cost,
 ) -> (&'a Arc<EndpointState>, Cost) {
-    let a = fastrand::usize(..n);
-    let mut b = fastrand::usize(..n - 1);
+    let a = rng.usize(..n);
+    let mut b = rng.usize(..n - 1);
     if b >= a {
         b += 1;
     }
@@ -66,11 +67,12 @@ impl Select for PeakEwmaP2c {
     fn select<'a>(
         &self,
         candidates: &[&'a Arc<EndpointState>],
-        pick: &Pick,
+        pick: &mut Pick,
     ) -> &'a Arc<EndpointState> {
         let n = candidates.len();
-        let (chosen, cost) = p2c(candidates, n, EWMA_TOLERANCE, |e| {
-            e.ewma_cost(pick.now, pick.warmup, pick.picks, n)
+        let (now, warmup, picks) = (pick.now, pick.warmup, pick.picks);
+        let (chosen, cost) = p2c(candidates, n, EWMA_TOLERANCE, &mut pick.rng, |e| {
+            e.ewma_cost(now, warmup, picks, n)
         });
         chosen.picked(cost);
         chosen

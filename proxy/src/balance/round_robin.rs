@@ -15,7 +15,7 @@ impl Select for RoundRobin {
     fn select<'a>(
         &self,
         candidates: &[&'a Arc<EndpointState>],
-        _pick: &Pick,
+        _pick: &mut Pick,
     ) -> &'a Arc<EndpointState> {
         candidates[self.next.fetch_add(1, Relaxed) % candidates.len()]
     }

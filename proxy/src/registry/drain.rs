@@ -37,7 +37,7 @@ pub struct DrainMark {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct DrainProgress {
     /// When nothing was left in flight or open for the first time while draining.
-    pub(super) drained_at: Option<SystemTime>,
+    pub(super) drained_at: Option<Instant>,
     /// What was still open when the pod's drain helper gave up (`POST /drain/timeout`).
     pub(super) forced: Option<OpenCounts>,
 }
@@ -108,7 +108,7 @@ impl Registry {
     pub fn tick(&self, now: Instant) {
         let mut all = lock(&self.all);
         for state in all.values() {
-            state.note_progress();
+            state.note_progress(now);
             if let Some(mark) = state.drain_mark() {
                 let discovered_terminating = lock(&state.discovered).terminating;
                 if mark.reason == DrainReason::Requested
@@ -127,7 +127,7 @@ impl Registry {
             }
         }
         let listed = self.snapshot.load();
-        self.forget_idle(&mut all, |address| listed.lists(address));
+        self.forget_idle(&mut all, now, |address| listed.lists(address));
     }
 
     /// Forgets endpoints that are no longer listed and have nothing open, recording
@@ -135,12 +135,13 @@ impl Registry {
     pub(super) fn forget_idle(
         &self,
         all: &mut HashMap<SocketAddr, Arc<EndpointState>>,
+        now: Instant,
         listed: impl Fn(SocketAddr) -> bool,
     ) {
         let mut history = lock(&self.history);
         all.retain(|address, state| {
             let keep = listed(*address) || !state.is_idle();
-            if !keep && let Some(record) = state.drain_record() {
+            if !keep && let Some(record) = state.drain_record(now) {
                 if history.len() == DRAIN_HISTORY {
                     history.pop_front();
                 }
@@ -185,7 +186,7 @@ impl Registry {
                 state.set_drain(Some(DrainMark {
                     reason: DrainReason::Requested,
                     since: now,
-                    since_wall: SystemTime::now(),
+                    since_wall: self.wall(now),
                 }));
             }
         }
@@ -198,7 +199,7 @@ impl Registry {
         let all = lock(&self.all);
         let mut report = DrainReport::default();
         for state in all.values().filter(|s| s.address.ip() == ip) {
-            state.note_progress();
+            state.note_progress(now);
             report.known = true;
             report.in_flight += state.in_flight.load(Relaxed);
             report.connections += state.connections.load(Relaxed);

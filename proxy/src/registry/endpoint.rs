@@ -11,7 +11,7 @@ use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// What an endpoint is doing, as reported on `/endpoints` and `/drain`.
@@ -288,7 +288,7 @@ impl EndpointState {
     }
 
     pub(super) fn report(&self, now: Instant, warmup: Duration, listed: bool) -> EndpointReport {
-        self.note_progress();
+        self.note_progress(now);
         let mark = self.drain_mark();
         let progress = *lock(&self.progress);
         let discovered = lock(&self.discovered).clone();
@@ -318,8 +318,7 @@ impl EndpointState {
             weight: self.weight(now, warmup),
             draining_since: mark.map(|m| unix_seconds(m.since_wall)),
             drained_after_ms: mark.zip(progress.drained_at).map(|(m, at)| {
-                at.duration_since(m.since_wall)
-                    .unwrap_or_default()
+                at.saturating_duration_since(m.since)
                     .as_millis()
                     .try_into()
                     .unwrap_or(u64::MAX)
@@ -334,11 +333,11 @@ impl EndpointState {
 
     /// Notes the moment a draining endpoint first has nothing open. Called whenever
     /// its counts are read (the drain helper polls every 100 ms) and by the tick.
-    pub(super) fn note_progress(&self) {
+    pub(super) fn note_progress(&self, now: Instant) {
         if self.is_draining() && self.is_idle() {
             let mut progress = lock(&self.progress);
             if progress.drained_at.is_none() {
-                progress.drained_at = Some(SystemTime::now());
+                progress.drained_at = Some(now);
             }
         }
     }
@@ -351,19 +350,18 @@ impl EndpointState {
     }
 
     /// The record of a finished drain, when it drained.
-    pub(super) fn drain_record(&self) -> Option<DrainRecord> {
+    pub(super) fn drain_record(&self, now: Instant) -> Option<DrainRecord> {
         let mark = self.drain_mark()?;
-        self.note_progress();
+        self.note_progress(now);
         let progress = *lock(&self.progress);
-        let drained_at = progress.drained_at.unwrap_or_else(SystemTime::now);
+        let drained_at = progress.drained_at.unwrap_or(now);
         Some(DrainRecord {
             address: self.address,
             pod: self.pod(),
             reason: mark.reason,
             since: unix_seconds(mark.since_wall),
             drained_after_ms: drained_at
-                .duration_since(mark.since_wall)
-                .unwrap_or_default()
+                .saturating_duration_since(mark.since)
                 .as_millis()
                 .try_into()
                 .unwrap_or(u64::MAX),

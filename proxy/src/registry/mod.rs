@@ -73,6 +73,9 @@ impl Snapshot {
     }
 }
 
+/// Step of the selection seed stream (the golden ratio, as splitmix64 uses).
+const SEED_STEP: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// All endpoints, current and leaving.
 #[derive(Debug)]
 pub struct Registry {
@@ -83,6 +86,12 @@ pub struct Registry {
     updates: AtomicU64,
     balancer: Balancer,
     picks: AtomicU64,
+    /// The selection randomness: each selection seeds its own `fastrand::Rng` from the
+    /// next value of this stream (lock-free; deterministic with [`Registry::with_seed`]).
+    seed: AtomicU64,
+    /// A moment on both clocks, so wall-clock report times follow the (tokio) clock
+    /// the caller passes in.
+    anchor: (Instant, SystemTime),
     /// Finished drains, newest last.
     history: Mutex<VecDeque<DrainRecord>>,
 }
@@ -92,9 +101,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Registry {
-    /// An empty registry.
+    /// An empty registry, its selection randomness seeded from entropy.
     pub fn new(config: BalancerConfig) -> Self {
+        Self::with_seed(config, fastrand::u64(..))
+    }
+
+    /// An empty registry whose random choices follow from `seed` (for tests).
+    pub fn with_seed(config: BalancerConfig, seed: u64) -> Self {
         Self {
+            seed: AtomicU64::new(seed),
+            anchor: (Instant::now(), SystemTime::now()),
             balancer: Balancer::new(config.algorithm),
             config,
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
@@ -148,7 +164,7 @@ impl Registry {
                     state.set_drain(Some(DrainMark {
                         reason: DrainReason::Terminating,
                         since: mark.map_or(now, |m| m.since),
-                        since_wall: mark.map_or_else(SystemTime::now, |m| m.since_wall),
+                        since_wall: mark.map_or_else(|| self.wall(now), |m| m.since_wall),
                     }));
                 }
             } else if mark.is_some_and(|m| m.reason == DrainReason::Removed) {
@@ -169,11 +185,11 @@ impl Registry {
                 state.set_drain(Some(DrainMark {
                     reason: DrainReason::Removed,
                     since: mark.map_or(now, |m| m.since),
-                    since_wall: mark.map_or_else(SystemTime::now, |m| m.since_wall),
+                    since_wall: mark.map_or_else(|| self.wall(now), |m| m.since_wall),
                 }));
             }
         }
-        self.forget_idle(&mut all, |address| set.contains(address));
+        self.forget_idle(&mut all, now, |address| set.contains(address));
         self.snapshot.store(Arc::new(Snapshot {
             ring: crate::balance::affinity::Ring::new(
                 &listed.iter().map(|e| e.address).collect::<Vec<_>>(),
@@ -211,9 +227,16 @@ impl Registry {
         let chosen = match candidates.len() {
             0 => return None,
             1 => candidates[0],
-            _ => self
-                .balancer
-                .select(&candidates, &Pick { now, warmup, picks }),
+            _ => {
+                let rng = fastrand::Rng::with_seed(self.seed.fetch_add(SEED_STEP, Relaxed));
+                let mut pick = Pick {
+                    now,
+                    warmup,
+                    picks,
+                    rng,
+                };
+                self.balancer.select(&candidates, &mut pick)
+            }
         };
         chosen.last_picked.store(picks, Relaxed);
         Some(chosen.clone())
@@ -305,6 +328,12 @@ impl Registry {
             .collect();
         reports.sort_by_key(|r| r.address);
         reports
+    }
+
+    /// The wall-clock time of `now`, for reports.
+    fn wall(&self, now: Instant) -> SystemTime {
+        let (instant, wall) = self.anchor;
+        wall + now.saturating_duration_since(instant)
     }
 
     /// Looks up an endpoint's state (listed or leaving).

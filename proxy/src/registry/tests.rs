@@ -456,3 +456,32 @@ async fn a_draining_endpoints_keys_move_and_come_back() {
         "back after the mark expired"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_seeded_registry_selects_the_same_sequence() {
+    // Unequal loads, so which pair P2C draws decides the winner: the sequence follows
+    // the seed alone.
+    let sequence = |seed: u64| {
+        let registry = Registry::with_seed(config(Algorithm::LeastRequest), seed);
+        let endpoints: Vec<_> = (1..=8).map(|i| Endpoint::ready(addr(i))).collect();
+        registry.apply(&set(&endpoints), Instant::now());
+        for (i, endpoint) in registry.snapshot().endpoints.iter().enumerate() {
+            endpoint.in_flight.store(i as u64 * 3, Relaxed);
+        }
+        (0..64)
+            .map(|_| {
+                registry
+                    .select(Instant::now(), &[])
+                    .expect("an endpoint")
+                    .address
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = sequence(7);
+    assert_eq!(first, sequence(7), "the same seed, the same choices");
+    assert_ne!(first, sequence(8), "another seed, other choices");
+    assert!(
+        first.iter().any(|a| *a != first[0]),
+        "the choice depends on the draw: {first:?}"
+    );
+}
