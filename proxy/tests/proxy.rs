@@ -223,7 +223,12 @@ async fn an_unconfirmed_drain_expires_and_routing_resumes() {
         c.get("/").await.unwrap();
     }
     assert_eq!(pods[0].hits(), before);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The mark expires at the first registry tick after the 700 ms TTL.
+    let ip = pods[0].addr.ip();
+    support::eventually("the drain mark to expire", || async move {
+        drain(running.admin, ip, Method::GET).await.1["state"] == "active"
+    })
+    .await;
     for _ in 0..10 {
         c.get("/").await.unwrap();
     }

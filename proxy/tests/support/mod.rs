@@ -221,6 +221,23 @@ pub async fn wait_ready(admin: SocketAddr) {
     panic!("proxy never became ready");
 }
 
+/// Polls `condition` every 20 ms until it holds, instead of sleeping for a guessed
+/// while; panics naming `what` after 10 s.
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// One keep-alive HTTP/1.1 connection, used sequentially.
 pub struct Client {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
