@@ -71,7 +71,24 @@ async fn removing_and_terminating_pods_under_load_fails_no_request() {
         (pods[2].addr, false),
         (pods[3].addr, false),
     ]);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Wait for the file poll to take the update, and for the requests the leaving pods
+    // had then to finish: from here on they get none.
+    let admin = running.admin;
+    let (terminating, removed) = (pods[0].addr.to_string(), pods[1].addr.to_string());
+    support::eventually("the leaving pods to drain", || {
+        let (terminating, removed) = (terminating.clone(), removed.clone());
+        async move {
+            let endpoints = get_json(admin, "/endpoints").await;
+            let rows = endpoints.as_array().cloned().unwrap_or_default();
+            let row = |address: &str| rows.iter().find(|r| r["address"] == address).cloned();
+            let idle =
+                |row: &Option<serde_json::Value>| row.as_ref().is_none_or(|r| r["in_flight"] == 0);
+            let draining = row(&terminating).is_some_and(|r| r["state"] == "draining");
+            let gone = row(&removed).is_none_or(|r| r["listed"] == false);
+            draining && gone && idle(&row(&terminating)) && idle(&row(&removed))
+        }
+    })
+    .await;
     let served_by_leaving = (pods[0].hits(), pods[1].hits());
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Relaxed);
