@@ -318,14 +318,7 @@ async fn a_request_that_cannot_be_replayed_fails_once_with_502() {
     let mut saw_502 = 0;
     for _ in 0..4 {
         let before = (broken.hits(), healthy.hits());
-        let r = c
-            .send(
-                Request::post("/echo")
-                    .header("host", "t")
-                    .body(Full::new(big.clone()))
-                    .unwrap(),
-            )
-            .await;
+        let r = c.post("/echo", big.clone()).await;
         let r = match r {
             Ok(r) => r,
             Err(_) => {
@@ -352,15 +345,7 @@ async fn a_request_that_cannot_be_replayed_fails_once_with_502() {
     );
     // A small (buffered) body is retried on the healthy pod instead.
     for _ in 0..4 {
-        let r = c
-            .send(
-                Request::post("/echo")
-                    .header("host", "t")
-                    .body(Full::new(Bytes::from_static(b"hi")))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let r = c.post("/echo", Bytes::from_static(b"hi")).await.unwrap();
         assert_eq!((r.status, r.text()), (StatusCode::OK, "hi".to_owned()));
     }
     running.shutdown().await;
@@ -627,12 +612,7 @@ async fn a_stream_an_h2_pod_refused_is_retried_on_another_pod() {
     for i in 0..6 {
         let body = format!("call {i}");
         let r = client
-            .send(
-                Request::post("/echo")
-                    .header("host", "t")
-                    .body(Full::new(Bytes::from(body.clone())))
-                    .unwrap(),
-            )
+            .post("/echo", Bytes::from(body.clone()))
             .await
             .unwrap();
         assert_eq!((r.status, r.text()), (StatusCode::OK, body), "call {i}");

@@ -539,15 +539,7 @@ async fn a_small_body_is_retried_whole_after_a_reset_before_the_response() {
         let body = Bytes::from((0..1024).map(|i| (i % 251) as u8).collect::<Vec<_>>());
         let mut client = Client::connect(running.listen).await.unwrap();
         for i in 0..4 {
-            let reply = client
-                .send(
-                    Request::post("/echo")
-                        .header("host", "t")
-                        .body(Full::new(body.clone()))
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
+            let reply = client.post("/echo", body.clone()).await.unwrap();
             assert_eq!(
                 reply.status,
                 StatusCode::OK,
@@ -647,12 +639,7 @@ async fn a_body_over_the_retry_limit_is_not_retried_and_is_counted() {
             let before = (broken.hits(), healthy.hits());
             sent += 1;
             let reply = client
-                .send(
-                    Request::post("/echo")
-                        .header("host", "t")
-                        .body(Full::new(big.clone()))
-                        .unwrap(),
-                )
+                .post("/echo", big.clone())
                 .await
                 .unwrap_or_else(|e| panic!("request {i}: the proxy cut the connection: {e}"));
             if reply.status == StatusCode::BAD_GATEWAY {
@@ -843,15 +830,7 @@ async fn a_body_over_the_retry_limit_still_moves_on_after_a_connect_failure() {
     within(LIMIT, "large bodies", async {
         let mut client = Client::connect(running.listen).await.unwrap();
         for i in 0..4 {
-            let reply = client
-                .send(
-                    Request::post("/echo")
-                        .header("host", "t")
-                        .body(Full::new(big.clone()))
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
+            let reply = client.post("/echo", big.clone()).await.unwrap();
             assert_eq!(
                 reply.status,
                 StatusCode::OK,

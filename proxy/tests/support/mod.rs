@@ -293,6 +293,21 @@ impl Client {
         .await
     }
 
+    /// `POST path` with `body` (Host `t`, as the echo tests send it).
+    pub async fn post(
+        &mut self,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Reply, hyper::Error> {
+        self.send(
+            Request::post(path)
+                .header("host", "t")
+                .body(Full::new(body.into()))
+                .unwrap(),
+        )
+        .await
+    }
+
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Reply, hyper::Error> {
         self.sender.ready().await?;
         let response = self.sender.send_request(req).await?;
