@@ -17,7 +17,7 @@ use support::grpc::{
     TICK, UNARY, WINDOW, bare_client, client, client_message, outbound, path, raw_unary,
     server_message, within,
 };
-use support::{drain, get_json, proxy};
+use support::{drain, get_json, metric, proxy};
 use tonic::Code;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -526,15 +526,6 @@ async fn the_proxy_shutdown_lets_an_open_bidi_stream_finish_then_cuts_what_outli
         "a stream cut at the drain timeout must end with an error, not look complete: {after:?}"
     );
     drop(tx);
-}
-
-/// What `/metrics` says for `name` (labels included, as printed), or 0.
-async fn metric(admin: SocketAddr, name: &str) -> f64 {
-    let mut c = support::Client::connect(admin).await.unwrap();
-    let text = c.get("/metrics").await.unwrap().text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use support::grpc::within;
-use support::{Backend, Behaviour, Client, proxy, wait_ready};
+use support::{Backend, Behaviour, Client, metric, proxy, wait_ready};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc::UnboundedReceiver, mpsc::UnboundedSender};
@@ -506,20 +506,6 @@ async fn large_uploads_and_downloads_keep_the_proxy_memory_flat() {
     })
     .await;
     drop(proxy);
-}
-
-/// Metric `name` (with its labels, as printed) from `/metrics`, or 0 when absent.
-async fn metric(admin: SocketAddr, name: &str) -> f64 {
-    let text = Client::connect(admin)
-        .await
-        .unwrap()
-        .get("/metrics")
-        .await
-        .unwrap()
-        .text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

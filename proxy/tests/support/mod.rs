@@ -340,6 +340,15 @@ pub async fn get_json(admin: SocketAddr, path: &str) -> serde_json::Value {
     serde_json::from_slice(&c.get(path).await.unwrap().body).unwrap()
 }
 
+/// Metric `name` (with its labels, as printed) from `/metrics`, or 0 when absent.
+pub async fn metric(admin: SocketAddr, name: &str) -> f64 {
+    let mut c = Client::connect(admin).await.unwrap();
+    let text = c.get("/metrics").await.unwrap().text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
 /// Sends `POST` or `GET /drain` from `pod_ip`.
 pub async fn drain(
     admin: SocketAddr,
