@@ -22,7 +22,7 @@ use kube::Resource;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-use crate::validate::PROXY_PORT;
+use crate::validate::{PROXY_PORT, ValidatedSpec};
 
 /// Field manager of every write (server-side apply).
 pub const MANAGER: &str = "ballast-operator";
@@ -97,69 +97,69 @@ impl OwnedObjects {
     }
 }
 
-/// Builds every owned object. The spec must have passed [`crate::validate::validate`].
-pub fn build(bs: &BalancedService, ctx: &BuildContext) -> OwnedObjects {
+/// Builds every owned object from a spec that passed [`crate::validate::validate`].
+pub fn build(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> OwnedObjects {
     OwnedObjects {
-        proxy_service_account: proxy_service_account(bs),
-        proxy_role: proxy_role(bs),
-        proxy_role_binding: proxy_role_binding(bs),
-        backends_service: backends_service(bs),
-        proxy_admin_service: proxy_admin_service(bs),
-        proxy_deployment: proxy_deployment(bs, ctx),
-        front_service: front_service(bs),
-        app_deployment: app_deployment(bs, ctx),
-        app_pdb: app_pdb(bs),
-        proxy_pdb: proxy_pdb(bs),
+        proxy_service_account: proxy_service_account(v),
+        proxy_role: proxy_role(v),
+        proxy_role_binding: proxy_role_binding(v),
+        backends_service: backends_service(v),
+        proxy_admin_service: proxy_admin_service(v),
+        proxy_deployment: proxy_deployment(v, ctx),
+        front_service: front_service(v),
+        app_deployment: app_deployment(v, ctx),
+        app_pdb: app_pdb(v),
+        proxy_pdb: proxy_pdb(v),
     }
 }
 
-fn name(bs: &BalancedService) -> &str {
+fn name_of(bs: &BalancedService) -> &str {
     bs.metadata.name.as_deref().unwrap_or_default()
 }
 
 /// Labels selecting the app pods or the proxy pods.
 pub fn selector_labels(bs: &BalancedService, role: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (SERVICE_LABEL.to_owned(), name(bs).to_owned()),
+        (SERVICE_LABEL.to_owned(), name_of(bs).to_owned()),
         (ROLE_LABEL.to_owned(), role.to_owned()),
     ])
 }
 
-fn common_labels(bs: &BalancedService) -> BTreeMap<String, String> {
+fn common_labels(v: &ValidatedSpec<'_>) -> BTreeMap<String, String> {
     BTreeMap::from([
         (
             "app.kubernetes.io/managed-by".to_owned(),
             MANAGER.to_owned(),
         ),
         ("app.kubernetes.io/part-of".to_owned(), "ballast".to_owned()),
-        ("app.kubernetes.io/instance".to_owned(), name(bs).to_owned()),
-        (SERVICE_LABEL.to_owned(), name(bs).to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), v.name.to_owned()),
+        (SERVICE_LABEL.to_owned(), v.name.to_owned()),
     ])
 }
 
 /// Metadata of an owned object: name, namespace, labels and (when the owner has a uid,
 /// i.e. it came from the API server) the controller ownerReference.
-fn meta(bs: &BalancedService, object_name: String) -> ObjectMeta {
+fn meta(v: &ValidatedSpec<'_>, object_name: String) -> ObjectMeta {
     ObjectMeta {
         name: Some(object_name),
-        namespace: bs.metadata.namespace.clone(),
-        labels: Some(common_labels(bs)),
-        owner_references: bs.controller_owner_ref(&()).map(|r| vec![r]),
+        namespace: v.bs.metadata.namespace.clone(),
+        labels: Some(common_labels(v)),
+        owner_references: v.bs.controller_owner_ref(&()).map(|r| vec![r]),
         ..ObjectMeta::default()
     }
 }
 
-fn proxy_name(bs: &BalancedService) -> String {
-    format!("{}-proxy", name(bs))
+fn proxy_name(v: &ValidatedSpec<'_>) -> String {
+    format!("{}-proxy", v.name)
 }
 
 /// Name of the headless Service the drain helper resolves to reach every proxy.
-pub fn proxy_admin_name(bs: &BalancedService) -> String {
-    format!("{}-proxy-admin", name(bs))
+pub fn proxy_admin_name(v: &ValidatedSpec<'_>) -> String {
+    format!("{}-proxy-admin", v.name)
 }
 
-fn backends_name(bs: &BalancedService) -> String {
-    format!("{}-backends", name(bs))
+fn backends_name(v: &ValidatedSpec<'_>) -> String {
+    format!("{}-backends", v.name)
 }
 
 /// Revision of the app pod template: the same template always gives the same value.
@@ -172,17 +172,17 @@ pub fn template_revision(template: &PodTemplateSpec) -> String {
     format!("{:010x}", hash & 0xff_ffff_ffff)
 }
 
-fn proxy_service_account(bs: &BalancedService) -> ServiceAccount {
+fn proxy_service_account(v: &ValidatedSpec<'_>) -> ServiceAccount {
     ServiceAccount {
-        metadata: meta(bs, proxy_name(bs)),
+        metadata: meta(v, proxy_name(v)),
         automount_service_account_token: Some(true),
         ..ServiceAccount::default()
     }
 }
 
-fn proxy_role(bs: &BalancedService) -> Role {
+fn proxy_role(v: &ValidatedSpec<'_>) -> Role {
     Role {
-        metadata: meta(bs, proxy_name(bs)),
+        metadata: meta(v, proxy_name(v)),
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec!["discovery.k8s.io".to_owned()]),
             resources: Some(vec!["endpointslices".to_owned()]),
@@ -192,18 +192,18 @@ fn proxy_role(bs: &BalancedService) -> Role {
     }
 }
 
-fn proxy_role_binding(bs: &BalancedService) -> RoleBinding {
+fn proxy_role_binding(v: &ValidatedSpec<'_>) -> RoleBinding {
     RoleBinding {
-        metadata: meta(bs, proxy_name(bs)),
+        metadata: meta(v, proxy_name(v)),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".to_owned(),
             kind: "Role".to_owned(),
-            name: proxy_name(bs),
+            name: proxy_name(v),
         },
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".to_owned(),
-            name: proxy_name(bs),
-            namespace: bs.metadata.namespace.clone(),
+            name: proxy_name(v),
+            namespace: v.bs.metadata.namespace.clone(),
             ..Subject::default()
         }]),
     }
@@ -217,24 +217,17 @@ fn app_protocol(protocol: AppProtocol) -> &'static str {
     }
 }
 
-fn target_port(bs: &BalancedService) -> IntOrString {
-    let port = &bs.spec.ports[0];
-    port.target_port
-        .clone()
-        .unwrap_or(IntOrString::Int(port.port))
-}
-
-fn backends_service(bs: &BalancedService) -> Service {
-    let port = &bs.spec.ports[0];
+fn backends_service(v: &ValidatedSpec<'_>) -> Service {
+    let port = v.port;
     Service {
-        metadata: meta(bs, backends_name(bs)),
+        metadata: meta(v, backends_name(v)),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
-            selector: Some(selector_labels(bs, "app")),
+            selector: Some(selector_labels(v.bs, "app")),
             ports: Some(vec![ServicePort {
                 name: Some(port.name.clone()),
                 port: port.port,
-                target_port: Some(target_port(bs)),
+                target_port: Some(v.target_port.clone()),
                 app_protocol: Some(app_protocol(port.app_protocol).to_owned()),
                 protocol: Some("TCP".to_owned()),
                 ..ServicePort::default()
@@ -245,18 +238,18 @@ fn backends_service(bs: &BalancedService) -> Service {
     }
 }
 
-fn proxy_admin_service(bs: &BalancedService) -> Service {
+fn proxy_admin_service(v: &ValidatedSpec<'_>) -> Service {
     Service {
-        metadata: meta(bs, proxy_admin_name(bs)),
+        metadata: meta(v, proxy_admin_name(v)),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
             // Not-ready proxies still hold connections to draining pods: the drain
             // helper must see them too.
             publish_not_ready_addresses: Some(true),
-            selector: Some(selector_labels(bs, "proxy")),
+            selector: Some(selector_labels(v.bs, "proxy")),
             ports: Some(vec![ServicePort {
                 name: Some("admin".to_owned()),
-                port: bs.spec.proxy.admin_port,
+                port: v.bs.spec.proxy.admin_port,
                 target_port: Some(IntOrString::String("admin".to_owned())),
                 protocol: Some("TCP".to_owned()),
                 ..ServicePort::default()
@@ -267,10 +260,10 @@ fn proxy_admin_service(bs: &BalancedService) -> Service {
     }
 }
 
-fn front_service(bs: &BalancedService) -> Service {
-    let port = &bs.spec.ports[0];
-    let service = &bs.spec.proxy.service;
-    let mut metadata = meta(bs, name(bs).to_owned());
+fn front_service(v: &ValidatedSpec<'_>) -> Service {
+    let port = v.port;
+    let service = &v.bs.spec.proxy.service;
+    let mut metadata = meta(v, v.name.to_owned());
     if !service.annotations.is_empty() {
         metadata.annotations = Some(service.annotations.clone());
     }
@@ -278,7 +271,7 @@ fn front_service(bs: &BalancedService) -> Service {
         metadata,
         spec: Some(ServiceSpec {
             type_: Some(format!("{:?}", service.type_)),
-            selector: Some(selector_labels(bs, "proxy")),
+            selector: Some(selector_labels(v.bs, "proxy")),
             ports: Some(vec![ServicePort {
                 name: Some(port.name.clone()),
                 port: port.port,
@@ -310,7 +303,7 @@ fn restricted_container_security() -> SecurityContext {
     }
 }
 
-fn spread(bs: &BalancedService, role: &str) -> Vec<TopologySpreadConstraint> {
+fn spread(v: &ValidatedSpec<'_>, role: &str) -> Vec<TopologySpreadConstraint> {
     ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
         .map(|key| TopologySpreadConstraint {
             max_skew: 1,
@@ -318,7 +311,7 @@ fn spread(bs: &BalancedService, role: &str) -> Vec<TopologySpreadConstraint> {
             // Prefer spreading; never leave a replica unscheduled for it.
             when_unsatisfiable: "ScheduleAnyway".to_owned(),
             label_selector: Some(LabelSelector {
-                match_labels: Some(selector_labels(bs, role)),
+                match_labels: Some(selector_labels(v.bs, role)),
                 ..LabelSelector::default()
             }),
             match_label_keys: Some(vec!["pod-template-hash".to_owned()]),
@@ -332,18 +325,12 @@ const PROXY_SHUTDOWN_DELAY_SECONDS: i64 = 5;
 /// How long the proxy then waits for in-flight requests.
 const PROXY_DRAIN_SECONDS: i64 = 30;
 
-fn affinity_args(bs: &BalancedService) -> Vec<(&'static str, String)> {
-    use ballast_api::spec::AffinityType;
-    let Some(affinity) = &bs.spec.balancing.affinity else {
+fn affinity_args(v: &ValidatedSpec<'_>) -> Vec<(&'static str, String)> {
+    let (Some(affinity), Some(key)) = (&v.bs.spec.balancing.affinity, &v.affinity_key) else {
         return Vec::new();
     };
-    let key = match affinity.type_ {
-        AffinityType::Header => format!("header:{}", affinity.header.clone().unwrap_or_default()),
-        AffinityType::Cookie => format!("cookie:{}", affinity.cookie.name),
-        AffinityType::ClientIp => "client-ip".to_owned(),
-    };
     vec![
-        ("--affinity", key),
+        ("--affinity", key.clone()),
         (
             "--affinity-load-factor",
             format!("{:.2}", f64::from(affinity.load_factor_percent) / 100.0),
@@ -368,10 +355,10 @@ fn affinity_args(bs: &BalancedService) -> Vec<(&'static str, String)> {
 }
 
 /// Command-line arguments of `ballast-proxy` from `spec.balancing` and `spec.rollout`.
-pub fn proxy_args(bs: &BalancedService) -> Vec<String> {
-    let spec = &bs.spec;
+pub fn proxy_args(v: &ValidatedSpec<'_>) -> Vec<String> {
+    let spec = &v.bs.spec;
     let balancing = &spec.balancing;
-    let port = &spec.ports[0];
+    let port = v.port;
     let protocol = match port.app_protocol {
         AppProtocol::Http => "http1",
         AppProtocol::H2c | AppProtocol::Grpc => "h2c",
@@ -385,7 +372,7 @@ pub fn proxy_args(bs: &BalancedService) -> Vec<String> {
     [
         ("--listen", format!("[::]:{PROXY_PORT}")),
         ("--admin-listen", format!("[::]:{}", spec.proxy.admin_port)),
-        ("--kube-service", backends_name(bs)),
+        ("--kube-service", backends_name(v)),
         ("--port-name", port.name.clone()),
         ("--backend-protocol", protocol.to_owned()),
         ("--algorithm", algorithm.to_owned()),
@@ -448,39 +435,39 @@ pub fn proxy_args(bs: &BalancedService) -> Vec<String> {
         ("--log-format", "json".to_owned()),
     ]
     .into_iter()
-    .chain(affinity_args(bs))
+    .chain(affinity_args(v))
     .map(|(flag, value)| format!("{flag}={value}"))
     .collect()
 }
 
-fn proxy_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
+fn proxy_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Deployment {
     let admin = IntOrString::String("admin".to_owned());
     let http = |path: &str| HTTPGetAction {
         path: Some(path.to_owned()),
         port: admin.clone(),
         ..HTTPGetAction::default()
     };
-    let resources = bs
-        .spec
-        .proxy
-        .resources
-        .clone()
-        .unwrap_or_else(|| ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_owned(), Quantity("100m".to_owned())),
-                ("memory".to_owned(), Quantity("64Mi".to_owned())),
-            ])),
-            limits: Some(BTreeMap::from([(
-                "memory".to_owned(),
-                Quantity("256Mi".to_owned()),
-            )])),
-            ..ResourceRequirements::default()
-        });
+    let resources =
+        v.bs.spec
+            .proxy
+            .resources
+            .clone()
+            .unwrap_or_else(|| ResourceRequirements {
+                requests: Some(BTreeMap::from([
+                    ("cpu".to_owned(), Quantity("100m".to_owned())),
+                    ("memory".to_owned(), Quantity("64Mi".to_owned())),
+                ])),
+                limits: Some(BTreeMap::from([(
+                    "memory".to_owned(),
+                    Quantity("256Mi".to_owned()),
+                )])),
+                ..ResourceRequirements::default()
+            });
     let container = Container {
         name: "proxy".to_owned(),
         image: Some(ctx.proxy_image.clone()),
         command: Some(vec!["/usr/local/bin/ballast-proxy".to_owned()]),
-        args: Some(proxy_args(bs)),
+        args: Some(proxy_args(v)),
         env: Some(vec![
             EnvVar {
                 name: "BALLAST_NAMESPACE".to_owned(),
@@ -516,7 +503,7 @@ fn proxy_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
             },
             ContainerPort {
                 name: Some("admin".to_owned()),
-                container_port: bs.spec.proxy.admin_port,
+                container_port: v.bs.spec.proxy.admin_port,
                 ..ContainerPort::default()
             },
         ]),
@@ -536,15 +523,15 @@ fn proxy_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
         security_context: Some(restricted_container_security()),
         ..Container::default()
     };
-    let labels = selector_labels(bs, "proxy");
-    let mut pod_labels = common_labels(bs);
+    let labels = selector_labels(v.bs, "proxy");
+    let mut pod_labels = common_labels(v);
     pod_labels.extend(labels.clone());
     // Istio reads the label (newer releases) or the annotation.
     pod_labels.insert("sidecar.istio.io/inject".to_owned(), "false".to_owned());
     Deployment {
-        metadata: meta(bs, proxy_name(bs)),
+        metadata: meta(v, proxy_name(v)),
         spec: Some(DeploymentSpec {
-            replicas: Some(bs.spec.proxy.replicas),
+            replicas: Some(v.bs.spec.proxy.replicas),
             selector: LabelSelector {
                 match_labels: Some(labels),
                 ..LabelSelector::default()
@@ -563,7 +550,7 @@ fn proxy_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
-                    service_account_name: Some(proxy_name(bs)),
+                    service_account_name: Some(proxy_name(v)),
                     containers: vec![container],
                     termination_grace_period_seconds: Some(
                         PROXY_SHUTDOWN_DELAY_SECONDS + PROXY_DRAIN_SECONDS + 5,
@@ -578,7 +565,7 @@ fn proxy_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
                         }),
                         ..PodSecurityContext::default()
                     }),
-                    topology_spread_constraints: Some(spread(bs, "proxy")),
+                    topology_spread_constraints: Some(spread(v, "proxy")),
                     ..PodSpec::default()
                 }),
             },
@@ -617,33 +604,15 @@ fn serving_container(pod: &PodSpec, target: &IntOrString) -> usize {
         .unwrap_or(0)
 }
 
-/// The number of `port` in the app's containers: a number as it is, a name resolved to
-/// the `containerPort` declaring it (validation guarantees one does; the Service port is
-/// the last resort only for a spec that skipped validation).
-fn container_port_number(bs: &BalancedService, port: &IntOrString) -> i32 {
-    match port {
-        IntOrString::Int(n) => *n,
-        IntOrString::String(name) => bs
-            .spec
-            .template
-            .spec
-            .iter()
-            .flat_map(|pod| pod.containers.iter())
-            .flat_map(|c| c.ports.iter().flatten())
-            .find(|p| p.name.as_deref() == Some(name.as_str()))
-            .map_or(bs.spec.ports[0].port, |p| p.container_port),
-    }
-}
-
 /// Readiness and startup probes from `spec.probes`, for a container that has neither.
-fn generated_probes(bs: &BalancedService) -> (Probe, Probe) {
-    let probes = &bs.spec.probes;
-    let port = probes.port.clone().unwrap_or_else(|| target_port(bs));
-    let base = match bs.spec.ports[0].app_protocol {
+fn generated_probes(v: &ValidatedSpec<'_>) -> (Probe, Probe) {
+    let probes = &v.bs.spec.probes;
+    let port = v.probe_port.clone();
+    let base = match v.port.app_protocol {
         AppProtocol::Grpc => Probe {
             grpc: Some(GRPCAction {
                 // A gRPC probe takes a number only; a name means the container's port.
-                port: container_port_number(bs, &port),
+                port: v.probe_port_number,
                 ..GRPCAction::default()
             }),
             ..Probe::default()
@@ -685,14 +654,14 @@ fn generated_probes(bs: &BalancedService) -> (Probe, Probe) {
 pub const SLOW_PROBE_PERIOD_SECONDS: i32 = 10;
 
 /// Containers whose own readiness probe is so slow it delays rollouts.
-pub fn slow_probes(bs: &BalancedService) -> Vec<String> {
-    let containers = bs
-        .spec
-        .template
-        .spec
-        .as_ref()
-        .map(|s| s.containers.as_slice())
-        .unwrap_or_default();
+pub fn slow_probes(v: &ValidatedSpec<'_>) -> Vec<String> {
+    let containers =
+        v.bs.spec
+            .template
+            .spec
+            .as_ref()
+            .map(|s| s.containers.as_slice())
+            .unwrap_or_default();
     containers
         .iter()
         .filter(|c| {
@@ -719,12 +688,12 @@ const DRAIN_VOLUME: &str = "ballast-bin";
 /// the hook runs, it needs no lifecycle of its own, and init containers work on every
 /// supported Kubernetes version. A user's own preStop runs after the drain: an exec
 /// command is chained after `--`, a sleep becomes `--then-sleep`.
-fn apply_drain_gate(bs: &BalancedService, ctx: &BuildContext, pod: &mut PodSpec, serving: usize) {
+fn apply_drain_gate(v: &ValidatedSpec<'_>, ctx: &BuildContext, pod: &mut PodSpec, serving: usize) {
     let proxies = format!(
         "{}.{}.svc:{}",
-        proxy_admin_name(bs),
-        bs.metadata.namespace.as_deref().unwrap_or("default"),
-        bs.spec.proxy.admin_port
+        proxy_admin_name(v),
+        v.namespace,
+        v.bs.spec.proxy.admin_port
     );
     pod.volumes.get_or_insert_default().push(Volume {
         name: DRAIN_VOLUME.to_owned(),
@@ -779,7 +748,7 @@ fn apply_drain_gate(bs: &BalancedService, ctx: &BuildContext, pod: &mut PodSpec,
     let mut command = vec![
         format!("{DRAIN_BIN_DIR}/ballast-drain"),
         format!("--proxies={proxies}"),
-        format!("--timeout={}s", bs.spec.rollout.drain_timeout_seconds),
+        format!("--timeout={}s", v.bs.spec.rollout.drain_timeout_seconds),
     ];
     let lifecycle = container.lifecycle.get_or_insert_default();
     match lifecycle.pre_stop.take() {
@@ -807,21 +776,21 @@ fn apply_drain_gate(bs: &BalancedService, ctx: &BuildContext, pod: &mut PodSpec,
     });
 }
 
-fn app_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
-    let spec = &bs.spec;
+fn app_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Deployment {
+    let spec = &v.bs.spec;
     let mut template = spec.template.clone();
     let revision = template_revision(&spec.template);
     let metadata = template.metadata.get_or_insert_default();
     let labels = metadata.labels.get_or_insert_default();
-    labels.extend(selector_labels(bs, "app"));
+    labels.extend(selector_labels(v.bs, "app"));
     labels.insert(REVISION_LABEL.to_owned(), revision);
     let pod = template.spec.get_or_insert_default();
-    let serving = serving_container(pod, &target_port(bs));
+    let serving = serving_container(pod, &v.target_port);
     if let Some(container) = pod.containers.get_mut(serving)
         && container.readiness_probe.is_none()
         && container.startup_probe.is_none()
     {
-        let (readiness, startup) = generated_probes(bs);
+        let (readiness, startup) = generated_probes(v);
         container.readiness_probe = Some(readiness);
         container.startup_probe = Some(startup);
     }
@@ -829,7 +798,7 @@ fn app_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
         i64::from(spec.rollout.drain_timeout_seconds)
             + i64::from(spec.rollout.shutdown_grace_seconds),
     );
-    apply_drain_gate(bs, ctx, pod, serving);
+    apply_drain_gate(v, ctx, pod, serving);
     // Ready only once every proxy lists the pod (see `gate`): with maxUnavailable 0 no
     // old pod goes before the proxies can route to its replacement.
     let gates = pod.readiness_gates.get_or_insert_default();
@@ -842,9 +811,9 @@ fn app_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
         });
     }
 
-    let selector = selector_labels(bs, "app");
+    let selector = selector_labels(v.bs, "app");
     Deployment {
-        metadata: meta(bs, name(bs).to_owned()),
+        metadata: meta(v, v.name.to_owned()),
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
             selector: LabelSelector {
@@ -875,17 +844,17 @@ fn app_deployment(bs: &BalancedService, ctx: &BuildContext) -> Deployment {
 }
 
 fn pdb(
-    bs: &BalancedService,
+    v: &ValidatedSpec<'_>,
     object_name: String,
     role: &str,
     min: Option<IntOrString>,
     max: Option<IntOrString>,
 ) -> PodDisruptionBudget {
     PodDisruptionBudget {
-        metadata: meta(bs, object_name),
+        metadata: meta(v, object_name),
         spec: Some(PodDisruptionBudgetSpec {
             selector: Some(LabelSelector {
-                match_labels: Some(selector_labels(bs, role)),
+                match_labels: Some(selector_labels(v.bs, role)),
                 ..LabelSelector::default()
             }),
             min_available: min,
@@ -897,17 +866,17 @@ fn pdb(
     }
 }
 
-fn app_pdb(bs: &BalancedService) -> PodDisruptionBudget {
-    let d = &bs.spec.disruption;
+fn app_pdb(v: &ValidatedSpec<'_>) -> PodDisruptionBudget {
+    let d = &v.bs.spec.disruption;
     let (min, max) = match (&d.min_available, &d.max_unavailable) {
         (None, None) => (None, Some(IntOrString::Int(1))),
         (min, max) => (min.clone(), max.clone()),
     };
-    pdb(bs, name(bs).to_owned(), "app", min, max)
+    pdb(v, v.name.to_owned(), "app", min, max)
 }
 
-fn proxy_pdb(bs: &BalancedService) -> PodDisruptionBudget {
-    pdb(bs, proxy_name(bs), "proxy", None, Some(IntOrString::Int(1)))
+fn proxy_pdb(v: &ValidatedSpec<'_>) -> PodDisruptionBudget {
+    pdb(v, proxy_name(v), "proxy", None, Some(IntOrString::Int(1)))
 }
 
 #[cfg(test)]

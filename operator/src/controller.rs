@@ -32,7 +32,7 @@ use crate::proxy_watch::{self, ProxyReadings};
 use crate::rollout::{self, Inputs, Memory, Tracked};
 use crate::status::{Blocked, Observed, compute, transitions};
 use crate::triggers::{PodChanges, coalesce, receiver_stream};
-use crate::validate::{Limits, validate};
+use crate::validate::{Limits, ValidatedSpec, validate};
 
 /// Set this annotation (any value) on a BalancedService to resume a rollout ballast
 /// paused; the operator removes it once acted on.
@@ -289,7 +289,7 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
             tracing::warn!(name = %bs.name_any(), %namespace, error = %invalid, "invalid spec: nothing applied");
             (Observed::default(), Some(Blocked::InvalidSpec(invalid)))
         }
-        Ok(()) => converge(ctx, bs, &namespace, now).await?,
+        Ok(valid) => converge(ctx, &valid, &namespace, now).await?,
     };
     let before = bs.status.clone().unwrap_or_default();
     let status = compute(bs, &observed, blocked.as_ref(), Time(now));
@@ -390,13 +390,14 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
 /// status), not as an error, so that it reaches the user before the retry.
 async fn converge(
     ctx: &Context,
-    bs: &BalancedService,
+    valid: &ValidatedSpec<'_>,
     namespace: &str,
     now: k8s_openapi::jiff::Timestamp,
 ) -> Result<(Observed, Option<Blocked>), ReconcileError> {
+    let bs = valid.bs;
     let (pods, proxies) = observe(ctx, bs, namespace).await?;
     let tracked = track(ctx, bs, &pods, &proxies, now);
-    let mut objects = build(bs, &ctx.build);
+    let mut objects = build(valid, &ctx.build);
     let rollout = tracked.last_rollout.as_ref();
     let replica_sets = ctx.caches.replica_sets_of(bs, namespace);
     let rollback = rollout
@@ -423,7 +424,7 @@ async fn converge(
         Ok(observed) => observed,
         Err(refused) => return Ok((Observed::default(), Some(refused))),
     };
-    observed.slow_probes = slow_probes(bs);
+    observed.slow_probes = slow_probes(valid);
     observed.replica_sets = replica_sets;
     observed.gate_waiting = set_gates(ctx, namespace, &pods, &proxies).await?;
     observed.tracked = Some(tracked);

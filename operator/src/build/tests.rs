@@ -7,6 +7,23 @@ fn ctx() -> BuildContext {
     }
 }
 
+/// `super::build` of a spec that must be valid.
+fn build(bs: &BalancedService, ctx: &BuildContext) -> OwnedObjects {
+    super::build(&valid(bs), ctx)
+}
+
+fn valid(bs: &BalancedService) -> ValidatedSpec<'_> {
+    crate::validate::validate(bs, &crate::validate::Limits::default()).unwrap()
+}
+
+fn proxy_args(bs: &BalancedService) -> Vec<String> {
+    super::proxy_args(&valid(bs))
+}
+
+fn slow_probes(bs: &BalancedService) -> Vec<String> {
+    super::slow_probes(&valid(bs))
+}
+
 fn app_pod(objects: &OwnedObjects) -> PodSpec {
     objects
         .app_deployment

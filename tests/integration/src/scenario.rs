@@ -260,9 +260,9 @@ spec:
 /// When the YAML is not a valid BalancedService.
 pub fn operator_objects(yaml: &str) -> Result<OwnedObjects, String> {
     let bs: BalancedService = serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
-    validate(&bs, &Limits::default()).map_err(|e| e.to_string())?;
+    let valid = validate(&bs, &Limits::default()).map_err(|e| e.to_string())?;
     Ok(build(
-        &bs,
+        &valid,
         &BuildContext {
             proxy_image: "ghcr.io/ballast-dev/ballast:dev".to_owned(),
         },
