@@ -1,5 +1,9 @@
 use super::*;
 use crate::fixtures::balanced_service;
+use ballast_api::spec::AppProtocol;
+use k8s_openapi::api::core::v1::{ContainerPort, PodSpec, Probe};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 fn ctx() -> BuildContext {
     BuildContext {
