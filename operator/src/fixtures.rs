@@ -4,6 +4,7 @@
 use ballast_api::BalancedService;
 
 pub mod api_server;
+pub mod real_proxy;
 
 /// The HTTP sample, with the metadata the API server adds.
 pub fn balanced_service() -> BalancedService {

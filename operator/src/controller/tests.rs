@@ -3,6 +3,7 @@
 use super::*;
 use crate::fixtures::api_server::*;
 use crate::fixtures::balanced_service;
+use crate::fixtures::real_proxy::RealProxy;
 use http::{Method, StatusCode};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::watcher;
