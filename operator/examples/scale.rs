@@ -36,8 +36,8 @@ fn main() {
     let mut objects = 0;
     let mut bytes = 0;
     for bs in &services {
-        validate(bs, &limits).expect("valid spec");
-        let owned = build(bs, &ctx);
+        let valid = validate(bs, &limits).expect("valid spec");
+        let owned = build(&valid, &ctx);
         let docs = owned.to_documents().expect("serializes");
         objects += docs.len();
         bytes += docs.iter().map(|d| d.to_string().len()).sum::<usize>();

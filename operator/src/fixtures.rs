@@ -1,6 +1,10 @@
-//! Test fixtures: a valid BalancedService as the API server would return it.
+//! Test fixtures: a valid BalancedService as the API server would return it, and a mock
+//! API server to reconcile it against ([`api_server`]).
 
 use ballast_api::BalancedService;
+
+pub mod api_server;
+pub mod real_proxy;
 
 /// The HTTP sample, with the metadata the API server adds.
 pub fn balanced_service() -> BalancedService {

@@ -49,11 +49,11 @@ pub fn render(yaml: &str, ctx: &BuildContext, limits: &Limits) -> Result<String,
             bs.metadata.namespace.as_deref().unwrap_or_default(),
             bs.metadata.name.as_deref().unwrap_or_default()
         );
-        validate(&bs, limits).map_err(|e| RenderError::InvalidSpec {
+        let valid = validate(&bs, limits).map_err(|e| RenderError::InvalidSpec {
             name: name.clone(),
             message: e.to_string(),
         })?;
-        let documents = build(&bs, ctx)
+        let documents = build(&valid, ctx)
             .to_documents()
             .map_err(|e| RenderError::Serialize(e.to_string()))?;
         for document in documents {

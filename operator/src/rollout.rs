@@ -1,6 +1,6 @@
 //! Rollout tracking from what the proxies report: pods draining now, the summary of the
 //! last rollout (drains, forced terminations, requests and failures by revision), the
-//! decision to pause a bad rollout, and the balance of requests over pods.
+//! decision to pause a bad rollout ([`decide`]), and the balance of requests over pods.
 //!
 //! All of it is a deterministic function of the previous status, the app pods, the
 //! proxies' reports and a small [`Memory`] of counters kept between reconciles. The
@@ -19,6 +19,10 @@ use std::net::SocketAddr;
 
 use crate::observe::{AppPod, ProxyObservation};
 use crate::status::Transition;
+
+pub use decide::{Policy, RolloutAction, Waiting, decide, requeue_after};
+
+mod decide;
 
 /// Seconds of traffic one balance figure covers.
 pub const BALANCE_WINDOW_SECONDS: f64 = 30.0;

@@ -3,6 +3,7 @@
 //! message goes to status (`Degraded=True, reason=InvalidSpec`) and an Event.
 
 use ballast_api::BalancedService;
+use ballast_api::spec::{AffinityType, BalancedPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::fmt;
 
@@ -25,6 +26,31 @@ pub const PROXY_PORT: i32 = 8080;
 /// Longest BalancedService name: `<name>-proxy-admin` must be a valid Service name
 /// (a DNS label, at most 63 characters).
 pub const MAX_NAME_LEN: usize = 63 - "-proxy-admin".len();
+
+/// A BalancedService that passed [`validate`]: the builders' only input. What
+/// validation established is resolved here once (the one proxied port, where the
+/// generated probes go), so no builder indexes a list or falls back on a default it
+/// hopes is never used.
+#[derive(Clone, Debug)]
+pub struct ValidatedSpec<'a> {
+    /// The checked object.
+    pub bs: &'a BalancedService,
+    /// Its name, a DNS label short enough for every derived Service name.
+    pub name: &'a str,
+    /// Its namespace; `default` when the object names none (a file given to `render`).
+    pub namespace: &'a str,
+    /// The one port the proxy serves.
+    pub port: &'a BalancedPort,
+    /// Where the backends Service sends traffic: `targetPort`, else the port's number.
+    pub target_port: IntOrString,
+    /// Where generated probes go: `spec.probes.port`, else the target port.
+    pub probe_port: IntOrString,
+    /// `probe_port` as a container port number (a gRPC probe takes no name).
+    pub probe_port_number: i32,
+    /// The affinity key the proxy reads (`header:<name>`, `cookie:<name>`,
+    /// `client-ip`), when `spec.balancing.affinity` is set.
+    pub affinity_key: Option<String>,
+}
 
 /// One problem, naming the field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,11 +78,14 @@ impl fmt::Display for InvalidSpec {
     }
 }
 
-/// Checks a BalancedService; `Ok` means the builders can run.
+/// Checks a BalancedService; `Ok` carries what the builders need.
 ///
 /// # Errors
 /// Every problem found.
-pub fn validate(bs: &BalancedService, limits: &Limits) -> Result<(), InvalidSpec> {
+pub fn validate<'a>(
+    bs: &'a BalancedService,
+    limits: &Limits,
+) -> Result<ValidatedSpec<'a>, InvalidSpec> {
     let mut errors = Vec::new();
     let mut fail = |field: &str, message: String| {
         errors.push(FieldError {
@@ -95,16 +124,23 @@ pub fn validate(bs: &BalancedService, limits: &Limits) -> Result<(), InvalidSpec
             ),
         );
     }
-    match spec.ports.len() {
-        1 => {}
-        0 => fail("spec.ports", "list the port the app serves".to_owned()),
-        n => fail(
-            "spec.ports",
-            format!(
-                "{n} ports given; ballast v1alpha1 proxies one port per BalancedService: give each further port its own BalancedService"
-            ),
-        ),
-    }
+    let port = match spec.ports.as_slice() {
+        [port] => Some(port),
+        [] => {
+            fail("spec.ports", "list the port the app serves".to_owned());
+            None
+        }
+        ports => {
+            let n = ports.len();
+            fail(
+                "spec.ports",
+                format!(
+                    "{n} ports given; ballast v1alpha1 proxies one port per BalancedService: give each further port its own BalancedService"
+                ),
+            );
+            None
+        }
+    };
 
     let containers = spec
         .template
@@ -118,11 +154,12 @@ pub fn validate(bs: &BalancedService, limits: &Limits) -> Result<(), InvalidSpec
             "at least one container is required".to_owned(),
         );
     }
-    let port_names: Vec<&str> = containers
+    let declared: Vec<(&str, i32)> = containers
         .iter()
         .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| p.name.as_deref())
+        .filter_map(|p| Some((p.name.as_deref()?, p.container_port)))
         .collect();
+    let port_names: Vec<&str> = declared.iter().map(|(name, _)| *name).collect();
     for (i, port) in spec.ports.iter().enumerate() {
         if let Some(IntOrString::String(target)) = &port.target_port
             && !port_names.contains(&target.as_str())
@@ -166,6 +203,24 @@ pub fn validate(bs: &BalancedService, limits: &Limits) -> Result<(), InvalidSpec
             );
         }
     }
+
+    let affinity_key = match &spec.balancing.affinity {
+        None => None,
+        Some(affinity) => match (affinity.type_, &affinity.header) {
+            (AffinityType::Header, Some(header)) => Some(format!("header:{header}")),
+            (AffinityType::Header, None) => {
+                // The CRD's CEL rule refuses this; `render` reads files the API server
+                // never saw.
+                fail(
+                    "spec.balancing.affinity.header",
+                    "type Header needs header".to_owned(),
+                );
+                None
+            }
+            (AffinityType::Cookie, _) => Some(format!("cookie:{}", affinity.cookie.name)),
+            (AffinityType::ClientIp, _) => Some("client-ip".to_owned()),
+        },
+    };
 
     if spec.proxy.admin_port == PROXY_PORT {
         fail(
@@ -233,10 +288,40 @@ pub fn validate(bs: &BalancedService, limits: &Limits) -> Result<(), InvalidSpec
             );
         }
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(InvalidSpec(errors))
+    // A named port resolves to the first container port declaring it; an undeclared
+    // name has failed above.
+    let number = |port: &IntOrString| match port {
+        IntOrString::Int(n) => Some(*n),
+        IntOrString::String(name) => declared
+            .iter()
+            .find(|(declared, _)| declared == name)
+            .map(|(_, number)| *number),
+    };
+    match port {
+        Some(port) if errors.is_empty() => {
+            let target_port = port
+                .target_port
+                .clone()
+                .unwrap_or(IntOrString::Int(port.port));
+            let probe_port = spec.probes.port.clone().unwrap_or(target_port.clone());
+            let probe_port_number = number(&probe_port).ok_or_else(|| {
+                InvalidSpec(vec![FieldError {
+                    field: "spec.probes.port".to_owned(),
+                    message: format!("no container declares the port {probe_port:?}"),
+                }])
+            })?;
+            Ok(ValidatedSpec {
+                bs,
+                name,
+                namespace: bs.metadata.namespace.as_deref().unwrap_or("default"),
+                port,
+                target_port,
+                probe_port,
+                probe_port_number,
+                affinity_key,
+            })
+        }
+        _ => Err(InvalidSpec(errors)),
     }
 }
 
@@ -291,7 +376,7 @@ mod tests {
 
     fn errors(bs: &BalancedService) -> Vec<String> {
         match validate(bs, &Limits::default()) {
-            Ok(()) => Vec::new(),
+            Ok(_) => Vec::new(),
             Err(InvalidSpec(errors)) => errors.iter().map(ToString::to_string).collect(),
         }
     }

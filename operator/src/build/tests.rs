@@ -1,10 +1,31 @@
 use super::*;
 use crate::fixtures::balanced_service;
+use ballast_api::spec::AppProtocol;
+use k8s_openapi::api::core::v1::{ContainerPort, PodSpec, Probe};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 fn ctx() -> BuildContext {
     BuildContext {
         proxy_image: "ghcr.io/ballast-dev/ballast:test".to_owned(),
     }
+}
+
+/// `super::build` of a spec that must be valid.
+fn build(bs: &BalancedService, ctx: &BuildContext) -> OwnedObjects {
+    super::build(&valid(bs), ctx)
+}
+
+fn valid(bs: &BalancedService) -> ValidatedSpec<'_> {
+    crate::validate::validate(bs, &crate::validate::Limits::default()).unwrap()
+}
+
+fn proxy_args(bs: &BalancedService) -> Vec<String> {
+    super::proxy_args(&valid(bs))
+}
+
+fn slow_probes(bs: &BalancedService) -> Vec<String> {
+    super::slow_probes(&valid(bs))
 }
 
 fn app_pod(objects: &OwnedObjects) -> PodSpec {

@@ -260,9 +260,9 @@ spec:
 /// When the YAML is not a valid BalancedService.
 pub fn operator_objects(yaml: &str) -> Result<OwnedObjects, String> {
     let bs: BalancedService = serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
-    validate(&bs, &Limits::default()).map_err(|e| e.to_string())?;
+    let valid = validate(&bs, &Limits::default()).map_err(|e| e.to_string())?;
     Ok(build(
-        &bs,
+        &valid,
         &BuildContext {
             proxy_image: "ghcr.io/ballast-dev/ballast:dev".to_owned(),
         },
@@ -545,7 +545,13 @@ async fn run_inner(
     }
     std::fs::create_dir_all(cfg.work_dir.join("logs")).map_err(|e| e.to_string())?;
     let net = cfg.net;
-    let owned = operator_objects(&demo_service(cfg.pods, 1, "100m"))?;
+    let first = demo_service(cfg.pods, 1, "100m");
+    let owned = operator_objects(&first)?;
+    let pause_when = serde_norway::from_str::<BalancedService>(&first)
+        .map_err(|e| e.to_string())?
+        .spec
+        .rollout
+        .pause_when;
     let (app_plan, proxy_plan) = plans(variant, &owned)?;
     let (app_next, proxy_next) = plans(
         variant,
@@ -603,7 +609,7 @@ async fn run_inner(
     );
     let status = proxies
         .as_ref()
-        .map(|p| operator::start(app.clone(), p.clone(), ADMIN_PORT));
+        .map(|p| operator::start(app.clone(), p.clone(), ADMIN_PORT, pause_when));
     let refresher = spawn_refresher(live, &app, proxies.as_ref(), None, status.as_ref());
     let wait = app.wait_rolled_out(Duration::from_secs(60)).await;
     refresher.abort();

@@ -87,6 +87,29 @@ impl App {
         assert!(status.success(), "kill -TERM failed: {status}");
     }
 
+    /// Waits until the app has taken `n` requests besides the polls themselves (the
+    /// `requests` count its catch-all route reports): a request is in its handler once
+    /// counted. Panics after `within`.
+    async fn wait_requests(&self, n: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut polls = 0;
+        loop {
+            let (_, body) = get(self.addr, "/").await;
+            polls += 1;
+            let doc: serde_json::Value = serde_json::from_slice(&body).expect("JSON body");
+            let count = doc["requests"].as_u64().expect("requests count");
+            if count >= n + polls {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} requests reached the app within {within:?}",
+                count - polls
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Polls until the process exits or `within` elapses.
     async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
@@ -585,7 +608,7 @@ async fn naive_sigterm_drops_in_flight_request() {
             "/?delay_ms=10000",
             Bytes::new(),
         )));
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        app.wait_requests(1, Duration::from_secs(5)).await;
         app.sigterm();
 
         let result = timeout(Duration::from_secs(5), slow)
@@ -628,7 +651,7 @@ async fn graceful_sigterm_finishes_in_flight_request() {
             "/?delay_ms=800",
             Bytes::new(),
         )));
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        app.wait_requests(1, Duration::from_secs(5)).await;
         app.sigterm();
 
         let resp = timeout(Duration::from_secs(5), slow)

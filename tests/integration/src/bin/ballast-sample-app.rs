@@ -167,7 +167,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(err) => {
-                    warn!(%err, "accept failed");
+                    warn!(error = %err, "accept failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
@@ -185,7 +185,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(err) = conn.await {
-                debug!(%peer, %err, "connection ended with error");
+                debug!(%peer, error = %err, "connection ended with error");
             }
         });
     }
@@ -325,7 +325,7 @@ async fn app(state: &State, req: Request<Incoming>) -> Response<Body> {
         match frame {
             Ok(frame) => body_bytes += frame.data_ref().map_or(0, |data| data.len() as u64),
             Err(err) => {
-                debug!(%err, "reading request body failed");
+                debug!(error = %err, "reading request body failed");
                 return text(StatusCode::BAD_REQUEST, "could not read body\n");
             }
         }
@@ -409,7 +409,7 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(err) => {
-                warn!(%err, "websocket upgrade failed");
+                warn!(error = %err, "websocket upgrade failed");
                 return;
             }
         };
@@ -420,14 +420,14 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
             let msg = match msg {
                 Ok(msg) => msg,
                 Err(err) => {
-                    debug!(%err, "websocket read failed");
+                    debug!(error = %err, "websocket read failed");
                     return;
                 }
             };
             match msg {
                 Message::Text(_) | Message::Binary(_) => {
                     if let Err(err) = ws.send(msg).await {
-                        debug!(%err, "websocket write failed");
+                        debug!(error = %err, "websocket write failed");
                         return;
                     }
                 }

@@ -35,7 +35,7 @@ pub mod pod;
 pub mod rolling;
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -60,6 +60,10 @@ pub struct Deployment {
 struct Inner {
     namespace: String,
     plan: Mutex<DeploymentPlan>,
+    /// Every plan applied before the one in force, oldest first (ReplicaSets' templates).
+    previous: Mutex<Vec<DeploymentPlan>>,
+    /// `spec.paused`: the rolling update takes no step.
+    paused: AtomicBool,
     pods: Mutex<Vec<Arc<Pod>>>,
     history: Mutex<Vec<Arc<Pod>>>,
     runtime: PodRuntime,
@@ -82,6 +86,8 @@ impl Deployment {
         let inner = Arc::new(Inner {
             namespace: namespace.to_owned(),
             plan: Mutex::new(plan),
+            previous: Mutex::new(Vec::new()),
+            paused: AtomicBool::new(false),
             pods: Mutex::new(Vec::new()),
             history: Mutex::new(Vec::new()),
             runtime,
@@ -96,7 +102,38 @@ impl Deployment {
 
     /// Applies a new plan (a changed template starts a rollout).
     pub fn apply(&self, plan: DeploymentPlan) {
-        *lock(&self.inner.plan) = plan;
+        let before = std::mem::replace(&mut *lock(&self.inner.plan), plan);
+        lock(&self.inner.previous).push(before);
+    }
+
+    /// Sets `spec.paused`: while paused the rolling update creates and deletes no pod.
+    pub fn set_paused(&self, paused: bool) {
+        self.inner.paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// True while paused.
+    pub fn paused(&self) -> bool {
+        self.inner.paused.load(Ordering::Relaxed)
+    }
+
+    /// Puts back the last plan applied with pod revision `revision`, as restoring a
+    /// ReplicaSet's template does; false when no such plan was applied.
+    pub fn roll_back(&self, revision: &str) -> bool {
+        if self.plan().pod.revision == revision {
+            return true;
+        }
+        let plan = lock(&self.inner.previous)
+            .iter()
+            .rev()
+            .find(|p| p.pod.revision == revision)
+            .cloned();
+        match plan {
+            Some(plan) => {
+                self.apply(plan);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The plan in force.
@@ -221,7 +258,11 @@ impl Inner {
                 }
             })
             .collect();
-        let step = rolling::step(&plan.rollout, &views);
+        let step = if self.paused.load(Ordering::Relaxed) {
+            rolling::Step::default()
+        } else {
+            rolling::step(&plan.rollout, &views)
+        };
         for index in &step.delete {
             pods[*index].delete();
         }

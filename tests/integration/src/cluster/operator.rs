@@ -1,9 +1,11 @@
 //! The operator's pod-facing half, run in process against the stand-in's pods: every
 //! second it reads every ready proxy replica's `/endpoints` and `/drains` with the
 //! operator's own [`ProxyReader`], sets the readiness gate `ballast.dev/routable` with
-//! [`gate::decide`], and tracks the rollout with [`rollout::track`]. The numbers it
-//! keeps are what the BalancedService's status would say.
+//! [`gate::decide`], tracks the rollout with [`rollout::track`] and pauses or rolls it
+//! back with [`rollout::decide`], as the operator does. The numbers it keeps are what
+//! the BalancedService's status would say.
 
+use ballast_api::spec::PauseThresholds;
 use ballast_api::status::{BalanceSummary, DrainingPod, RolloutSummary};
 use ballast_operator::observe::{AppPod, ProxyPod, ProxyReader, ROUTABLE_CONDITION};
 use ballast_operator::{gate, rollout};
@@ -32,8 +34,14 @@ pub struct StatusView {
 }
 
 /// Starts the gate and tracking over `app`'s pods, reading the proxies of `proxies` on
-/// `admin_port`. Runs until the runtime ends.
-pub fn start(app: Deployment, proxies: Deployment, admin_port: u16) -> Arc<Mutex<StatusView>> {
+/// `admin_port`, pausing `app` when a rollout crosses `pause_when`. Runs until the
+/// runtime ends.
+pub fn start(
+    app: Deployment,
+    proxies: Deployment,
+    admin_port: u16,
+    pause_when: PauseThresholds,
+) -> Arc<Mutex<StatusView>> {
     let view = Arc::new(Mutex::new(StatusView::default()));
     let shared = Arc::clone(&view);
     tokio::spawn(async move {
@@ -79,7 +87,7 @@ pub fn start(app: Deployment, proxies: Deployment, admin_port: u16) -> Arc<Mutex
                 .map_or(0.0, |d| d.as_secs_f64());
             let revision = app.plan().pod.revision;
             let previous = lock(&shared).last_rollout.clone();
-            let tracked = rollout::track(
+            let mut tracked = rollout::track(
                 &mut memory,
                 &rollout::Inputs {
                     now,
@@ -89,6 +97,24 @@ pub fn start(app: Deployment, proxies: Deployment, admin_port: u16) -> Arc<Mutex
                     previous: previous.as_ref(),
                 },
             );
+            // The stand-in has one generation and no resume annotation: a pause holds.
+            let action = rollout::decide(
+                &mut tracked,
+                &rollout::Policy {
+                    thresholds: &pause_when,
+                    generation: 1,
+                    resume_requested: false,
+                    now,
+                },
+            );
+            match action {
+                rollout::RolloutAction::Proceed => app.set_paused(false),
+                rollout::RolloutAction::Pause => app.set_paused(true),
+                rollout::RolloutAction::RollBack { revision } => {
+                    let restored = app.roll_back(&revision);
+                    app.set_paused(!restored);
+                }
+            }
             let mut view = lock(&shared);
             view.proxies_read = observations.iter().filter(|o| o.report.is_ok()).count();
             view.draining = tracked.draining;

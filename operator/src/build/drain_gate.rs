@@ -1,0 +1,133 @@
+//! The drain gate in front of an app pod's termination: the init container installing
+//! `ballast-drain`, the serving container's preStop running it, and the readiness gate
+//! the operator sets once every proxy lists the pod.
+
+use k8s_openapi::api::core::v1::{
+    Container, EmptyDirVolumeSource, ExecAction, LifecycleHandler, PodReadinessGate, PodSpec,
+    ResourceRequirements, SecurityContext, SleepAction, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use std::collections::BTreeMap;
+
+use super::{BuildContext, proxy_admin_name, restricted_container_security};
+use crate::validate::ValidatedSpec;
+
+/// Where the init container puts `ballast-drain` in every app pod.
+pub const DRAIN_BIN_DIR: &str = "/ballast/bin";
+const DRAIN_VOLUME: &str = "ballast-bin";
+
+/// The drain gate in front of the app's termination: an init container copies the
+/// static `ballast-drain` from the ballast image into an emptyDir (so it runs in any
+/// image, distroless included), and the serving container's preStop hook runs it. The
+/// app gets SIGTERM only once every proxy reports nothing in flight to the pod.
+///
+/// An init container rather than a native sidecar: the helper must exist only while
+/// the hook runs, it needs no lifecycle of its own, and init containers work on every
+/// supported Kubernetes version. A user's own preStop runs after the drain: an exec
+/// command is chained after `--`, a sleep becomes `--then-sleep`.
+pub(super) fn apply_drain_gate(
+    v: &ValidatedSpec<'_>,
+    ctx: &BuildContext,
+    pod: &mut PodSpec,
+    serving: usize,
+) {
+    let proxies = format!(
+        "{}.{}.svc:{}",
+        proxy_admin_name(v),
+        v.namespace,
+        v.bs.spec.proxy.admin_port
+    );
+    pod.volumes.get_or_insert_default().push(Volume {
+        name: DRAIN_VOLUME.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity("32Mi".to_owned())),
+            ..EmptyDirVolumeSource::default()
+        }),
+        ..Volume::default()
+    });
+    pod.init_containers.get_or_insert_default().push(Container {
+        name: "ballast-drain-install".to_owned(),
+        image: Some(ctx.proxy_image.clone()),
+        command: Some(vec![
+            "/usr/local/bin/ballast-drain".to_owned(),
+            "install".to_owned(),
+            DRAIN_BIN_DIR.to_owned(),
+        ]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: DRAIN_VOLUME.to_owned(),
+            mount_path: DRAIN_BIN_DIR.to_owned(),
+            ..VolumeMount::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("10m".to_owned())),
+                ("memory".to_owned(), Quantity("16Mi".to_owned())),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_owned(),
+                Quantity("32Mi".to_owned()),
+            )])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(65532),
+            ..restricted_container_security()
+        }),
+        ..Container::default()
+    });
+    let Some(container) = pod.containers.get_mut(serving) else {
+        return;
+    };
+    container
+        .volume_mounts
+        .get_or_insert_default()
+        .push(VolumeMount {
+            name: DRAIN_VOLUME.to_owned(),
+            mount_path: DRAIN_BIN_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    let mut command = vec![
+        format!("{DRAIN_BIN_DIR}/ballast-drain"),
+        format!("--proxies={proxies}"),
+        format!("--timeout={}s", v.bs.spec.rollout.drain_timeout_seconds),
+    ];
+    let lifecycle = container.lifecycle.get_or_insert_default();
+    match lifecycle.pre_stop.take() {
+        Some(LifecycleHandler {
+            exec: Some(ExecAction {
+                command: Some(user),
+            }),
+            ..
+        }) => {
+            command.push("--".to_owned());
+            command.extend(user);
+        }
+        Some(LifecycleHandler {
+            sleep: Some(SleepAction { seconds }),
+            ..
+        }) => command.push(format!("--then-sleep={seconds}s")),
+        // Other handler kinds are refused by validation.
+        _ => {}
+    }
+    lifecycle.pre_stop = Some(LifecycleHandler {
+        exec: Some(ExecAction {
+            command: Some(command),
+        }),
+        ..LifecycleHandler::default()
+    });
+}
+
+/// Ready only once every proxy lists the pod (see `gate`): with maxUnavailable 0 no old
+/// pod goes before the proxies can route to its replacement.
+pub(super) fn add_routable_gate(pod: &mut PodSpec) {
+    let gates = pod.readiness_gates.get_or_insert_default();
+    if !gates
+        .iter()
+        .any(|g| g.condition_type == crate::observe::ROUTABLE_CONDITION)
+    {
+        gates.push(PodReadinessGate {
+            condition_type: crate::observe::ROUTABLE_CONDITION.to_owned(),
+        });
+    }
+}
