@@ -13,8 +13,8 @@ use http::{Method, StatusCode};
 use std::net::SocketAddr;
 use std::time::Duration;
 use support::grpc::{
-    BIDI, CLIENT_STREAM, GrpcBackend, GrpcBehaviour, MESSAGE_LIMIT, RawCodec, SERVER_STREAM, STALL,
-    TICK, UNARY, WINDOW, bare_client, client, client_message, outbound, path, raw_unary,
+    CLIENT_STREAM, GrpcBackend, GrpcBehaviour, MESSAGE_LIMIT, RawCodec, SERVER_STREAM, STALL, TICK,
+    UNARY, WINDOW, bare_client, client, client_message, open_bidi, outbound, path, raw_unary,
     server_message, within,
 };
 use support::{drain, get_json, metric, proxy};
@@ -149,12 +149,7 @@ async fn a_bidi_stream_of_a_thousand_messages_flows_both_ways_interleaved() {
     let running = grpc_proxy(&[&pod], &[]).await;
     let mut grpc = client(running.listen).await;
     within(LIMIT, "bidi stream", async {
-        let (tx, stream) = outbound();
-        let call = grpc.streaming(tonic::Request::new(stream), path(BIDI), RawCodec);
-        let mut inbound = within(MESSAGE_LIMIT, "response head", call)
-            .await
-            .unwrap()
-            .into_inner();
+        let (tx, mut inbound) = open_bidi(&mut grpc).await;
         let (mut sent, mut received) = (0, 0);
         while received < MESSAGES {
             // Never more than WINDOW messages without their echo.
@@ -185,12 +180,7 @@ async fn a_bidi_ping_pong_gets_each_answer_before_the_next_question() {
     let running = grpc_proxy(&[&pod], &[]).await;
     let mut grpc = client(running.listen).await;
     within(LIMIT, "ping-pong", async {
-        let (tx, stream) = outbound();
-        let call = grpc.streaming(tonic::Request::new(stream), path(BIDI), RawCodec);
-        let mut inbound = within(MESSAGE_LIMIT, "response head", call)
-            .await
-            .unwrap()
-            .into_inner();
+        let (tx, mut inbound) = open_bidi(&mut grpc).await;
         for round in 0..200 {
             tx.send(client_message(round)).await.unwrap();
             let what = format!("round {round}: the answer");
@@ -285,12 +275,7 @@ async fn a_proxy_at_its_in_flight_limit_answers_resource_exhausted_until_a_strea
     let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
     let running = grpc_proxy(&[&pod], &["--max-in-flight", "1"]).await;
     let mut grpc = client(running.listen).await;
-    let (tx, stream) = outbound();
-    let call = grpc.streaming(tonic::Request::new(stream), path(BIDI), RawCodec);
-    let mut inbound = within(MESSAGE_LIMIT, "response head", call)
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = open_bidi(&mut grpc).await;
     tx.send(client_message(0)).await.unwrap();
     let echo = within(MESSAGE_LIMIT, "first echo", inbound.message()).await;
     assert_eq!(echo.unwrap(), Some(client_message(0)));
@@ -403,12 +388,7 @@ async fn a_drain_waits_for_an_open_bidi_stream_which_keeps_working() {
     let admin = running.admin;
     let mut grpc = client(running.listen).await;
     within(LIMIT, "drain with an open stream", async {
-        let (tx, stream) = outbound();
-        let call = grpc.streaming(tonic::Request::new(stream), path(BIDI), RawCodec);
-        let mut inbound = within(MESSAGE_LIMIT, "response head", call)
-            .await
-            .unwrap()
-            .into_inner();
+        let (tx, mut inbound) = open_bidi(&mut grpc).await;
         let mut round = 0;
         let mut ping = async |round: u64| {
             tx.send(client_message(round)).await.unwrap();
@@ -466,12 +446,7 @@ async fn the_proxy_shutdown_lets_an_open_bidi_stream_finish_then_cuts_what_outli
     let mut grpc = client(running.listen).await;
     let trigger = running.shutdown_trigger();
     within(LIMIT, "a stream through the proxy's shutdown", async {
-        let (tx, stream) = outbound();
-        let call = grpc.streaming(tonic::Request::new(stream), path(BIDI), RawCodec);
-        let mut inbound = within(MESSAGE_LIMIT, "response head", call)
-            .await
-            .unwrap()
-            .into_inner();
+        let (tx, mut inbound) = open_bidi(&mut grpc).await;
         for round in 0..30 {
             if round == 3 {
                 trigger.notify_one();
@@ -504,12 +479,7 @@ async fn the_proxy_shutdown_lets_an_open_bidi_stream_finish_then_cuts_what_outli
     let running = grpc_proxy(&[&pod], &["--drain-timeout", "500ms"]).await;
     let mut grpc = client(running.listen).await;
     let trigger = running.shutdown_trigger();
-    let (tx, stream) = outbound();
-    let call = grpc.streaming(tonic::Request::new(stream), path(BIDI), RawCodec);
-    let mut inbound = within(MESSAGE_LIMIT, "response head", call)
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = open_bidi(&mut grpc).await;
     tx.send(client_message(0)).await.unwrap();
     let first = within(MESSAGE_LIMIT, "first echo", inbound.message()).await;
     assert_eq!(first.unwrap(), Some(client_message(0)));
@@ -594,12 +564,7 @@ async fn a_silent_stream_is_cut_at_the_idle_limit_with_deadline_exceeded() {
     let running = grpc_proxy(&[&pod], &["--stream-idle-timeout", "1s"]).await;
     let mut grpc = client(running.listen).await;
     within(LIMIT, "silent stream", async {
-        let (tx, stream) = outbound();
-        let call = grpc.streaming(tonic::Request::new(stream), path(BIDI), RawCodec);
-        let mut inbound = within(MESSAGE_LIMIT, "response head", call)
-            .await
-            .unwrap()
-            .into_inner();
+        let (tx, mut inbound) = open_bidi(&mut grpc).await;
         for round in 0..2 {
             tx.send(client_message(round)).await.unwrap();
             assert_eq!(

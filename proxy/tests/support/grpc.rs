@@ -8,7 +8,7 @@
 //! [`WINDOW`] of the earlier ones. A proxy that holds messages back then fails the test
 //! with a message instead of merely making it slower.
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -26,7 +26,6 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Status, Streaming};
 
 /// Echoes its request message.
@@ -48,43 +47,7 @@ pub const WINDOW: u64 = 16;
 /// How long one message may take through the proxy before a test calls it held back.
 pub const MESSAGE_LIMIT: Duration = Duration::from_secs(5);
 
-/// Messages as they are, no protobuf.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
+pub use super::raw_codec::RawCodec;
 
 /// How a gRPC backend answers.
 #[derive(Clone, Copy, Debug, Default)]
@@ -483,4 +446,21 @@ pub async fn raw_unary(
         }
     };
     within(Duration::from_secs(20), "raw gRPC call", exchange).await
+}
+
+/// Opens a bidi `Echo` stream: the sender for the client's messages and the replies, once
+/// the response head has arrived (within [`MESSAGE_LIMIT`]).
+pub async fn open_bidi(
+    grpc: &mut tonic::client::Grpc<tonic::transport::Channel>,
+) -> (
+    tokio::sync::mpsc::Sender<Bytes>,
+    tonic::codec::Streaming<Bytes>,
+) {
+    let (tx, stream) = outbound();
+    let call = grpc.streaming(tonic::Request::new(stream), path(BIDI), RawCodec);
+    let inbound = within(MESSAGE_LIMIT, "response head", call)
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, inbound)
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod grpc;
+pub mod raw_codec;
 
 use ballast_proxy::config::Settings;
 use ballast_proxy::server::{self, Running};
