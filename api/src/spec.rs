@@ -12,6 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub use crate::settings::{Algorithm, SameSite};
 use crate::status::BalancedServiceStatus;
 
 // The int-or-string fields are checked with OpenAPI value validations, not CEL: for CEL
@@ -436,18 +437,6 @@ pub struct AffinityCookie {
     pub same_site: SameSite,
 }
 
-/// `SameSite` attribute of the affinity cookie.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SameSite {
-    /// Sent on top-level navigations from other sites.
-    #[default]
-    Lax,
-    /// Never sent from other sites.
-    Strict,
-    /// Always sent; requires `secure`.
-    None,
-}
-
 impl Default for AffinityCookie {
     fn default() -> Self {
         Self {
@@ -461,19 +450,6 @@ impl Default for AffinityCookie {
 
 fn default_load_factor_percent() -> i32 {
     125
-}
-
-/// Load-balancing algorithm.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum Algorithm {
-    /// Power of two choices, cost = peak-EWMA latency x (in-flight + 1).
-    #[default]
-    P2cEwma,
-    /// Power of two choices, cost = in-flight requests.
-    LeastRequest,
-    /// Each pod in turn.
-    RoundRobin,
 }
 
 /// Retries. Only requests that are safe to replay are retried: the connection failed or

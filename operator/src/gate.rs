@@ -54,7 +54,7 @@ pub fn decide(pod: &AppPod, proxies: &[ProxyObservation]) -> Verdict {
                 let listed = report
                     .endpoints
                     .iter()
-                    .any(|e| e.listed && e.address.is_some_and(|a| a.ip() == ip));
+                    .any(|e| e.listed && e.address.ip() == ip);
                 if !listed {
                     missing.push(proxy.proxy.as_str());
                 }

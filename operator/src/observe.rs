@@ -3,13 +3,13 @@
 //! The types are the subset of the proxy's JSON the operator uses; the decisions over
 //! them are pure functions in `gate` and `rollout`.
 
+use ballast_api::admin::{self, DrainRecord, EndpointReport};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
-use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -99,81 +99,21 @@ impl ProxyPod {
     }
 }
 
-/// One endpoint as a proxy reports it on `/endpoints`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct EndpointView {
-    /// Pod IP and port.
-    pub address: Option<SocketAddr>,
-    /// Pod name (from the EndpointSlice).
-    pub pod: Option<String>,
-    /// `active`, `draining`, `ejected` or `not-ready`.
-    pub state: String,
-    /// Still listed by the proxy's discovery.
-    pub listed: bool,
-    /// Requests in flight.
-    pub in_flight: u64,
-    /// Open connections.
-    pub connections: u64,
-    /// Requests sent, in all.
-    pub requests: u64,
-    /// 5xx answers and failures without an answer, in all.
-    pub errors: u64,
-    /// Unix seconds when it began draining.
-    pub draining_since: Option<f64>,
-    /// Set once nothing is open any more.
-    pub drained_after_ms: Option<u64>,
-    /// Set when the pod's drain helper gave up with something open.
-    pub forced: Option<OpenCounts>,
+/// The pod of a proxy's endpoint row: the EndpointSlice's name, else the app pod with
+/// that IP.
+pub fn endpoint_pod(endpoint: &EndpointReport, pods: &[AppPod]) -> Option<String> {
+    pod_key(endpoint.pod.as_ref(), endpoint.address, pods)
 }
 
-/// Requests and connections still open when a drain was forced.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct OpenCounts {
-    /// Requests in flight.
-    pub in_flight: u64,
-    /// Open connections.
-    pub connections: u64,
+/// The pod of a finished drain: the EndpointSlice's name, else the app pod with that
+/// IP.
+pub fn drained_pod(drain: &DrainRecord, pods: &[AppPod]) -> Option<String> {
+    pod_key(drain.pod.as_ref(), drain.address, pods)
 }
 
-/// A finished drain, from `/drains`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct DrainView {
-    /// Pod IP and port.
-    pub address: Option<SocketAddr>,
-    /// Pod name.
-    pub pod: Option<String>,
-    /// Unix seconds when it began draining.
-    pub since: f64,
-    /// Milliseconds until nothing was open.
-    pub drained_after_ms: u64,
-    /// What was open when the drain was forced.
-    pub forced: Option<OpenCounts>,
-    /// Requests sent to it, in all.
-    pub requests: u64,
-    /// Its failures, in all.
-    pub errors: u64,
-}
-
-impl EndpointView {
-    /// The pod: the EndpointSlice's name, else the app pod with that IP.
-    pub fn pod_key(&self, pods: &[AppPod]) -> Option<String> {
-        pod_key(self.pod.as_ref(), self.address, pods)
-    }
-}
-
-impl DrainView {
-    /// The pod: the EndpointSlice's name, else the app pod with that IP.
-    pub fn pod_key(&self, pods: &[AppPod]) -> Option<String> {
-        pod_key(self.pod.as_ref(), self.address, pods)
-    }
-}
-
-fn pod_key(name: Option<&String>, address: Option<SocketAddr>, pods: &[AppPod]) -> Option<String> {
+fn pod_key(name: Option<&String>, address: SocketAddr, pods: &[AppPod]) -> Option<String> {
     name.cloned().or_else(|| {
-        let ip = address?.ip();
+        let ip = address.ip();
         pods.iter()
             .find(|p| p.ip == Some(ip))
             .map(|p| p.name.clone())
@@ -184,9 +124,9 @@ fn pod_key(name: Option<&String>, address: Option<SocketAddr>, pods: &[AppPod]) 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProxyReport {
     /// `/endpoints`.
-    pub endpoints: Vec<EndpointView>,
+    pub endpoints: Vec<EndpointReport>,
     /// `/drains`.
-    pub drains: Vec<DrainView>,
+    pub drains: Vec<DrainRecord>,
 }
 
 /// One ready proxy replica and its report, or why it could not be read.
@@ -221,8 +161,8 @@ impl ProxyReader {
         futures::future::join_all(proxies.iter().map(|proxy| async move {
             let report = async {
                 Ok(ProxyReport {
-                    endpoints: self.get(proxy.admin, "/endpoints").await?,
-                    drains: self.get(proxy.admin, "/drains").await?,
+                    endpoints: self.get(proxy.admin, admin::ENDPOINTS).await?,
+                    drains: self.get(proxy.admin, admin::DRAINS).await?,
                 })
             }
             .await;

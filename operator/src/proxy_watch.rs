@@ -201,20 +201,18 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::{EndpointView, ProxyReport};
+    use crate::observe::ProxyReport;
+    use ballast_api::admin::{EndpointReport, EndpointStatus};
 
-    fn reading(in_flight: u64, requests: u64, state: &str) -> Vec<ProxyObservation> {
+    fn reading(in_flight: u64, requests: u64, state: EndpointStatus) -> Vec<ProxyObservation> {
         vec![ProxyObservation {
             proxy: "p".into(),
             report: Ok(ProxyReport {
-                endpoints: vec![EndpointView {
-                    address: Some("10.0.0.1:8080".parse().unwrap()),
+                endpoints: vec![EndpointReport {
                     pod: Some("a".into()),
-                    state: state.into(),
-                    listed: true,
                     in_flight,
                     requests,
-                    ..EndpointView::default()
+                    ..EndpointReport::new("10.0.0.1:8080".parse().unwrap(), state)
                 }],
                 drains: vec![],
             }),
@@ -223,16 +221,20 @@ mod tests {
 
     #[test]
     fn only_what_the_operator_acts_on_is_a_change() {
-        let base = digest(&reading(3, 100, "active"));
-        assert_eq!(base, digest(&reading(5, 900, "active")), "traffic alone");
+        let base = digest(&reading(3, 100, EndpointStatus::Active));
+        assert_eq!(
+            base,
+            digest(&reading(5, 900, EndpointStatus::Active)),
+            "traffic alone"
+        );
         assert_ne!(
             base,
-            digest(&reading(0, 100, "active")),
+            digest(&reading(0, 100, EndpointStatus::Active)),
             "nothing left in flight"
         );
         assert_ne!(
             base,
-            digest(&reading(3, 100, "draining")),
+            digest(&reading(3, 100, EndpointStatus::Draining)),
             "a drain started"
         );
         let unreadable = vec![ProxyObservation {
@@ -251,8 +253,8 @@ mod tests {
             admin: "127.0.0.1:9901".parse().unwrap(),
         };
         let one = [proxy("p")];
-        assert!(readings.record(bs.clone(), &one, reading(1, 1, "active")));
-        assert!(!readings.record(bs.clone(), &one, reading(2, 9, "active")));
+        assert!(readings.record(bs.clone(), &one, reading(1, 1, EndpointStatus::Active)));
+        assert!(!readings.record(bs.clone(), &one, reading(2, 9, EndpointStatus::Active)));
         assert!(readings.fresh(&bs, &one).is_some());
         assert!(
             readings.fresh(&bs, &[proxy("p"), proxy("q")]).is_none(),

@@ -8,6 +8,7 @@
 //! already on status are kept and only what happened between the last status write and
 //! the failover can be missed (never counted twice: see [`Memory::adopt`]).
 
+use ballast_api::admin::{EndpointStatus, OpenCounts};
 use ballast_api::spec::PauseThresholds;
 use ballast_api::status::{
     BalanceSummary, DrainingPod, RevisionCounts, RolloutPause, RolloutSummary,
@@ -17,7 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 
-use crate::observe::{AppPod, ProxyObservation};
+use crate::observe::{AppPod, ProxyObservation, drained_pod, endpoint_pod};
 use crate::status::Transition;
 
 pub use decide::{Policy, RolloutAction, Waiting, decide, requeue_after};
@@ -112,7 +113,7 @@ impl Memory {
         self.forced_counted.clear();
         for report in proxies.iter().filter_map(|o| o.report.as_ref().ok()) {
             for drain in &report.drains {
-                if let Some(pod) = drain.pod_key(pods) {
+                if let Some(pod) = drained_pod(drain, pods) {
                     self.drains_counted.insert(pod.clone());
                     if drain.forced.is_some() {
                         self.forced_counted.insert(pod);
@@ -120,7 +121,7 @@ impl Memory {
                 }
             }
             for endpoint in &report.endpoints {
-                if let (Some(pod), Some(_)) = (endpoint.pod_key(pods), endpoint.forced) {
+                if let (Some(pod), Some(_)) = (endpoint_pod(endpoint, pods), endpoint.forced) {
                     self.forced_counted.insert(pod);
                 }
             }
@@ -207,28 +208,24 @@ pub fn track(memory: &mut Memory, inputs: &Inputs<'_>) -> Tracked {
         };
         let baseline_only = memory.proxies.insert(proxy.to_owned());
         for endpoint in &report.endpoints {
-            if let Some(address) = endpoint.address {
-                let counts = (endpoint.requests, endpoint.errors);
-                let pod = endpoint.pod_key(pods);
-                tally.count(
-                    memory,
-                    update_revision,
-                    (proxy, address),
-                    pod,
-                    counts,
-                    baseline_only,
-                );
-            }
+            let counts = (endpoint.requests, endpoint.errors);
+            let pod = endpoint_pod(endpoint, pods);
+            tally.count(
+                memory,
+                update_revision,
+                (proxy, endpoint.address),
+                pod,
+                counts,
+                baseline_only,
+            );
         }
         for drain in &report.drains {
-            let Some(address) = drain.address else {
-                continue;
-            };
+            let address = drain.address;
             let key = (proxy.to_owned(), address);
             // An endpoint tracked until now and gone: its last requests, then forget it.
             if memory.counters.contains_key(&key) && !tally.seen.contains(&key) {
                 let counts = (drain.requests, drain.errors);
-                let pod = drain.pod_key(pods);
+                let pod = drained_pod(drain, pods);
                 tally.count(
                     memory,
                     update_revision,
@@ -271,7 +268,7 @@ pub fn track(memory: &mut Memory, inputs: &Inputs<'_>) -> Tracked {
     if let Some(s) = summary.as_mut().filter(|_| running) {
         for report in proxies.iter().filter_map(|o| o.report.as_ref().ok()) {
             for drain in report.drains.iter().filter(|d| d.since >= started - 1.0) {
-                let Some(pod) = drain.pod_key(pods) else {
+                let Some(pod) = drained_pod(drain, pods) else {
                     continue;
                 };
                 if memory.drains_counted.insert(pod.clone()) {
@@ -285,7 +282,7 @@ pub fn track(memory: &mut Memory, inputs: &Inputs<'_>) -> Tracked {
                 }
             }
             for endpoint in &report.endpoints {
-                let Some(pod) = endpoint.pod_key(pods) else {
+                let Some(pod) = endpoint_pod(endpoint, pods) else {
                     continue;
                 };
                 // A drain that finished while the endpoint is still listed counts now:
@@ -388,7 +385,7 @@ fn forced(
     memory: &mut Memory,
     summary: &mut RolloutSummary,
     pod: &str,
-    open: crate::observe::OpenCounts,
+    open: OpenCounts,
     events: &mut Vec<Transition>,
 ) {
     if memory.forced_counted.insert(pod.to_owned()) {
@@ -420,7 +417,7 @@ fn draining(proxies: &[ProxyObservation], pods: &[AppPod]) -> Vec<DrainingPod> {
             let (Some(since), None) = (endpoint.draining_since, endpoint.drained_after_ms) else {
                 continue;
             };
-            let Some(pod) = endpoint.pod_key(pods) else {
+            let Some(pod) = endpoint_pod(endpoint, pods) else {
                 continue;
             };
             let entry = by_pod.entry(pod.clone()).or_insert_with(|| DrainingPod {
@@ -453,8 +450,8 @@ fn balance(
         .iter()
         .filter_map(|o| o.report.as_ref().ok())
         .flat_map(|r| &r.endpoints)
-        .filter(|e| e.state == "active")
-        .filter_map(|e| e.pod_key(pods))
+        .filter(|e| e.state == EndpointStatus::Active)
+        .filter_map(|e| endpoint_pod(e, pods))
         .collect();
     let Some(start) = memory.window_start else {
         memory.window_start = Some(now);

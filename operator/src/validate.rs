@@ -21,7 +21,7 @@ impl Default for Limits {
 }
 
 /// Port the proxy container listens on for clients (the front Service targets it).
-pub const PROXY_PORT: i32 = 8080;
+pub const PROXY_PORT: u16 = 8080;
 
 /// Longest BalancedService name: `<name>-proxy-admin` must be a valid Service name
 /// (a DNS label, at most 63 characters).
@@ -47,6 +47,8 @@ pub struct ValidatedSpec<'a> {
     pub probe_port: IntOrString,
     /// `probe_port` as a container port number (a gRPC probe takes no name).
     pub probe_port_number: i32,
+    /// The proxies' admin port.
+    pub admin_port: u16,
     /// The affinity key the proxy reads (`header:<name>`, `cookie:<name>`,
     /// `client-ip`), when `spec.balancing.affinity` is set.
     pub affinity_key: Option<String>,
@@ -222,7 +224,16 @@ pub fn validate<'a>(
         },
     };
 
-    if spec.proxy.admin_port == PROXY_PORT {
+    let admin_port = u16::try_from(spec.proxy.admin_port)
+        .ok()
+        .filter(|&p| p != 0);
+    if admin_port.is_none() {
+        fail(
+            "spec.proxy.adminPort",
+            format!("{} is not a port (1-65535)", spec.proxy.admin_port),
+        );
+    }
+    if admin_port == Some(PROXY_PORT) {
         fail(
             "spec.proxy.adminPort",
             format!("{PROXY_PORT} is the proxy's client port; choose another"),
@@ -297,8 +308,8 @@ pub fn validate<'a>(
             .find(|(declared, _)| declared == name)
             .map(|(_, number)| *number),
     };
-    match port {
-        Some(port) if errors.is_empty() => {
+    match (port, admin_port) {
+        (Some(port), Some(admin_port)) if errors.is_empty() => {
             let target_port = port
                 .target_port
                 .clone()
@@ -318,6 +329,7 @@ pub fn validate<'a>(
                 target_port,
                 probe_port,
                 probe_port_number,
+                admin_port,
                 affinity_key,
             })
         }
@@ -451,7 +463,7 @@ mod tests {
             .labels
             .get_or_insert_default()
             .insert("ballast.dev/role".into(), "x".into());
-        bs.spec.proxy.admin_port = PROXY_PORT;
+        bs.spec.proxy.admin_port = i32::from(PROXY_PORT);
         let e = errors(&bs);
         assert_eq!(e.len(), 3, "{e:?}");
         assert!(e[0].starts_with("metadata.name: at most 51 characters"));

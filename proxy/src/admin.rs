@@ -8,6 +8,7 @@
 use crate::forward::ResponseBody;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use ballast_api::admin::{self as paths, Refusal};
 use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
@@ -62,10 +63,12 @@ impl AdminService {
         let now = Instant::now();
         let caller = self.peer.ip().to_canonical();
         match (method, path) {
-            (&Method::GET, "/live") => text(StatusCode::OK, "live"),
-            (&Method::GET, "/ready") if admin.ready.load(Relaxed) => text(StatusCode::OK, "ready"),
-            (&Method::GET, "/ready") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
-            (&Method::GET, "/metrics") => {
+            (&Method::GET, paths::LIVE) => text(StatusCode::OK, "live"),
+            (&Method::GET, paths::READY) if admin.ready.load(Relaxed) => {
+                text(StatusCode::OK, "ready")
+            }
+            (&Method::GET, paths::READY) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+            (&Method::GET, paths::METRICS) => {
                 let mut response = text(StatusCode::OK, &admin.metrics.render());
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -75,32 +78,30 @@ impl AdminService {
                 );
                 response
             }
-            (&Method::GET, "/endpoints") => json(StatusCode::OK, &admin.registry.reports(now)),
-            (&Method::POST, "/drain") => match admin.registry.request_drain(caller, now) {
+            (&Method::GET, paths::ENDPOINTS) => json(StatusCode::OK, &admin.registry.reports(now)),
+            (&Method::POST, paths::DRAIN) => match admin.registry.request_drain(caller, now) {
                 Some(report) => {
                     admin.metrics.drain_requests.inc();
                     json(StatusCode::OK, &report)
                 }
                 None => not_an_endpoint(caller),
             },
-            (&Method::POST, "/drain/timeout") => {
+            (&Method::POST, paths::DRAIN_TIMEOUT) => {
                 match admin.registry.drain_timed_out(caller, now) {
                     Some(report) => json(StatusCode::OK, &report),
                     None => not_an_endpoint(caller),
                 }
             }
-            (&Method::GET, "/drains") => json(StatusCode::OK, &admin.registry.drains()),
-            (&Method::GET, "/drain") => {
+            (&Method::GET, paths::DRAINS) => json(StatusCode::OK, &admin.registry.drains()),
+            (&Method::GET, paths::DRAIN) => {
                 json(StatusCode::OK, &admin.registry.drain_report(caller, now))
             }
-            (
-                _,
-                "/live" | "/ready" | "/metrics" | "/endpoints" | "/drain" | "/drain/timeout"
-                | "/drains",
-            ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+            (_, path) if paths::PATHS.contains(&path) => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /ready, /live, /metrics, /endpoints, /drain, /drains",
+                &format!("not found: try {}", paths::PATHS.join(", ")),
             ),
         }
     }
@@ -110,7 +111,11 @@ fn not_an_endpoint(caller: std::net::IpAddr) -> Response<ResponseBody> {
     tracing::warn!(%caller, "drain refused: the caller is not an endpoint");
     json(
         StatusCode::FORBIDDEN,
-        &serde_json::json!({"error": format!("{caller} is not an endpoint of this proxy; a pod can drain only itself")}),
+        &Refusal {
+            error: format!(
+                "{caller} is not an endpoint of this proxy; a pod can drain only itself"
+            ),
+        },
     )
 }
 

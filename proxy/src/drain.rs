@@ -13,12 +13,12 @@
 //! in a row means there are no proxies and so nothing to drain; a lookup that fails
 //! otherwise is retried.
 
+use ballast_api::admin::{self, DrainReport, Refusal};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
@@ -121,18 +121,6 @@ const NOT_FOUND_TEXTS: [&str; 4] = [
 
 type Sender = SendRequest<Empty<Bytes>>;
 
-#[derive(Deserialize)]
-struct Report {
-    known: bool,
-    in_flight: u64,
-    connections: u64,
-}
-
-#[derive(Deserialize)]
-struct Refusal {
-    error: String,
-}
-
 /// What one lookup said, as the drain loop needs it.
 enum Lookup {
     Found(Vec<SocketAddr>),
@@ -148,9 +136,9 @@ impl ReplicaState {
     /// What an answer to `POST /drain` or `GET /drain` says about the replica.
     fn from_answer(answer: Result<(StatusCode, Bytes), String>) -> Self {
         match answer {
-            Ok((StatusCode::OK, body)) => match serde_json::from_slice::<Report>(&body) {
+            Ok((StatusCode::OK, body)) => match serde_json::from_slice::<DrainReport>(&body) {
                 Ok(r) if !r.known => Self::Unknown,
-                Ok(r) if r.in_flight == 0 && r.connections == 0 => Self::Drained,
+                Ok(r) if r.is_drained() => Self::Drained,
                 Ok(r) => Self::Pending {
                     in_flight: r.in_flight,
                     connections: r.connections,
@@ -304,7 +292,8 @@ where
             };
             let kept = connections.remove(&address);
             async move {
-                let (answer, kept) = call(kept, address, method.clone(), "/drain", config).await;
+                let (answer, kept) =
+                    call(kept, address, method.clone(), admin::DRAIN, config).await;
                 (address, method, answer, kept)
             }
         });
@@ -465,7 +454,8 @@ async fn report_timeout(
         .map(|(&address, _)| {
             let kept = connections.remove(&address);
             async move {
-                let (answer, _) = call(kept, address, Method::POST, "/drain/timeout", config).await;
+                let (answer, _) =
+                    call(kept, address, Method::POST, admin::DRAIN_TIMEOUT, config).await;
                 if let Err(e) = answer {
                     tracing::warn!(%address, error = %e, "reporting the drain timeout failed");
                 }

@@ -23,17 +23,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A request body on its way to a backend.
 pub type UpstreamBody = crate::forward::ProxyBody;
 
-/// Protocol spoken to the backends.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum BackendProtocol {
-    /// HTTP/1.1 with keep-alive.
-    Http1,
-    /// HTTP/2 with prior knowledge (h2c, gRPC).
-    H2c,
-}
+pub use ballast_api::settings::BackendProtocol;
 
 /// A connection ready to carry one request.
 #[derive(Debug)]

@@ -2,12 +2,14 @@
 //! `ballast-drain`, the serving container's preStop running it, and the readiness gate
 //! the operator sets once every proxy lists the pod.
 
+use ballast_api::settings::{AfterDrain, DrainSettings};
 use k8s_openapi::api::core::v1::{
     Container, EmptyDirVolumeSource, ExecAction, LifecycleHandler, PodReadinessGate, PodSpec,
     ResourceRequirements, SecurityContext, SleepAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use super::{BuildContext, proxy_admin_name, restricted_container_security};
 use crate::validate::ValidatedSpec;
@@ -87,32 +89,31 @@ pub(super) fn apply_drain_gate(
             read_only: Some(true),
             ..VolumeMount::default()
         });
-    let mut command = vec![
-        format!("{DRAIN_BIN_DIR}/ballast-drain"),
-        format!("--proxies={proxies}"),
-        format!("--timeout={}s", v.bs.spec.rollout.drain_timeout_seconds),
-    ];
     let lifecycle = container.lifecycle.get_or_insert_default();
-    match lifecycle.pre_stop.take() {
+    let then = match lifecycle.pre_stop.take() {
         Some(LifecycleHandler {
             exec: Some(ExecAction {
                 command: Some(user),
             }),
             ..
-        }) => {
-            command.push("--".to_owned());
-            command.extend(user);
-        }
+        }) => AfterDrain::Exec(user),
         Some(LifecycleHandler {
             sleep: Some(SleepAction { seconds }),
             ..
-        }) => command.push(format!("--then-sleep={seconds}s")),
+        }) => AfterDrain::Sleep(Duration::from_secs(u64::try_from(seconds).unwrap_or(0))),
         // Other handler kinds are refused by validation.
-        _ => {}
-    }
+        _ => AfterDrain::Nothing,
+    };
+    let drain = DrainSettings {
+        proxies,
+        timeout: Duration::from_secs(
+            u64::try_from(v.bs.spec.rollout.drain_timeout_seconds).unwrap_or(0),
+        ),
+        then,
+    };
     lifecycle.pre_stop = Some(LifecycleHandler {
         exec: Some(ExecAction {
-            command: Some(command),
+            command: Some(drain.to_command(&format!("{DRAIN_BIN_DIR}/ballast-drain"))),
         }),
         ..LifecycleHandler::default()
     });

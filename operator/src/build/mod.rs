@@ -24,7 +24,7 @@ use services::{backends_service, front_service, proxy_admin_service};
 
 pub use app::{SLOW_PROBE_PERIOD_SECONDS, slow_probes};
 pub use drain_gate::DRAIN_BIN_DIR;
-pub use proxy::proxy_args;
+pub use proxy::proxy_settings;
 
 mod app;
 mod drain_gate;

@@ -1,5 +1,8 @@
 //! The proxy Deployment and the command line of `ballast-proxy`.
 
+use ballast_api::settings::{
+    AffinitySettings, BackendProtocol, LogFormat, OutlierSettings, ProxySettings, RetrySettings,
+};
 use ballast_api::spec::AppProtocol;
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
@@ -13,6 +16,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use super::{
     BuildContext, backends_name, common_labels, meta, proxy_name, restricted_container_security,
@@ -21,123 +26,76 @@ use super::{
 use crate::validate::{PROXY_PORT, ValidatedSpec};
 
 /// How long the proxy keeps serving after SIGTERM with /ready failing.
-const PROXY_SHUTDOWN_DELAY_SECONDS: i64 = 5;
+const PROXY_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
 /// How long the proxy then waits for in-flight requests.
-const PROXY_DRAIN_SECONDS: i64 = 30;
+const PROXY_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn affinity_args(v: &ValidatedSpec<'_>) -> Vec<(&'static str, String)> {
-    let (Some(affinity), Some(key)) = (&v.bs.spec.balancing.affinity, &v.affinity_key) else {
-        return Vec::new();
-    };
-    vec![
-        ("--affinity", key.clone()),
-        (
-            "--affinity-load-factor",
-            format!("{:.2}", f64::from(affinity.load_factor_percent) / 100.0),
-        ),
-        (
-            "--affinity-cookie-ttl",
-            format!("{}s", affinity.cookie.ttl_seconds),
-        ),
-        (
-            "--affinity-cookie-secure",
-            affinity.cookie.secure.to_string(),
-        ),
-        (
-            "--affinity-cookie-same-site",
-            format!("{:?}", affinity.cookie.same_site),
-        ),
-        (
-            "--affinity-trust-forwarded-for",
-            affinity.trust_forwarded_for.to_string(),
-        ),
-    ]
-}
-
-/// Command-line arguments of `ballast-proxy` from `spec.balancing` and `spec.rollout`.
-pub fn proxy_args(v: &ValidatedSpec<'_>) -> Vec<String> {
+/// The settings of `ballast-proxy`, from `spec.balancing`, `spec.rollout` and
+/// `spec.proxy`.
+pub fn proxy_settings(v: &ValidatedSpec<'_>) -> ProxySettings {
     let spec = &v.bs.spec;
     let balancing = &spec.balancing;
-    let port = v.port;
-    let protocol = match port.app_protocol {
-        AppProtocol::Http => "http1",
-        AppProtocol::H2c | AppProtocol::Grpc => "h2c",
-    };
-    let algorithm = match balancing.algorithm {
-        ballast_api::spec::Algorithm::P2cEwma => "p2c-ewma",
-        ballast_api::spec::Algorithm::LeastRequest => "least-request",
-        ballast_api::spec::Algorithm::RoundRobin => "round-robin",
-    };
+    let timeouts = &balancing.timeouts;
     let od = &balancing.outlier_detection;
-    [
-        ("--listen", format!("[::]:{PROXY_PORT}")),
-        ("--admin-listen", format!("[::]:{}", spec.proxy.admin_port)),
-        ("--kube-service", backends_name(v)),
-        ("--port-name", port.name.clone()),
-        ("--backend-protocol", protocol.to_owned()),
-        ("--algorithm", algorithm.to_owned()),
-        (
-            "--connect-timeout",
-            format!("{}ms", balancing.timeouts.connect_millis),
-        ),
-        (
-            "--response-timeout",
-            format!("{}s", balancing.timeouts.response_seconds),
-        ),
-        (
-            "--stream-idle-timeout",
-            format!("{}s", balancing.timeouts.stream_idle_seconds),
-        ),
-        (
-            "--idle-timeout",
-            format!("{}s", balancing.timeouts.idle_seconds),
-        ),
-        ("--retry-attempts", balancing.retries.attempts.to_string()),
-        (
-            "--retry-budget-percent",
-            balancing.retries.budget_percent.to_string(),
-        ),
-        (
-            "--retry-min-per-second",
-            balancing.retries.min_per_second.to_string(),
-        ),
-        (
-            "--retry-body-limit",
-            balancing.retries.body_limit_bytes.to_string(),
-        ),
-        ("--max-in-flight", spec.proxy.max_in_flight.to_string()),
-        (
-            "--outlier-consecutive-failures",
-            od.consecutive_failures.to_string(),
-        ),
-        (
-            "--outlier-base-ejection",
-            format!("{}s", od.base_ejection_seconds),
-        ),
-        (
-            "--outlier-max-ejection",
-            format!("{}s", od.max_ejection_seconds.max(od.base_ejection_seconds)),
-        ),
-        (
-            "--outlier-max-ejected-percent",
-            od.max_ejected_percent.to_string(),
-        ),
-        ("--warmup", format!("{}s", spec.rollout.warmup_seconds)),
-        (
-            "--drain-ttl",
-            format!("{}s", 2 * spec.rollout.drain_timeout_seconds),
-        ),
-        (
-            "--shutdown-delay",
-            format!("{PROXY_SHUTDOWN_DELAY_SECONDS}s"),
-        ),
-        ("--drain-timeout", format!("{PROXY_DRAIN_SECONDS}s")),
-        ("--log-format", "json".to_owned()),
-    ]
-    .into_iter()
-    .chain(affinity_args(v))
-    .map(|(flag, value)| format!("{flag}={value}"))
-    .collect()
+    let seconds = |s: i32| Duration::from_secs(u64::try_from(s).unwrap_or(0));
+    let limit = |s: i32| (s > 0).then(|| seconds(s));
+    let base_ejection = seconds(od.base_ejection_seconds);
+    ProxySettings {
+        listen: SocketAddr::from((Ipv6Addr::UNSPECIFIED, PROXY_PORT)),
+        admin_listen: SocketAddr::from((Ipv6Addr::UNSPECIFIED, v.admin_port)),
+        kube_service: backends_name(v),
+        port_name: v.port.name.clone(),
+        backend_protocol: match v.port.app_protocol {
+            AppProtocol::Http => BackendProtocol::Http1,
+            AppProtocol::H2c | AppProtocol::Grpc => BackendProtocol::H2c,
+        },
+        algorithm: balancing.algorithm,
+        connect_timeout: Duration::from_millis(u64::try_from(timeouts.connect_millis).unwrap_or(0)),
+        response_timeout: limit(timeouts.response_seconds),
+        stream_idle_timeout: limit(timeouts.stream_idle_seconds),
+        idle_timeout: seconds(timeouts.idle_seconds),
+        retries: RetrySettings {
+            attempts: u32::try_from(balancing.retries.attempts).unwrap_or(1),
+            budget_percent: u32::try_from(balancing.retries.budget_percent).unwrap_or(0),
+            min_per_second: u32::try_from(balancing.retries.min_per_second).unwrap_or(0),
+            body_limit: u64::try_from(balancing.retries.body_limit_bytes).unwrap_or(0),
+        },
+        max_in_flight: u64::try_from(spec.proxy.max_in_flight)
+            .ok()
+            .filter(|&m| m > 0),
+        outlier: OutlierSettings {
+            consecutive_failures: u32::try_from(od.consecutive_failures).unwrap_or(0),
+            base_ejection,
+            max_ejection: seconds(od.max_ejection_seconds).max(base_ejection),
+            max_ejected_percent: u32::try_from(od.max_ejected_percent).unwrap_or(0),
+        },
+        warmup: seconds(spec.rollout.warmup_seconds),
+        drain_ttl: 2 * seconds(spec.rollout.drain_timeout_seconds),
+        shutdown_delay: PROXY_SHUTDOWN_DELAY,
+        drain_timeout: PROXY_DRAIN_TIMEOUT,
+        log_format: LogFormat::Json,
+        affinity: affinity_settings(v),
+    }
+}
+
+/// The proxy's shutdown delay and drain, and 5 s to exit.
+fn proxy_grace_seconds() -> i64 {
+    let shutdown = PROXY_SHUTDOWN_DELAY + PROXY_DRAIN_TIMEOUT + Duration::from_secs(5);
+    i64::try_from(shutdown.as_secs()).unwrap_or(i64::MAX)
+}
+
+fn affinity_settings(v: &ValidatedSpec<'_>) -> Option<AffinitySettings> {
+    let (Some(affinity), Some(key)) = (&v.bs.spec.balancing.affinity, &v.affinity_key) else {
+        return None;
+    };
+    Some(AffinitySettings {
+        key: key.clone(),
+        load_factor: f64::from(affinity.load_factor_percent) / 100.0,
+        cookie_ttl: Duration::from_secs(u64::try_from(affinity.cookie.ttl_seconds).unwrap_or(0)),
+        cookie_secure: affinity.cookie.secure,
+        cookie_same_site: affinity.cookie.same_site,
+        trust_forwarded_for: affinity.trust_forwarded_for,
+    })
 }
 
 /// The proxies: `spec.proxy.replicas` of `ballast-proxy`, one at a time on update.
@@ -168,7 +126,7 @@ pub(super) fn proxy_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Dep
         name: "proxy".to_owned(),
         image: Some(ctx.proxy_image.clone()),
         command: Some(vec!["/usr/local/bin/ballast-proxy".to_owned()]),
-        args: Some(proxy_args(v)),
+        args: Some(proxy_settings(v).to_args()),
         env: Some(vec![
             EnvVar {
                 name: "BALLAST_NAMESPACE".to_owned(),
@@ -199,7 +157,7 @@ pub(super) fn proxy_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Dep
         ports: Some(vec![
             ContainerPort {
                 name: Some("proxy".to_owned()),
-                container_port: PROXY_PORT,
+                container_port: i32::from(PROXY_PORT),
                 ..ContainerPort::default()
             },
             ContainerPort {
@@ -253,9 +211,7 @@ pub(super) fn proxy_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Dep
                 spec: Some(PodSpec {
                     service_account_name: Some(proxy_name(v)),
                     containers: vec![container],
-                    termination_grace_period_seconds: Some(
-                        PROXY_SHUTDOWN_DELAY_SECONDS + PROXY_DRAIN_SECONDS + 5,
-                    ),
+                    termination_grace_period_seconds: Some(proxy_grace_seconds()),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),

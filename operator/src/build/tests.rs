@@ -1,9 +1,11 @@
 use super::*;
 use crate::fixtures::balanced_service;
+use ballast_api::settings::{AffinitySettings, BackendProtocol, ProxySettings, SameSite};
 use ballast_api::spec::AppProtocol;
 use k8s_openapi::api::core::v1::{ContainerPort, PodSpec, Probe};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use std::time::Duration;
 
 fn ctx() -> BuildContext {
     BuildContext {
@@ -20,8 +22,8 @@ fn valid(bs: &BalancedService) -> ValidatedSpec<'_> {
     crate::validate::validate(bs, &crate::validate::Limits::default()).unwrap()
 }
 
-fn proxy_args(bs: &BalancedService) -> Vec<String> {
-    super::proxy_args(&valid(bs))
+fn proxy_settings(bs: &BalancedService) -> ProxySettings {
+    super::proxy_settings(&valid(bs))
 }
 
 fn slow_probes(bs: &BalancedService) -> Vec<String> {
@@ -205,11 +207,7 @@ fn grpc_ports_get_grpc_probes_and_an_h2c_proxy() {
         .clone()
         .unwrap();
     assert_eq!(probe.grpc.unwrap().port, 8080);
-    let args = proxy_args(&bs);
-    assert!(
-        args.contains(&"--backend-protocol=h2c".to_owned()),
-        "{args:?}"
-    );
+    assert_eq!(proxy_settings(&bs).backend_protocol, BackendProtocol::H2c);
     let front = objects.front_service.spec.unwrap().ports.unwrap();
     assert_eq!(front[0].app_protocol.as_deref(), Some("grpc"));
 }
@@ -479,10 +477,7 @@ fn a_users_own_pre_stop_runs_after_the_drain() {
 fn affinity_becomes_proxy_flags() {
     use ballast_api::spec::{AffinityCookie, AffinitySpec, AffinityType};
     let mut bs = balanced_service();
-    assert!(
-        !proxy_args(&bs).iter().any(|a| a.starts_with("--affinity")),
-        "off by default"
-    );
+    assert_eq!(proxy_settings(&bs).affinity, None, "off by default");
     bs.spec.balancing.affinity = Some(AffinitySpec {
         type_: AffinityType::Cookie,
         header: None,
@@ -495,41 +490,55 @@ fn affinity_becomes_proxy_flags() {
         trust_forwarded_for: false,
         load_factor_percent: 150,
     });
-    let args = proxy_args(&bs);
-    for want in [
-        "--affinity=cookie:cart",
-        "--affinity-load-factor=1.50",
-        "--affinity-cookie-ttl=600s",
-        "--affinity-cookie-secure=true",
-        "--affinity-cookie-same-site=Strict",
-    ] {
-        assert!(args.contains(&want.to_owned()), "{want} in {args:?}");
-    }
+    assert_eq!(
+        proxy_settings(&bs).affinity,
+        Some(AffinitySettings {
+            key: "cookie:cart".to_owned(),
+            load_factor: 1.5,
+            cookie_ttl: Duration::from_secs(600),
+            cookie_secure: true,
+            cookie_same_site: SameSite::Strict,
+            trust_forwarded_for: false,
+        })
+    );
 }
 
 #[test]
-fn the_proxy_accepts_every_argument_the_operator_gives_it() {
+fn the_proxy_settings_follow_the_spec_and_the_proxy_accepts_them() {
     use clap::Parser;
     let mut bs = balanced_service();
     bs.spec.balancing.timeouts.stream_idle_seconds = 120;
+    bs.spec.balancing.timeouts.response_seconds = 0;
     bs.spec.balancing.retries.body_limit_bytes = 4096;
+    bs.spec.balancing.outlier_detection.max_ejection_seconds = 1;
     bs.spec.proxy.max_in_flight = 500;
-    let args = proxy_args(&bs);
-    let settings = ballast_proxy::config::Settings::try_parse_from(
+    bs.spec.proxy.admin_port = 9000;
+    let settings = proxy_settings(&bs);
+    assert_eq!(settings.stream_idle_timeout, Some(Duration::from_secs(120)));
+    assert_eq!(settings.response_timeout, None, "0 is no limit");
+    assert_eq!(settings.retries.body_limit, 4096);
+    assert_eq!(settings.max_in_flight, Some(500));
+    assert_eq!(settings.admin_listen, "[::]:9000".parse().unwrap());
+    assert_eq!(
+        settings.outlier.max_ejection, settings.outlier.base_ejection,
+        "never shorter than the first ejection"
+    );
+    assert_eq!(
+        settings.drain_ttl,
+        Duration::from_secs(60),
+        "2 x drainTimeout"
+    );
+    assert_eq!(settings.kube_service, "demo-backends");
+    // The proxy's own tests check every setting round-trips; this checks the operator's
+    // rendering of a real spec is accepted as a whole.
+    let args = settings.to_args();
+    let parsed = ballast_proxy::config::Settings::try_parse_from(
         std::iter::once("ballast-proxy".to_owned()).chain(args.iter().cloned()),
     )
     .unwrap_or_else(|e| panic!("the proxy refuses the operator's arguments {args:?}: {e}"));
-    let config = settings
+    let config = parsed
         .resolve()
         .unwrap_or_else(|e| panic!("the proxy refuses the operator's arguments {args:?}: {e}"));
-    assert_eq!(
-        config.stream_idle_timeout,
-        Some(std::time::Duration::from_secs(120))
-    );
-    assert_eq!(config.retry_body_limit, 4096);
     assert_eq!(config.max_in_flight, Some(500));
-    assert_eq!(
-        config.response_timeout,
-        Some(std::time::Duration::from_secs(60))
-    );
+    assert_eq!(config.response_timeout, None);
 }

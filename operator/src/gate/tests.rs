@@ -1,5 +1,6 @@
 use super::*;
-use crate::observe::{EndpointView, ProxyReport};
+use crate::observe::ProxyReport;
+use ballast_api::admin::{EndpointReport, EndpointStatus};
 use std::net::{IpAddr, SocketAddr};
 
 fn pod(ip: Option<&str>, routable: Option<bool>) -> AppPod {
@@ -19,12 +20,7 @@ fn listing(proxy: &str, addresses: &[&str]) -> ProxyObservation {
         report: Ok(ProxyReport {
             endpoints: addresses
                 .iter()
-                .map(|a| EndpointView {
-                    address: Some(a.parse().unwrap()),
-                    listed: true,
-                    state: "not-ready".to_owned(),
-                    ..EndpointView::default()
-                })
+                .map(|a| EndpointReport::new(a.parse().unwrap(), EndpointStatus::NotReady))
                 .collect(),
             drains: Vec::new(),
         }),
@@ -135,10 +131,9 @@ fn property_routable_iff_every_proxy_read_and_listing() {
                     for _ in 0..rng.usize(..4) {
                         let address: SocketAddr =
                             format!("10.0.0.{}:8080", rng.u8(1..6)).parse().unwrap();
-                        r.endpoints.push(EndpointView {
-                            address: Some(address),
+                        r.endpoints.push(EndpointReport {
                             listed: rng.u8(..4) != 0,
-                            ..EndpointView::default()
+                            ..EndpointReport::new(address, EndpointStatus::Active)
                         });
                     }
                 }
@@ -150,7 +145,7 @@ fn property_routable_iff_every_proxy_read_and_listing() {
                 o.report.as_ref().is_ok_and(|r| {
                     r.endpoints
                         .iter()
-                        .any(|e| e.listed && p.ip.is_some_and(|ip| e.address.unwrap().ip() == ip))
+                        .any(|e| e.listed && p.ip.is_some_and(|ip| e.address.ip() == ip))
                 })
             });
         let verdict = decide(&p, &proxies);

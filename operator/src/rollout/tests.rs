@@ -1,5 +1,6 @@
 use super::*;
-use crate::observe::{DrainView, EndpointView, OpenCounts, ProxyReport};
+use crate::observe::ProxyReport;
+use ballast_api::admin::{DrainReason, DrainRecord, EndpointReport, EndpointStatus, OpenCounts};
 
 fn pod(name: &str, revision: &str, n: u8) -> AppPod {
     AppPod {
@@ -12,19 +13,19 @@ fn pod(name: &str, revision: &str, n: u8) -> AppPod {
     }
 }
 
-fn endpoint(pod: &str, n: u8, requests: u64, errors: u64) -> EndpointView {
-    EndpointView {
-        address: Some(format!("10.0.0.{n}:8080").parse().unwrap()),
+fn endpoint(pod: &str, n: u8, requests: u64, errors: u64) -> EndpointReport {
+    EndpointReport {
         pod: Some(pod.to_owned()),
-        state: "active".to_owned(),
-        listed: true,
         requests,
         errors,
-        ..EndpointView::default()
+        ..EndpointReport::new(
+            format!("10.0.0.{n}:8080").parse().unwrap(),
+            EndpointStatus::Active,
+        )
     }
 }
 
-fn proxy(name: &str, endpoints: Vec<EndpointView>, drains: Vec<DrainView>) -> ProxyObservation {
+fn proxy(name: &str, endpoints: Vec<EndpointReport>, drains: Vec<DrainRecord>) -> ProxyObservation {
     ProxyObservation {
         proxy: name.to_owned(),
         report: Ok(ProxyReport { endpoints, drains }),
@@ -120,8 +121,9 @@ fn requests_and_failures_are_counted_by_revision_from_deltas() {
         (2, 3)
     );
     // The old pod leaves: its last requests come from the drain record, once.
-    let drain = DrainView {
-        address: Some("10.0.0.1:8080".parse().unwrap()),
+    let drain = DrainRecord {
+        address: "10.0.0.1:8080".parse().unwrap(),
+        reason: DrainReason::Terminating,
         pod: Some("old-1".to_owned()),
         since: t + 1.5,
         drained_after_ms: 800,
@@ -158,8 +160,9 @@ fn a_pod_drained_on_two_proxies_counts_once_and_a_forced_drain_raises_one_event(
         pod("new-1", "new", 3),
     ];
     let s = run(&mut memory, t, &pods, &[], None).last_rollout.unwrap();
-    let record = |ms, forced| DrainView {
-        address: Some("10.0.0.1:8080".parse().unwrap()),
+    let record = |ms, forced| DrainRecord {
+        address: "10.0.0.1:8080".parse().unwrap(),
+        reason: DrainReason::Terminating,
         pod: Some("old-1".to_owned()),
         since: t + 1.0,
         drained_after_ms: ms,
@@ -168,7 +171,7 @@ fn a_pod_drained_on_two_proxies_counts_once_and_a_forced_drain_raises_one_event(
         errors: 0,
     };
     let mut holding = endpoint("old-2", 2, 0, 0);
-    holding.state = "draining".to_owned();
+    holding.state = EndpointStatus::Draining;
     holding.draining_since = Some(t + 2.0);
     holding.in_flight = 1;
     holding.connections = 1;
@@ -215,12 +218,15 @@ fn a_new_leader_does_not_count_drains_already_on_status() {
         .last_rollout
         .unwrap();
     summary.pods_drained = 1;
-    let drained = DrainView {
-        address: Some("10.0.0.1:8080".parse().unwrap()),
+    let drained = DrainRecord {
+        address: "10.0.0.1:8080".parse().unwrap(),
+        reason: DrainReason::Terminating,
         pod: Some("old-1".to_owned()),
         since: t + 1.0,
         drained_after_ms: 500,
-        ..DrainView::default()
+        forced: None,
+        requests: 0,
+        errors: 0,
     };
     let proxies = [proxy("p1", vec![], vec![drained])];
     let mut fresh = Memory::default();
@@ -384,7 +390,7 @@ fn the_last_drain_counts_before_the_proxies_file_it() {
     )];
     let summary = run(&mut memory, t0, &mixed, &listed, None).last_rollout;
     let mut draining = endpoint("a", 1, 12, 0);
-    draining.state = "draining".to_owned();
+    draining.state = EndpointStatus::Draining;
     draining.draining_since = Some(t0 + 1.0);
     draining.drained_after_ms = Some(640);
     let drained = [proxy("p", vec![draining, endpoint("c", 3, 20, 0)], vec![])];
@@ -401,12 +407,15 @@ fn the_last_drain_counts_before_the_proxies_file_it() {
     assert_eq!(done.pods_drained, 1);
     assert_eq!(done.longest_drain_millis, 640);
     // When `/drains` has it later, it is not counted twice (the rollout is over anyway).
-    let filed = DrainView {
-        address: Some("10.0.0.1:8080".parse().unwrap()),
+    let filed = DrainRecord {
+        address: "10.0.0.1:8080".parse().unwrap(),
+        reason: DrainReason::Terminating,
         pod: Some("a".to_owned()),
         since: t0 + 1.0,
         drained_after_ms: 640,
-        ..DrainView::default()
+        forced: None,
+        requests: 0,
+        errors: 0,
     };
     let later = [proxy("p", vec![endpoint("c", 3, 30, 0)], vec![filed])];
     let after = run(&mut memory, t0 + 5.0, &mixed[1..], &later, Some(&done));

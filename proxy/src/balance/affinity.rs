@@ -35,7 +35,7 @@ pub struct AffinityConfig {
     /// Mark that cookie `Secure`.
     pub cookie_secure: bool,
     /// Its `SameSite` attribute: `Lax`, `Strict` or `None`.
-    pub cookie_same_site: String,
+    pub cookie_same_site: ballast_api::settings::SameSite,
     /// Take the client IP from the first X-Forwarded-For hop.
     pub trust_forwarded_for: bool,
 }
@@ -260,7 +260,7 @@ mod tests {
             load_factor: 1.25,
             cookie_ttl: Duration::from_secs(3600),
             cookie_secure: true,
-            cookie_same_site: "Lax".into(),
+            cookie_same_site: ballast_api::settings::SameSite::Lax,
             trust_forwarded_for: true,
         };
         let mut headers = HeaderMap::new();

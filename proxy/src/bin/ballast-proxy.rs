@@ -17,7 +17,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(config.json_logs);
+    init_logging(config.log_format == ballast_api::settings::LogFormat::Json);
     let running = match ballast_proxy::server::start(config).await {
         Ok(running) => running,
         Err(e) => {

@@ -1,26 +1,14 @@
 //! The drain state machine: why an endpoint drains, how its drain went, and the
 //! registry's answers to the pod's drain helper and to `GET /drains`.
 
-use super::{EndpointState, EndpointStatus, Registry, lock};
-use serde::Serialize;
+use super::{EndpointState, Registry, lock};
+use ballast_api::admin::{DrainReason, DrainRecord, DrainReport, EndpointStatus, OpenCounts};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 use tokio::time::Instant;
-
-/// Why an endpoint is draining.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DrainReason {
-    /// Its pod asked through `POST /drain` (expires unless discovery confirms).
-    Requested,
-    /// Discovery reports it terminating.
-    Terminating,
-    /// Discovery no longer lists it.
-    Removed,
-}
 
 /// Drain mark of an endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,39 +30,6 @@ pub(super) struct DrainProgress {
     pub(super) forced: Option<OpenCounts>,
 }
 
-/// Requests and connections still open.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct OpenCounts {
-    /// Requests in flight.
-    pub in_flight: u64,
-    /// Open connections (tunnels included).
-    pub connections: u64,
-}
-
-/// A finished drain: an endpoint that was draining and is now forgotten (no longer
-/// listed, nothing open). `GET /drains` lists the most recent ones.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct DrainRecord {
-    /// Pod IP and port.
-    pub address: SocketAddr,
-    /// Pod name.
-    pub pod: Option<String>,
-    /// Why it drained.
-    pub reason: DrainReason,
-    /// Seconds since the Unix epoch when draining began.
-    pub since: f64,
-    /// Milliseconds from the start of the drain until nothing was in flight or open.
-    pub drained_after_ms: u64,
-    /// Set when the pod's drain helper reached its timeout with requests or connections
-    /// still open: what was open then.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub forced: Option<OpenCounts>,
-    /// Requests this proxy sent to the endpoint, in all.
-    pub requests: u64,
-    /// Its 5xx answers and failures without an answer, in all.
-    pub errors: u64,
-}
-
 /// Finished drains kept for `GET /drains`: enough for a rollout of hundreds of pods
 /// between two polls of the operator.
 pub(super) const DRAIN_HISTORY: usize = 1024;
@@ -83,23 +38,6 @@ pub(super) fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64()
-}
-
-/// The counts the drain gate reads for one pod.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct DrainReport {
-    /// Whether this proxy knows an endpoint with that IP.
-    pub known: bool,
-    /// Its state, when known.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub state: Option<EndpointStatus>,
-    /// Requests in flight to it.
-    pub in_flight: u64,
-    /// Connections open to it.
-    pub connections: u64,
-    /// Seconds since the Unix epoch when draining began.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub draining_since: Option<f64>,
 }
 
 impl Registry {

@@ -1,32 +1,18 @@
 //! One endpoint's live state: the counters the drain gate reads, its health and
 //! latency estimate, and its row of `/endpoints`.
 
-use super::drain::{DrainMark, DrainProgress, DrainReason, DrainRecord, OpenCounts, unix_seconds};
+use super::drain::{DrainMark, DrainProgress, unix_seconds};
 use super::{BalancerConfig, lock};
 use crate::balance::Cost;
 use crate::endpoint::Endpoint;
 use crate::load::{Health, PeakEwma, probe_due, warmup_weight};
 use crate::pool::Pool;
-use serde::Serialize;
+use ballast_api::admin::{DrainRecord, EndpointReport, EndpointStatus, OpenCounts};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// What an endpoint is doing, as reported on `/endpoints` and `/drain`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EndpointStatus {
-    /// Takes new requests.
-    Active,
-    /// Takes no new requests; in-flight ones finish.
-    Draining,
-    /// Failing; skipped until the ejection ends.
-    Ejected,
-    /// Not ready according to discovery.
-    NotReady,
-}
 
 /// Live state of one endpoint.
 #[derive(Debug)]
@@ -75,55 +61,6 @@ pub struct EndpointState {
     pub(super) ready_after: AtomicU64,
     pub(super) ramp: bool,
     pub(crate) pool: Pool,
-}
-
-/// One row of `/endpoints`.
-#[derive(Clone, Debug, Serialize)]
-pub struct EndpointReport {
-    /// Pod IP and port.
-    pub address: SocketAddr,
-    /// Pod name.
-    pub pod: Option<String>,
-    /// Zone.
-    pub zone: Option<String>,
-    /// State.
-    pub state: EndpointStatus,
-    /// Still listed by discovery.
-    pub listed: bool,
-    /// Discovery's conditions.
-    pub ready: bool,
-    /// Discovery's conditions.
-    pub serving: bool,
-    /// Discovery's conditions.
-    pub terminating: bool,
-    /// Why it drains, when it does.
-    pub drain_reason: Option<DrainReason>,
-    /// Requests in flight.
-    pub in_flight: u64,
-    /// Open connections.
-    pub connections: u64,
-    /// Connections ever opened.
-    pub connections_opened: u64,
-    /// Requests sent.
-    pub requests: u64,
-    /// Requests per connection opened (keep-alive reuse).
-    pub requests_per_connection: f64,
-    /// 5xx answers plus failures without an answer.
-    pub errors: u64,
-    /// Peak-EWMA latency estimate in milliseconds.
-    pub ewma_ms: f64,
-    /// Slow-start weight, 0.1 to 1.
-    pub weight: f64,
-    /// Seconds since the Unix epoch when draining began.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub draining_since: Option<f64>,
-    /// Milliseconds from the start of the drain until nothing was open, once that
-    /// happened.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub drained_after_ms: Option<u64>,
-    /// What was open when the pod's drain helper gave up, if it did.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub forced: Option<OpenCounts>,
 }
 
 impl EndpointState {

@@ -10,14 +10,17 @@
 mod drain;
 mod endpoint;
 
-pub use drain::{DrainMark, DrainReason, DrainRecord, DrainReport, OpenCounts};
-pub use endpoint::{EndpointReport, EndpointState, EndpointStatus};
+pub use ballast_api::admin::{
+    DrainReason, DrainRecord, DrainReport, EndpointReport, EndpointStatus, OpenCounts,
+};
+pub use ballast_api::settings::Algorithm;
+pub use drain::DrainMark;
+pub use endpoint::EndpointState;
 
 use crate::balance::{Balancer, Pick, Select};
 use crate::endpoint::EndpointSet;
 use crate::load::{EjectionPolicy, may_eject};
 use arc_swap::ArcSwap;
-use serde::Serialize;
 use smallvec::SmallVec;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -25,18 +28,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
-
-/// Load-balancing algorithm.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Algorithm {
-    /// Power of two choices over peak-EWMA latency x (pending + 1).
-    P2cEwma,
-    /// Power of two choices over in-flight requests.
-    LeastRequest,
-    /// Each endpoint in turn.
-    RoundRobin,
-}
 
 /// Balancer settings.
 #[derive(Clone, Debug)]

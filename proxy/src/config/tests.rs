@@ -1,0 +1,237 @@
+use super::*;
+use crate::balance::affinity::KeySource;
+use ballast_api::settings::{
+    AffinitySettings, LogFormat, OutlierSettings, ProxySettings, RetrySettings, SameSite,
+};
+use clap::Parser;
+use std::time::Duration;
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+    assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+    assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+    assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+    assert!(parse_duration("5").is_err());
+    assert!(parse_duration("-1s").is_err());
+    assert!(parse_duration("fast").is_err());
+}
+
+#[test]
+fn every_problem_is_reported_on_its_own_line() {
+    let settings = Settings::parse_from([
+        "ballast-proxy",
+        "--listen",
+        "nope",
+        "--retry-attempts",
+        "9",
+        "--connect-timeout",
+        "1 parsec",
+        "--endpoints",
+        "127.0.0.2:80",
+        "--kube-service",
+        "web",
+        "--workers",
+        "0",
+    ]);
+    let err = settings.resolve().unwrap_err();
+    let text = err.to_string();
+    assert_eq!(text.lines().count(), 5, "{text}");
+    assert!(text.contains("--workers: 0 is outside 1..=256"));
+    assert!(text.contains("--listen: \"nope\" is not an IP:port address"));
+    assert!(text.contains("--retry-attempts: 9 is outside 1..=5"));
+    assert!(text.contains("--connect-timeout"));
+    assert!(text.contains("mutually exclusive"));
+}
+
+#[test]
+fn workers_follow_the_cpu_request_not_the_node() {
+    assert_eq!(default_workers(Some(100), 64), 1);
+    assert_eq!(default_workers(Some(1000), 64), 1);
+    assert_eq!(default_workers(Some(1500), 64), 2);
+    assert_eq!(
+        default_workers(Some(8000), 2),
+        2,
+        "never more than the CPUs usable"
+    );
+    assert_eq!(default_workers(Some(0), 64), 4, "no request: capped");
+    assert_eq!(default_workers(None, 2), 2);
+    let settings = Settings::parse_from([
+        "ballast-proxy",
+        "--endpoints",
+        "127.0.0.2:80",
+        "--cpu-request-millis",
+        "250",
+    ]);
+    assert_eq!(settings.resolve().unwrap().workers, 1);
+}
+
+#[test]
+fn defaults_and_file_layering() {
+    let dir = std::env::temp_dir().join(format!("ballast-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("proxy.yaml");
+    std::fs::write(
+        &file,
+        "algorithm: round-robin\nretry-attempts: 3\nendpoints: 127.0.0.2:80\n",
+    )
+    .unwrap();
+    let settings = Settings::parse_from([
+        "ballast-proxy",
+        "--config",
+        file.to_str().unwrap(),
+        "--retry-attempts",
+        "1",
+    ]);
+    let config = settings.with_file().unwrap().resolve().unwrap();
+    assert_eq!(
+        config.balancer.algorithm,
+        Algorithm::RoundRobin,
+        "from the file"
+    );
+    assert_eq!(config.retry_attempts, 1, "the flag wins over the file");
+    assert_eq!(config.drain_timeout, Duration::from_secs(30));
+    assert_eq!(
+        config.balancer.drain_ttl,
+        Duration::from_secs(60),
+        "2 x drain timeout"
+    );
+    assert_eq!(
+        config.source,
+        Source::Static(vec!["127.0.0.2:80".parse().unwrap()])
+    );
+
+    std::fs::write(&file, "retry-atempts: 3\n").unwrap();
+    let settings = Settings::parse_from(["ballast-proxy", "--config", file.to_str().unwrap()]);
+    assert!(
+        settings
+            .with_file()
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Everything the operator can set, each to a value that is not the proxy's default.
+fn operator_settings() -> ProxySettings {
+    ProxySettings {
+        listen: "[::]:8081".parse().expect("address"),
+        admin_listen: "[::]:9902".parse().expect("address"),
+        kube_service: "web-backends".to_owned(),
+        port_name: "grpc".to_owned(),
+        backend_protocol: BackendProtocol::H2c,
+        algorithm: Algorithm::LeastRequest,
+        connect_timeout: Duration::from_millis(250),
+        response_timeout: None,
+        stream_idle_timeout: Some(Duration::from_secs(120)),
+        idle_timeout: Duration::from_secs(45),
+        retries: RetrySettings {
+            attempts: 3,
+            budget_percent: 30,
+            min_per_second: 7,
+            body_limit: 4096,
+        },
+        max_in_flight: Some(500),
+        outlier: OutlierSettings {
+            consecutive_failures: 4,
+            base_ejection: Duration::from_secs(15),
+            max_ejection: Duration::from_secs(90),
+            max_ejected_percent: 40,
+        },
+        warmup: Duration::from_millis(1500),
+        drain_ttl: Duration::from_secs(70),
+        shutdown_delay: Duration::from_secs(6),
+        drain_timeout: Duration::from_secs(31),
+        log_format: LogFormat::Json,
+        affinity: Some(AffinitySettings {
+            key: "cookie:session".to_owned(),
+            load_factor: 1.5,
+            cookie_ttl: Duration::from_secs(600),
+            cookie_secure: true,
+            cookie_same_site: SameSite::Strict,
+            trust_forwarded_for: true,
+        }),
+    }
+}
+
+/// The settings a resolved configuration carries out, the inverse of `to_args` and
+/// `resolve` together.
+fn settings_of(config: &Config) -> ProxySettings {
+    let Source::Kubernetes {
+        service, port_name, ..
+    } = &config.source
+    else {
+        panic!("the operator's proxies discover through Kubernetes: {config:?}");
+    };
+    let percent = |ratio: f64| (ratio * 100.0).round() as u32;
+    ProxySettings {
+        listen: config.listen,
+        admin_listen: config.admin_listen,
+        kube_service: service.clone(),
+        port_name: port_name.clone().unwrap_or_default(),
+        backend_protocol: config.connect.protocol,
+        algorithm: config.balancer.algorithm,
+        connect_timeout: config.connect.connect_timeout,
+        response_timeout: config.response_timeout,
+        stream_idle_timeout: config.stream_idle_timeout,
+        idle_timeout: config.connect.idle_timeout,
+        retries: RetrySettings {
+            attempts: config.retry_attempts,
+            budget_percent: percent(config.retry_budget_ratio),
+            min_per_second: config.retry_min_per_second,
+            body_limit: config.retry_body_limit as u64,
+        },
+        max_in_flight: config.max_in_flight.map(|m| m as u64),
+        outlier: OutlierSettings {
+            consecutive_failures: config.balancer.ejection.consecutive_failures,
+            base_ejection: config.balancer.ejection.base,
+            max_ejection: config.balancer.ejection.max,
+            max_ejected_percent: percent(config.balancer.ejection.max_ejected_ratio),
+        },
+        warmup: config.balancer.warmup,
+        drain_ttl: config.balancer.drain_ttl,
+        shutdown_delay: config.shutdown_delay,
+        drain_timeout: config.drain_timeout,
+        log_format: config.log_format,
+        affinity: config.affinity.as_ref().map(|a| AffinitySettings {
+            key: match &a.source {
+                KeySource::Header(name) => format!("header:{name}"),
+                KeySource::Cookie(name) => format!("cookie:{name}"),
+                KeySource::ClientIp => "client-ip".to_owned(),
+            },
+            load_factor: a.load_factor,
+            cookie_ttl: a.cookie_ttl,
+            cookie_secure: a.cookie_secure,
+            cookie_same_site: a.cookie_same_site,
+            trust_forwarded_for: a.trust_forwarded_for,
+        }),
+    }
+}
+
+fn parse_and_resolve(args: &[String]) -> Config {
+    let settings = Settings::try_parse_from(
+        std::iter::once("ballast-proxy".to_owned()).chain(args.iter().cloned()),
+    )
+    .unwrap_or_else(|e| panic!("the proxy refuses {args:?}: {e}"));
+    settings
+        .resolve()
+        .unwrap_or_else(|e| panic!("the proxy refuses {args:?}: {e}"))
+}
+
+#[test]
+fn the_proxy_parses_every_setting_the_operator_renders_to_the_same_value() {
+    let settings = operator_settings();
+    let config = parse_and_resolve(&settings.to_args());
+    assert_eq!(settings_of(&config), settings);
+
+    let plain = ProxySettings {
+        affinity: None,
+        response_timeout: Some(Duration::from_secs(60)),
+        stream_idle_timeout: None,
+        max_in_flight: None,
+        ..operator_settings()
+    };
+    assert_eq!(settings_of(&parse_and_resolve(&plain.to_args())), plain);
+}
