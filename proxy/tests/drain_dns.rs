@@ -132,11 +132,15 @@ async fn a_kept_connection_that_closes_is_replaced() {
     };
     let mut notes = Vec::new();
     let cut_once = async {
-        // Cut under the helper once its connection is in use.
-        while relay.accepted() == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Cut under the helper once it has kept its connection for a second call (the
+        // POST, then a GET on the same connection), so the cut hits a kept connection.
+        let relay = &relay;
+        support::eventually(
+            "a second call on the helper's first connection",
+            || async move { relay.requests() >= 2 },
+        )
+        .await;
+        assert_eq!(relay.accepted(), 1, "the helper keeps its connection");
         relay.cut();
     };
     let (outcome, ()) = tokio::join!(

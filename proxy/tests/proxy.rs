@@ -64,7 +64,14 @@ async fn removing_and_terminating_pods_under_load_fails_no_request() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The load reaches every pod, the two about to leave included.
+    {
+        let pods = &pods;
+        support::eventually("every pod serving the load", || async move {
+            pods.iter().all(|p| p.hits() >= 10)
+        })
+        .await;
+    }
     // Pod 2 becomes terminating (rollout), pod 3 vanishes from discovery.
     write(&[
         (pods[0].addr, true),
@@ -90,7 +97,16 @@ async fn removing_and_terminating_pods_under_load_fails_no_request() {
     })
     .await;
     let served_by_leaving = (pods[0].hits(), pods[1].hits());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The load goes on: a hundred more requests, all on the pods that stay.
+    {
+        let staying = || pods[2].hits() + pods[3].hits();
+        let target = staying() + 100;
+        support::eventually(
+            "100 more requests served after the pods left",
+            || async move { staying() >= target },
+        )
+        .await;
+    }
     stop.store(true, Relaxed);
     tokio::time::timeout(LIMIT, futures::future::try_join_all(clients))
         .await
@@ -669,7 +685,15 @@ async fn proxy_shutdown_under_load_fails_no_request_for_clients_that_reconnect()
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The first proxy stops with the load well under way on it (every client starts
+    // there): 200 of the 1600 requests answered.
+    {
+        let served = &served;
+        support::eventually("the load running on the first proxy", || async move {
+            served.load(Relaxed) >= 200
+        })
+        .await;
+    }
     let stopping = tokio::spawn(first.shutdown());
     tokio::time::timeout(LIMIT, futures::future::try_join_all(clients))
         .await
@@ -809,7 +833,10 @@ async fn access_log_records_successes_retries_local_answers_and_upgrades() {
         StatusCode::SERVICE_UNAVAILABLE
     );
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A stopping proxy writes out its last records before it returns: every line is
+    // in the file after that, with no guess at how long the writer takes.
+    running.shutdown().await;
+    nobody.shutdown().await;
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
@@ -869,8 +896,6 @@ async fn access_log_records_successes_retries_local_answers_and_upgrades() {
         (Some(503), Some("no-endpoint"))
     );
     assert!(lonely[0]["upstream"].is_null());
-    running.shutdown().await;
-    nobody.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -544,8 +544,14 @@ async fn a_small_body_is_retried_whole_after_a_reset_before_the_response() {
                 Request::post("/echo").header("host", "t"),
             )
             .await;
+            let heads = broken.hits() + healthy.hits();
             tx.send(Ok(Frame::data(body.slice(..512)))).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The rest is held back until the head has reached a pod.
+            let (broken, healthy) = (&broken, &healthy);
+            support::eventually("the head sent before the body ended", || async move {
+                broken.hits() + healthy.hits() > heads
+            })
+            .await;
             tx.send(Ok(Frame::data(body.slice(512..)))).await.unwrap();
             drop(tx);
             let response = within(STEP, "response", response).await.unwrap().unwrap();

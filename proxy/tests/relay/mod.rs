@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 
@@ -25,6 +25,7 @@ pub struct Relay {
     /// Where callers connect.
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
     cut: broadcast::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -38,6 +39,8 @@ impl Relay {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let sent = requests.clone();
         let (cut, _) = broadcast::channel(1);
         let cuts = cut.clone();
         let task = tokio::spawn(async move {
@@ -49,12 +52,13 @@ impl Relay {
                     Source::Fixed(ip) => ip,
                 };
                 let mut cut = cuts.subscribe();
+                let sent = sent.clone();
                 connections.spawn(async move {
                     let socket = TcpSocket::new_v4().unwrap();
                     socket.bind(SocketAddr::new(from, 0)).unwrap();
                     if let Ok(mut outbound) = socket.connect(upstream).await {
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            () = relay(&mut inbound, &mut outbound, &sent) => {}
                             _ = cut.recv() => {}
                         }
                     }
@@ -64,6 +68,7 @@ impl Relay {
         Self {
             addr,
             accepted,
+            requests,
             cut,
             task,
         }
@@ -79,6 +84,35 @@ impl Relay {
     pub fn accepted(&self) -> usize {
         self.accepted.load(Relaxed)
     }
+
+    /// Reads passed on from callers, over every connection: one per request for a
+    /// caller that sends small requests and waits for each answer (the drain helper).
+    pub fn requests(&self) -> usize {
+        self.requests.load(Relaxed)
+    }
+}
+
+/// Copies both ways until both sides have closed (as `copy_bidirectional`), counting
+/// the reads from the caller in `sent`.
+async fn relay(inbound: &mut TcpStream, outbound: &mut TcpStream, sent: &AtomicUsize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_caller, mut to_caller) = inbound.split();
+    let (mut from_upstream, mut to_upstream) = outbound.split();
+    let up = async {
+        let mut buf = vec![0; 16 * 1024];
+        while let Ok(n @ 1..) = from_caller.read(&mut buf).await {
+            sent.fetch_add(1, Relaxed);
+            if to_upstream.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to_upstream.shutdown().await;
+    };
+    let down = async {
+        let _ = tokio::io::copy(&mut from_upstream, &mut to_caller).await;
+        let _ = to_caller.shutdown().await;
+    };
+    tokio::join!(up, down);
 }
 
 impl Drop for Relay {

@@ -79,15 +79,14 @@ impl Process {
         self.child.id()
     }
 
-    /// Sends SIGTERM (through `kill`, to stay free of unsafe code).
+    /// Sends SIGTERM.
     ///
     /// # Panics
-    /// When `kill` cannot be run.
+    /// When the signal cannot be sent.
     pub fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        assert!(status.is_ok_and(|s| s.success()), "kill -TERM failed");
+        if let Err(e) = sigterm(self.pid()) {
+            panic!("SIGTERM to {}: {e}", self.pid());
+        }
     }
 
     /// Waits for the process to exit, up to `limit`.
@@ -108,6 +107,19 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends SIGTERM to process `pid` (the std library only has SIGKILL).
+///
+/// # Errors
+/// When the signal cannot be sent (no such process, a pid out of range).
+pub fn sigterm(pid: u32) -> Result<(), String> {
+    let pid = i32::try_from(pid).map_err(|e| format!("pid {pid}: {e}"))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// A port that was free on `ip` a moment ago.

@@ -75,16 +75,11 @@ impl App {
         app
     }
 
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
     fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed: {status}");
+        let pid = self.child.id();
+        if let Err(e) = ballast_integration::sigterm(pid) {
+            panic!("SIGTERM to {pid}: {e}");
+        }
     }
 
     /// Waits until the app has taken `n` requests besides the polls themselves (the

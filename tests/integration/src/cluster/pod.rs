@@ -240,11 +240,10 @@ fn spawn_container(pod: &Pod, plan: &PodPlan, runtime: &PodRuntime) -> Result<Ch
         .map_err(|e| format!("cannot start {program}: {e}"))
 }
 
-fn signal(child: &Child, name: &str) {
+/// SIGTERM to the container's process, if it still runs.
+fn terminate(child: &Child) {
     if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill")
-            .args([&format!("-{name}"), &pid.to_string()])
-            .status();
+        let _ = crate::sigterm(pid);
     }
 }
 
@@ -284,7 +283,7 @@ async fn kubelet(pod: Arc<Pod>, plan: PodPlan, runtime: PodRuntime) {
         s.pre_stop_done = Some((Instant::now(), hook_line));
         s.sigterm_at = Some(Instant::now());
     });
-    signal(&child, "TERM");
+    terminate(&child);
     // kubelet gives 2 s more when the hook used up the grace period.
     let stop_by = deadline.max(Instant::now() + Duration::from_secs(2));
     let killed = tokio::time::timeout_at(stop_by, child.wait())
