@@ -65,6 +65,6 @@ pub struct RunArgs {
     #[arg(long, env = "BALLAST_MAX_REPLICAS", default_value_t = 1000)]
     pub max_replicas: i32,
     /// Log format: text or json.
-    #[arg(long, env = "BALLAST_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    #[arg(long, env = "BALLAST_LOG_FORMAT", default_value = "text")]
+    pub log_format: ballast_api::settings::LogFormat,
 }

@@ -11,8 +11,9 @@ use ballast_operator::cli::{Cli, Command, RunArgs};
 use ballast_operator::controller::{self, Caches, Context};
 use ballast_operator::leader::{Election, Timing};
 use ballast_operator::metrics::Metrics;
+use ballast_operator::render;
 use ballast_operator::validate::Limits;
-use ballast_operator::{error_chain, render};
+use ballast_process::{error_chain, init_logging, shutdown_signal};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -68,7 +69,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> ExitCode {
-    init_logging(args.log_format == "json");
+    init_logging(args.log_format);
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let admin = tokio::spawn(ballast_operator::admin::serve(
@@ -116,8 +117,9 @@ async fn run(args: RunArgs) -> ExitCode {
         let namespace = namespace.clone();
         async move { controller::run(ctx, writers, namespace.as_deref()).await }
     };
+    let signal = shutdown_signal();
     let stopped = async {
-        shutdown_signal().await;
+        signal.await;
         tracing::info!("signal received: stopping");
     };
     let election = if args.leader_elect {
@@ -152,34 +154,6 @@ async fn run(args: RunArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// Writes to stdout, treating a closed pipe (`| head`) as success.

@@ -1,5 +1,6 @@
 #![forbid(unsafe_code)]
 
+use ballast_process::{error_chain, init_logging, shutdown_signal};
 use ballast_proxy::config::Settings;
 use clap::Parser;
 use std::process::ExitCode;
@@ -17,60 +18,20 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(config.log_format == ballast_api::settings::LogFormat::Json);
+    init_logging(config.log_format);
     let running = match ballast_proxy::server::start(config).await {
         Ok(running) => running,
         Err(e) => {
-            eprintln!("ballast-proxy: {e}: {}", e.source_text());
+            eprintln!("ballast-proxy: {}", error_chain(&e));
             return ExitCode::FAILURE;
         }
     };
     let trigger = running.shutdown_trigger();
+    let signal = shutdown_signal();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signal.await;
         trigger.notify_one();
     });
     running.stopped().await;
     ExitCode::SUCCESS
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-trait SourceText {
-    fn source_text(&self) -> String;
-}
-
-impl<E: std::error::Error> SourceText for E {
-    fn source_text(&self) -> String {
-        self.source().map(ToString::to_string).unwrap_or_default()
-    }
 }

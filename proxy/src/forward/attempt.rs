@@ -2,12 +2,13 @@
 //! request's limits, and record what the endpoint did.
 
 use super::body::{Exchange, ProxyBody, TrackedBody};
-use super::error::{AttemptFailure, ErrorKind, error_chain, failed_before_response};
+use super::error::{AttemptFailure, ErrorKind, failed_before_response};
 use super::headers::strip_hop_by_hop;
 use super::limits::{Limits, wait_for_head};
 use super::{ProxyService, RequestBody};
 use crate::pool::{self, Sender};
 use crate::registry::EndpointState;
+use ballast_process::error_chain;
 use http::header;
 use http::{Request, Response, StatusCode, Uri, Version};
 use std::sync::Arc;
@@ -34,7 +35,7 @@ impl ProxyService {
                 // Nothing was sent: always safe to try elsewhere.
                 return Err(AttemptFailure {
                     kind: ErrorKind::ConnectFailed,
-                    cause: error_chain(&e),
+                    error: error_chain(&e),
                     retryable: true,
                 });
             }
@@ -46,7 +47,7 @@ impl ProxyService {
                 None => {
                     return Err(AttemptFailure {
                         kind: ErrorKind::UpstreamFailed,
-                        cause: "the request body outgrew the retry copy".into(),
+                        error: "the request body outgrew the retry copy".into(),
                         retryable: false,
                     });
                 }
@@ -149,7 +150,7 @@ impl ProxyService {
                         .inc();
                     return Err(AttemptFailure {
                         kind: ErrorKind::BadBody,
-                        cause: error_chain(&e),
+                        error: error_chain(&e),
                         retryable: false,
                     });
                 }
@@ -157,7 +158,7 @@ impl ProxyService {
                 proxy.registry.record_failure(endpoint, now);
                 Err(AttemptFailure {
                     kind: ErrorKind::UpstreamFailed,
-                    cause: error_chain(&e),
+                    error: error_chain(&e),
                     retryable: failed_before_response(&e),
                 })
             }
@@ -172,7 +173,7 @@ impl ProxyService {
                     .inc();
                 Err(AttemptFailure {
                     kind: ErrorKind::UpstreamTimeout,
-                    cause: timeout.to_string(),
+                    error: timeout.to_string(),
                     retryable: false,
                 })
             }

@@ -68,7 +68,7 @@ impl ErrorKind {
 /// How one attempt failed.
 pub(super) struct AttemptFailure {
     pub(super) kind: ErrorKind,
-    pub(super) cause: String,
+    pub(super) error: String,
     /// Safe to try again on another endpoint.
     pub(super) retryable: bool,
 }
@@ -107,23 +107,8 @@ pub(super) fn failed_before_response(error: &hyper::Error) -> bool {
     false
 }
 
-pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-pub(super) fn failure_response(
-    failure: &AttemptFailure,
-    request_id: &str,
-    grpc: bool,
-) -> Response<ResponseBody> {
-    tracing::warn!(request_id, kind = failure.kind.as_str(), cause = %failure.cause, "request failed");
+/// The answer to a request that failed for good; the caller has logged why.
+pub(super) fn failure_response(failure: &AttemptFailure, grpc: bool) -> Response<ResponseBody> {
     let message = match failure.kind {
         ErrorKind::UpstreamTimeout => "upstream did not answer in time",
         ErrorKind::BadBody => "request body could not be read",

@@ -340,7 +340,15 @@ impl ProxyService {
             };
             let Some(endpoint) = selected else {
                 if let Some(failure) = last {
-                    return failure_response(&failure, request_id, grpc);
+                    tracing::warn!(
+                        request_id,
+                        attempt = tried.len(),
+                        kind = failure.kind.as_str(),
+                        error = %failure.error,
+                        retry = "no other endpoint",
+                        "request failed"
+                    );
+                    return failure_response(&failure, grpc);
                 }
                 proxy.metrics.no_endpoint.inc();
                 tracing::warn!(request_id, path = %parts.uri.path(), "no endpoint available");
@@ -380,16 +388,21 @@ impl ProxyService {
                     return response.map(ProxyBody::Tracked);
                 }
                 Err(failure) => {
-                    tracing::warn!(
-                        request_id,
-                        endpoint = %endpoint.address,
-                        pod = ?endpoint.pod(),
-                        attempt = tried.len(),
-                        cause = %failure.cause,
-                        "attempt failed"
-                    );
+                    let failed = |retry: &str| {
+                        tracing::warn!(
+                            request_id,
+                            endpoint = %endpoint.address,
+                            pod = ?endpoint.pod(),
+                            attempt = tried.len(),
+                            kind = failure.kind.as_str(),
+                            error = %failure.error,
+                            retry,
+                            "request failed"
+                        );
+                    };
                     if !failure.retryable {
-                        return failure_response(&failure, request_id, grpc);
+                        failed("no: the pod may have processed it");
+                        return failure_response(&failure, grpc);
                     }
                     let skipped = if !body.can_replay() {
                         Some("body-over-limit")
@@ -406,8 +419,16 @@ impl ProxyService {
                             .retries_skipped
                             .get_or_create(&[("reason", reason)])
                             .inc();
-                        return failure_response(&failure, request_id, grpc);
+                        failed(reason);
+                        return failure_response(&failure, grpc);
                     }
+                    tracing::debug!(
+                        request_id,
+                        endpoint = %endpoint.address,
+                        attempt = tried.len(),
+                        error = %failure.error,
+                        "attempt failed; retrying on another endpoint"
+                    );
                     proxy.metrics.retries.inc();
                     last = Some(failure);
                 }

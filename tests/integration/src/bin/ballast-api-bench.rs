@@ -10,6 +10,7 @@
 //! cluster; what it leaves out (proxies, real probes) is the same for every binary run.
 
 use ballast_api::BalancedService;
+use ballast_api::admin::{EndpointReport, EndpointStatus};
 use ballast_integration::Process;
 use ballast_integration::apiserver::{ApiServer, ResourceType, Verb};
 use clap::Parser;
@@ -218,8 +219,8 @@ async fn start_admin(
             tokio::spawn(async move {
                 let handler = hyper::service::service_fn(move |req: hyper::Request<_>| {
                     let body = match req.uri().path() {
-                        "/endpoints" => {
-                            let pods: Vec<Value> = api
+                        ballast_api::admin::ENDPOINTS => {
+                            let pods: Vec<EndpointReport> = api
                                 .list_values(&ResourceType::of::<Pod>(), NAMESPACE)
                                 .into_iter()
                                 .filter(|p| {
@@ -227,14 +228,19 @@ async fn start_admin(
                                     labels["ballast.dev/service"] == json!(service)
                                         && labels["ballast.dev/role"] == json!("app")
                                 })
-                                .map(|p| {
-                                    json!({"address": format!("{}:8080", p["status"]["podIP"].as_str().unwrap_or_default()),
-                                           "pod": p["metadata"]["name"], "state": "active",
-                                           "listed": true, "in_flight": 0, "connections": 0,
-                                           "requests": 0, "errors": 0})
+                                .filter_map(|p| {
+                                    let ip: std::net::IpAddr =
+                                        p["status"]["podIP"].as_str()?.parse().ok()?;
+                                    Some(EndpointReport {
+                                        pod: p["metadata"]["name"].as_str().map(str::to_owned),
+                                        ..EndpointReport::new(
+                                            (ip, 8080).into(),
+                                            EndpointStatus::Active,
+                                        )
+                                    })
                                 })
                                 .collect();
-                            Value::Array(pods)
+                            serde_json::to_value(pods).unwrap_or_default()
                         }
                         _ => json!([]),
                     };

@@ -31,7 +31,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -130,14 +129,7 @@ impl hyper::body::Body for Download {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    ballast_process::init_logging(ballast_api::settings::LogFormat::Text);
 
     let args = Args::parse();
     let listener = TcpListener::bind(args.listen).await?;
@@ -159,8 +151,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
-    let mut term = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+    let shutdown = ballast_process::shutdown_signal();
+    tokio::pin!(shutdown);
 
     loop {
         let (stream, peer) = tokio::select! {
@@ -172,8 +164,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                     continue;
                 }
             },
-            _ = term.recv() => break,
-            _ = interrupt.recv() => break,
+            () = &mut shutdown => break,
         };
         debug!(%peer, "accepted");
         let _ = stream.set_nodelay(true);
