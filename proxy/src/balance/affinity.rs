@@ -7,6 +7,8 @@
 //! Adding or removing one endpoint moves only the keys of its points (about 1/N), and
 //! one hot key spills over to the next endpoints instead of melting one pod.
 
+use ballast_api::settings::SameSite;
+use cookie::Cookie;
 use http::HeaderMap;
 use http::header::{COOKIE, HeaderName};
 use std::net::SocketAddr;
@@ -35,7 +37,7 @@ pub struct AffinityConfig {
     /// Mark that cookie `Secure`.
     pub cookie_secure: bool,
     /// Its `SameSite` attribute: `Lax`, `Strict` or `None`.
-    pub cookie_same_site: ballast_api::settings::SameSite,
+    pub cookie_same_site: SameSite,
     /// Take the client IP from the first X-Forwarded-For hop.
     pub trust_forwarded_for: bool,
 }
@@ -64,14 +66,20 @@ impl AffinityConfig {
                 }),
                 None => {
                     let token = format!("{:032x}", fastrand::u128(..));
-                    let mut set = format!(
-                        "{name}={token}; Path=/; Max-Age={}; HttpOnly; SameSite={}",
-                        self.cookie_ttl.as_secs(),
-                        self.cookie_same_site
-                    );
-                    if self.cookie_secure {
-                        set.push_str("; Secure");
-                    }
+                    let set = Cookie::build((name.as_str(), token.as_str()))
+                        .path("/")
+                        .max_age(cookie::time::Duration::seconds(
+                            i64::try_from(self.cookie_ttl.as_secs()).unwrap_or(i64::MAX),
+                        ))
+                        .http_only(true)
+                        .same_site(match self.cookie_same_site {
+                            SameSite::Lax => cookie::SameSite::Lax,
+                            SameSite::Strict => cookie::SameSite::Strict,
+                            SameSite::None => cookie::SameSite::None,
+                        })
+                        .secure(self.cookie_secure)
+                        .build()
+                        .to_string();
                     Some(Key {
                         hash: hash(token.as_bytes()),
                         set_cookie: Some(set),
@@ -97,15 +105,22 @@ impl AffinityConfig {
     }
 }
 
+/// The value of cookie `name` in the request's `Cookie` headers, without the quotes
+/// RFC 6265 allows around it.
 fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+        .flat_map(Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|c| c.name() == name)
+        .and_then(|c| c.value_raw())
+        .map(|raw| {
+            raw.strip_prefix('"')
+                .and_then(|r| r.strip_suffix('"'))
+                .unwrap_or(raw)
+        })
 }
 
 /// Ring points per endpoint: enough that keys spread within a few percent.
@@ -282,10 +297,25 @@ mod tests {
             .key(&headers, client)
             .unwrap();
         let set = fresh.set_cookie.unwrap();
-        assert!(
-            set.starts_with("other=")
-                && set.contains("Max-Age=3600; HttpOnly; SameSite=Lax; Secure"),
-            "{set}"
+        let parsed = Cookie::parse(set.as_str()).unwrap();
+        assert_eq!(parsed.name(), "other");
+        assert_eq!(parsed.value().len(), 32, "{set}");
+        assert_eq!(parsed.path(), Some("/"));
+        assert_eq!(
+            parsed.max_age(),
+            Some(cookie::time::Duration::seconds(3600))
+        );
+        assert_eq!(parsed.http_only(), Some(true));
+        assert_eq!(parsed.same_site(), Some(cookie::SameSite::Lax));
+        assert_eq!(parsed.secure(), Some(true));
+        headers.insert(COOKIE, "a=1; session=\"s-42\"".parse().unwrap());
+        assert_eq!(
+            config(KeySource::Cookie("session".into()))
+                .key(&headers, client)
+                .unwrap()
+                .hash,
+            hash(b"s-42"),
+            "quotes are not part of the value"
         );
         let by_ip = config(KeySource::ClientIp).key(&headers, client).unwrap();
         assert_eq!(

@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::time::Instant;
+use tracing::Instrument;
 use tunnel::Tunnels;
 
 /// Body of a response to a client.
@@ -183,7 +184,15 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move {
+        // One span per request at debug: with debug off it is never built.
+        let span = tracing::debug_span!(
+            "request",
+            method = %request.method(),
+            path = %request.uri().path(),
+            client = %self.client,
+            request_id = tracing::field::Empty,
+        );
+        let response = async move {
             let http1 = request.version() < Version::HTTP_2;
             let mut response = this.handle(request).await;
             if http1
@@ -195,7 +204,8 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Ok(response)
-        })
+        };
+        Box::pin(response.instrument(span))
     }
 }
 
@@ -286,6 +296,9 @@ impl ProxyService {
         let request_id = request_id.to_str().unwrap_or("-");
         if let Some(log) = log.as_deref_mut() {
             request_id.clone_into(&mut log.record.request_id);
+        }
+        if tracing::level_enabled!(tracing::Level::DEBUG) {
+            tracing::Span::current().record("request_id", request_id);
         }
         let upgrade = is_upgrade(&request);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
