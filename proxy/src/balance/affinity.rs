@@ -7,11 +7,15 @@
 //! Adding or removing one endpoint moves only the keys of its points (about 1/N), and
 //! one hot key spills over to the next endpoints instead of melting one pod.
 
+use super::{Pick, Select};
+use crate::registry::EndpointState;
 use ballast_api::settings::SameSite;
 use cookie::Cookie;
 use http::HeaderMap;
 use http::header::{COOKIE, HeaderName};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 /// Where a request's affinity key comes from.
@@ -192,6 +196,51 @@ pub fn bound(total_in_flight: u64, eligible: usize, load_factor: f64, weight: f6
     }
     let mean = (total_in_flight + 1) as f64 / eligible as f64;
     ((load_factor * mean * weight).ceil() as u64).max(1)
+}
+
+/// Consistent hashing with bounded loads as a selection algorithm: the first
+/// candidate clockwise from the key that is under its bound, else `otherwise` over the
+/// same candidates (balance as without affinity).
+#[derive(Debug)]
+pub struct BoundedLoadHash<'s, S> {
+    /// The ring over `listed`.
+    pub ring: &'s Ring,
+    /// The endpoints the ring's indices refer to.
+    pub listed: &'s [Arc<EndpointState>],
+    /// The request's key.
+    pub key: u64,
+    /// An endpoint takes at most this times the mean in-flight load.
+    pub load_factor: f64,
+    /// The algorithm when no candidate on the ring is under its bound.
+    pub otherwise: &'s S,
+}
+
+impl<S: Select> Select for BoundedLoadHash<'_, S> {
+    fn select<'a>(
+        &self,
+        candidates: &[&'a Arc<EndpointState>],
+        pick: &mut Pick,
+    ) -> &'a Arc<EndpointState> {
+        let total: u64 = candidates.iter().map(|c| c.in_flight.load(Relaxed)).sum();
+        for index in self.ring.walk(self.key) {
+            let Some(listed) = self.listed.get(index) else {
+                continue;
+            };
+            let Some(candidate) = candidates.iter().find(|c| Arc::ptr_eq(c, listed)) else {
+                continue;
+            };
+            let limit = bound(
+                total,
+                candidates.len(),
+                self.load_factor,
+                candidate.weight(pick.now, pick.warmup),
+            );
+            if candidate.in_flight.load(Relaxed) < limit {
+                return candidate;
+            }
+        }
+        self.otherwise.select(candidates, pick)
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,10 @@
 //! algorithm behind one trait, [`Select`], as pingora-load-balancing puts each
 //! algorithm behind `BackendSelection`; the registry filters the candidates (ready, not
 //! draining, not ejected, not tried) and the algorithm only chooses among them.
-//! Session affinity's consistent hash with bounded loads is [`affinity`].
+//! Session affinity's consistent hash with bounded loads,
+//! [`affinity::BoundedLoadHash`], is one more [`Select`]: it walks the ring over the same
+//! candidates and hands over to the configured algorithm when no endpoint on it is
+//! under its bound.
 
 pub mod affinity;
 mod least_request;

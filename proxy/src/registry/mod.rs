@@ -17,6 +17,7 @@ pub use ballast_api::settings::Algorithm;
 pub use drain::DrainMark;
 pub use endpoint::EndpointState;
 
+use crate::balance::affinity::BoundedLoadHash;
 use crate::balance::{Balancer, Pick, Select};
 use crate::endpoint::EndpointSet;
 use crate::load::{EjectionPolicy, may_eject};
@@ -193,14 +194,40 @@ impl Registry {
     /// draining, not ejected. With none eligible, falls back to endpoints that are
     /// still serving while terminating (as kube-proxy does).
     pub fn select(&self, now: Instant, tried: &[SocketAddr]) -> Option<Arc<EndpointState>> {
+        self.pick(now, tried, None).map(|(endpoint, _)| endpoint)
+    }
+
+    /// Picks the endpoint for a request with affinity key `key` (see
+    /// [`crate::balance::affinity`]). Returns it and whether the key's own endpoint was
+    /// passed over because it is draining, ejected or not ready (the key "moved").
+    pub fn select_affine(
+        &self,
+        now: Instant,
+        tried: &[SocketAddr],
+        key: u64,
+        load_factor: f64,
+    ) -> Option<(Arc<EndpointState>, bool)> {
+        self.pick(now, tried, Some((key, load_factor)))
+    }
+
+    /// The one selection path: the registry filters the candidates, the algorithm (or
+    /// the consistent hash in front of it) chooses among them.
+    fn pick(
+        &self,
+        now: Instant,
+        tried: &[SocketAddr],
+        affinity: Option<(u64, f64)>,
+    ) -> Option<(Arc<EndpointState>, bool)> {
         let snapshot = self.snapshot.load();
         let untried = |e: &&Arc<EndpointState>| !tried.contains(&e.address);
+        let eligible =
+            |e: &EndpointState| !e.is_draining() && e.ready.load(Relaxed) && !e.is_ejected(now);
         // On the stack up to 32 endpoints: no allocation per request for most services.
         let mut candidates: SmallVec<[&Arc<EndpointState>; 32]> = snapshot
             .endpoints
             .iter()
             .filter(untried)
-            .filter(|e| !e.is_draining() && e.ready.load(Relaxed) && !e.is_ejected(now))
+            .filter(|e| eligible(e))
             .collect();
         if candidates.is_empty() {
             candidates = snapshot
@@ -213,73 +240,40 @@ impl Registry {
                 })
                 .collect();
         }
-        let warmup = self.config.warmup;
         let picks = self.picks.fetch_add(1, Relaxed) + 1;
         let chosen = match candidates.len() {
             0 => return None,
             1 => candidates[0],
             _ => {
-                let rng = fastrand::Rng::with_seed(self.seed.fetch_add(SEED_STEP, Relaxed));
                 let mut pick = Pick {
                     now,
-                    warmup,
+                    warmup: self.config.warmup,
                     picks,
-                    rng,
+                    rng: fastrand::Rng::with_seed(self.seed.fetch_add(SEED_STEP, Relaxed)),
                 };
-                self.balancer.select(&candidates, &mut pick)
+                match affinity {
+                    Some((key, load_factor)) => BoundedLoadHash {
+                        ring: &snapshot.ring,
+                        listed: &snapshot.endpoints,
+                        key,
+                        load_factor,
+                        otherwise: &self.balancer,
+                    }
+                    .select(&candidates, &mut pick),
+                    None => self.balancer.select(&candidates, &mut pick),
+                }
             }
         };
         chosen.last_picked.store(picks, Relaxed);
-        Some(chosen.clone())
-    }
-
-    /// Picks the endpoint for a request with affinity key `key`: the first one
-    /// clockwise on the ring that is eligible and under its bounded load (see
-    /// [`crate::balance::affinity`]). Returns it and whether the key's own endpoint was skipped
-    /// because it is draining, ejected or not ready (the key "moved").
-    pub fn select_affine(
-        &self,
-        now: Instant,
-        tried: &[SocketAddr],
-        key: u64,
-        load_factor: f64,
-    ) -> Option<(Arc<EndpointState>, bool)> {
-        let snapshot = self.snapshot.load();
-        let eligible =
-            |e: &EndpointState| !e.is_draining() && e.ready.load(Relaxed) && !e.is_ejected(now);
-        let (count, total) = snapshot
-            .endpoints
-            .iter()
-            .filter(|e| eligible(e))
-            .fold((0, 0), |(n, t), e| (n + 1, t + e.in_flight.load(Relaxed)));
-        let mut moved = false;
-        for index in snapshot.ring.walk(key) {
-            let Some(endpoint) = snapshot.endpoints.get(index) else {
-                continue;
-            };
-            if tried.contains(&endpoint.address) {
-                continue;
-            }
-            if !eligible(endpoint) {
-                moved = true;
-                continue;
-            }
-            let limit = crate::balance::affinity::bound(
-                total,
-                count,
-                load_factor,
-                endpoint.weight(now, self.config.warmup),
-            );
-            if endpoint.in_flight.load(Relaxed) + 1 > limit {
-                continue;
-            }
-            endpoint
-                .last_picked
-                .store(self.picks.fetch_add(1, Relaxed) + 1, Relaxed);
-            return Some((endpoint.clone(), moved));
-        }
-        // Nothing eligible under its bound: balance as without affinity.
-        self.select(now, tried).map(|e| (e, true))
+        let moved = affinity.is_some_and(|(key, _)| {
+            snapshot
+                .ring
+                .walk(key)
+                .filter_map(|index| snapshot.endpoints.get(index))
+                .find(|e| !tried.contains(&e.address))
+                .is_some_and(|home| !eligible(home))
+        });
+        Some((chosen.clone(), moved))
     }
 
     /// Counts a failure (connect error, reset, timeout or 5xx) against `endpoint`, and
