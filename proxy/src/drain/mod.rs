@@ -13,16 +13,22 @@
 //! in a row means there are no proxies and so nothing to drain; a lookup that fails
 //! otherwise is retried.
 
+mod resolve;
+#[cfg(test)]
+mod tests;
+
+pub use resolve::{ResolveError, cluster_domain, qualify, resolve};
+
 use ballast_api::admin::{self, DrainReport, Refusal};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use resolve::Lookup;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::net::TcpSocket;
@@ -83,50 +89,7 @@ pub struct Outcome {
     pub elapsed: Duration,
 }
 
-/// Why looking up the proxies gave no address.
-#[derive(Debug, thiserror::Error)]
-pub enum ResolveError {
-    /// DNS answered that the name does not exist (NXDOMAIN) or has no address (NODATA).
-    #[error("{target}: no such name, or no address ({source})")]
-    NameNotFound {
-        /// The `host:port` looked up.
-        target: String,
-        /// The resolver's answer.
-        #[source]
-        source: io::Error,
-    },
-    /// The lookup failed in a way that may pass (resolver timeout, SERVFAIL, refused
-    /// query), or the target is not `host:port`.
-    #[error("looking up {target} failed: {source}")]
-    Lookup {
-        /// The `host:port` looked up.
-        target: String,
-        /// The resolver's error.
-        #[source]
-        source: io::Error,
-    },
-}
-
-/// The texts `getaddrinfo` gives for "no such name" (`EAI_NONAME`) and "no address"
-/// (`EAI_NODATA`) in glibc and musl. std keeps only `gai_strerror`'s text of the error,
-/// not its code, so the text is all there is to tell them from `EAI_AGAIN` ("Temporary
-/// failure in name resolution", "Try again") and `EAI_FAIL`. An unlisted text counts
-/// as a failure that may pass: the safe side, it keeps the pod waiting.
-const NOT_FOUND_TEXTS: [&str; 4] = [
-    "Name or service not known",
-    "No address associated with hostname",
-    "Name does not resolve",
-    "Name has no usable address",
-];
-
 type Sender = SendRequest<Empty<Bytes>>;
-
-/// What one lookup said, as the drain loop needs it.
-enum Lookup {
-    Found(Vec<SocketAddr>),
-    Absent(String),
-    Failed(String),
-}
 
 impl ReplicaState {
     fn is_done(&self) -> bool {
@@ -332,115 +295,6 @@ where
     }
 }
 
-impl From<Result<Vec<SocketAddr>, ResolveError>> for Lookup {
-    fn from(result: Result<Vec<SocketAddr>, ResolveError>) -> Self {
-        match result {
-            Ok(found) if found.is_empty() => Self::Absent("resolved to no address".to_owned()),
-            Ok(found) => Self::Found(found),
-            Err(e @ ResolveError::NameNotFound { .. }) => Self::Absent(e.to_string()),
-            Err(e @ ResolveError::Lookup { .. }) => Self::Failed(e.to_string()),
-        }
-    }
-}
-
-/// Resolves `host:port` (a DNS name or an IP) to every address, as the headless proxy
-/// admin Service publishes one record per replica. `target` may list several
-/// `host:port`s separated by commas; the result is their union.
-///
-/// # Errors
-/// [`ResolveError::NameNotFound`] when no target has an address and DNS said so for
-/// each (no proxies); [`ResolveError::Lookup`] when any lookup failed otherwise (no
-/// replica is silently left out), or `target` lists no `host:port`.
-pub async fn resolve(target: &str) -> Result<Vec<SocketAddr>, ResolveError> {
-    let mut addresses = Vec::new();
-    let mut absent = None;
-    let mut any = false;
-    for one in target.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        any = true;
-        match tokio::net::lookup_host(one).await {
-            Ok(found) => addresses.extend(found),
-            Err(source) if is_name_not_found(&source) => {
-                absent.get_or_insert(ResolveError::NameNotFound {
-                    target: one.to_owned(),
-                    source,
-                });
-            }
-            Err(source) => {
-                return Err(ResolveError::Lookup {
-                    target: one.to_owned(),
-                    source,
-                });
-            }
-        }
-    }
-    if !any {
-        return Err(ResolveError::Lookup {
-            target: target.to_owned(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "no host:port given"),
-        });
-    }
-    if addresses.is_empty()
-        && let Some(absent) = absent
-    {
-        return Err(absent);
-    }
-    addresses.sort();
-    addresses.dedup();
-    Ok(addresses)
-}
-
-/// True when `error` (from `getaddrinfo` through std) says the name does not exist or
-/// has no address, in glibc's or musl's words.
-fn is_name_not_found(error: &io::Error) -> bool {
-    let text = error.to_string();
-    NOT_FOUND_TEXTS.iter().any(|t| text.contains(t))
-}
-
-/// Makes the Kubernetes Service names in `target` (`host:port`s separated by commas)
-/// absolute: `<svc>.<ns>.svc:9901` becomes `<svc>.<ns>.svc.<cluster_domain>.:9901`, so
-/// the resolver asks one name instead of walking the pod's search list first (with
-/// `ndots:5` about six names per lookup). IPs, names that already end in a dot and
-/// other names are kept as given: a dot added to a name meant for the search list would
-/// make it not exist, and a name that does not exist means "no proxies, nothing to
-/// drain". Without a cluster domain, `target` is returned unchanged.
-pub fn qualify(target: &str, cluster_domain: Option<&str>) -> String {
-    let Some(domain) = cluster_domain
-        .map(|d| d.trim().trim_matches('.'))
-        .filter(|d| !d.is_empty())
-    else {
-        return target.to_owned();
-    };
-    target
-        .split(',')
-        .map(|one| {
-            let trimmed = one.trim();
-            match trimmed.rsplit_once(':') {
-                Some((host, port)) if host.ends_with(".svc") => {
-                    format!("{host}.{domain}.:{port}")
-                }
-                _ => trimmed.to_owned(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// The cluster domain from a pod's `resolv.conf`: kubelet writes `search
-/// <ns>.svc.<domain> svc.<domain> <domain>` for the `ClusterFirst` DNS policy. None
-/// when no search domain starts with `svc.` (another DNS policy).
-pub fn cluster_domain(resolv_conf: &str) -> Option<String> {
-    // The resolver uses the last `search` line.
-    let search = resolv_conf.lines().rev().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next() == Some("search")).then_some(words)
-    })?;
-    search
-        .filter_map(|d| d.strip_prefix("svc."))
-        .map(|d| d.trim_end_matches('.'))
-        .find(|d| !d.is_empty())
-        .map(str::to_owned)
-}
-
 /// Tells every replica that still had something open that this pod stops anyway, so
 /// the forced termination is counted (best effort: one call each).
 async fn report_timeout(
@@ -543,127 +397,4 @@ async fn send(
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, body))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{ReplicaState, ResolveError, cluster_domain, is_name_not_found, qualify, resolve};
-    use bytes::Bytes;
-    use http::StatusCode;
-    use std::io;
-
-    #[tokio::test]
-    async fn resolves_a_comma_separated_list_to_the_union() {
-        let got = resolve("127.0.0.3:9901, 127.0.0.2:9901,127.0.0.3:9901")
-            .await
-            .unwrap();
-        let want: Vec<std::net::SocketAddr> = vec![
-            "127.0.0.2:9901".parse().unwrap(),
-            "127.0.0.3:9901".parse().unwrap(),
-        ];
-        assert_eq!(got, want);
-        // A configuration mistake is never "no proxies": the pod waits, as before.
-        for wrong in [" , ", "127.0.0.2"] {
-            assert!(
-                matches!(resolve(wrong).await, Err(ResolveError::Lookup { .. })),
-                "{wrong}"
-            );
-        }
-    }
-
-    #[test]
-    fn only_no_such_name_and_no_address_mean_no_proxies() {
-        // What std makes of getaddrinfo's codes: "failed to lookup address information: "
-        // and gai_strerror's text (glibc, then musl).
-        let said = |text: &str| {
-            is_name_not_found(&io::Error::other(format!(
-                "failed to lookup address information: {text}"
-            )))
-        };
-        for absent in [
-            "Name or service not known",
-            "No address associated with hostname",
-            "Name does not resolve",
-            "Name has no usable address",
-        ] {
-            assert!(said(absent), "{absent}");
-        }
-        for transient in [
-            "Temporary failure in name resolution",
-            "Try again",
-            "Non-recoverable failure in name resolution",
-            "Non-recoverable error",
-            "System error",
-        ] {
-            assert!(!said(transient), "{transient}");
-        }
-        assert!(!is_name_not_found(&io::Error::from(
-            io::ErrorKind::TimedOut
-        )));
-    }
-
-    #[test]
-    fn service_names_become_absolute_and_nothing_else_changes() {
-        let domain = Some("cluster.local");
-        assert_eq!(
-            qualify("web-proxy-admin.default.svc:9901", domain),
-            "web-proxy-admin.default.svc.cluster.local.:9901"
-        );
-        assert_eq!(
-            qualify(
-                "a.ns.svc:1, 10.0.0.5:9901,[::1]:9901",
-                Some("corp.example.")
-            ),
-            "a.ns.svc.corp.example.:1,10.0.0.5:9901,[::1]:9901"
-        );
-        for kept in [
-            "web-proxy-admin.default.svc.cluster.local.:9901",
-            "web-proxy-admin.default:9901",
-            "proxy.example.com:9901",
-            "localhost:9901",
-        ] {
-            assert_eq!(qualify(kept, domain), kept);
-        }
-        assert_eq!(
-            qualify("web-proxy-admin.default.svc:9901", None),
-            "web-proxy-admin.default.svc:9901"
-        );
-    }
-
-    #[test]
-    fn the_cluster_domain_comes_from_kubelets_search_list() {
-        let kubelet = "search default.svc.cluster.local svc.cluster.local cluster.local\n\
-                       nameserver 10.96.0.10\noptions ndots:5\n";
-        assert_eq!(cluster_domain(kubelet).as_deref(), Some("cluster.local"));
-        let custom = "nameserver 10.96.0.10\nsearch ns.svc.k8s.corp. svc.k8s.corp. k8s.corp.\n";
-        assert_eq!(cluster_domain(custom).as_deref(), Some("k8s.corp"));
-        // dnsPolicy: Default gets the node's resolv.conf.
-        assert_eq!(
-            cluster_domain("search ec2.internal\nnameserver 10.0.0.2\n"),
-            None
-        );
-        assert_eq!(cluster_domain("nameserver 1.1.1.1\n"), None);
-    }
-
-    #[test]
-    fn a_refusal_is_never_done_and_an_unknown_pod_is() {
-        let answer = |status: StatusCode, body: &'static str| {
-            ReplicaState::from_answer(Ok((status, Bytes::from_static(body.as_bytes()))))
-        };
-        let refused = answer(
-            StatusCode::FORBIDDEN,
-            r#"{"error": "127.0.0.6 is not an endpoint of this proxy"}"#,
-        );
-        assert_eq!(
-            refused,
-            ReplicaState::Refused("127.0.0.6 is not an endpoint of this proxy".to_owned())
-        );
-        assert!(!refused.is_done());
-        let unknown = answer(
-            StatusCode::OK,
-            r#"{"known": false, "in_flight": 0, "connections": 0}"#,
-        );
-        assert_eq!(unknown, ReplicaState::Unknown);
-        assert!(unknown.is_done());
-    }
 }
