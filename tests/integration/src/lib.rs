@@ -154,6 +154,7 @@ pub fn workspace_bin(name: &str) -> String {
 
 pub mod apiserver;
 pub mod cluster;
+pub mod failing_release;
 pub mod l4;
 pub mod load;
 pub mod scenario;

@@ -19,6 +19,7 @@
 //!   `preStop: sleep N`, in place of the drain gate.
 
 use ballast_api::BalancedService;
+use ballast_api::spec::PauseThresholds;
 use ballast_api::status::RolloutSummary;
 use ballast_operator::build::{BuildContext, OwnedObjects, build};
 use ballast_operator::validate::{Limits, validate};
@@ -530,11 +531,27 @@ pub async fn run(
     result
 }
 
-async fn run_inner(
+/// A running stand-in cluster before any load: the API, the proxies and the front
+/// Service over them (or over the pods), the app rolled out, and the operator's
+/// stand-in watching it.
+pub(crate) struct Stage {
+    pub(crate) api: Arc<ApiServer>,
+    pub(crate) app: Deployment,
+    pub(crate) proxies: Option<Deployment>,
+    pub(crate) front: L4Balancer,
+    pub(crate) status: Option<Arc<Mutex<operator::StatusView>>>,
+    /// The next release's plans (`demo_service(.., 2, "150m")`).
+    pub(crate) app_next: DeploymentPlan,
+    pub(crate) proxy_next: DeploymentPlan,
+}
+
+/// Starts [`Stage`] for `variant`; `pause_when` replaces the demo's thresholds.
+pub(crate) async fn stage(
     variant: Variant,
     cfg: &ScenarioConfig,
     live: &LiveHandle,
-) -> Result<ScenarioReport, String> {
+    pause_when: Option<PauseThresholds>,
+) -> Result<Stage, String> {
     for program in ["ballast-proxy", "ballast-drain", "ballast-sample-app"] {
         if !cfg.bin_dir.join(program).exists() {
             return Err(format!(
@@ -547,11 +564,16 @@ async fn run_inner(
     let net = cfg.net;
     let first = demo_service(cfg.pods, 1, "100m");
     let owned = operator_objects(&first)?;
-    let pause_when = serde_norway::from_str::<BalancedService>(&first)
-        .map_err(|e| e.to_string())?
-        .spec
-        .rollout
-        .pause_when;
+    let pause_when = match pause_when {
+        Some(p) => p,
+        None => {
+            serde_norway::from_str::<BalancedService>(&first)
+                .map_err(|e| e.to_string())?
+                .spec
+                .rollout
+                .pause_when
+        }
+    };
     let (app_plan, proxy_plan) = plans(variant, &owned)?;
     let (app_next, proxy_next) = plans(
         variant,
@@ -616,6 +638,31 @@ async fn run_inner(
     wait?;
     // The front must have every proxy before load starts (kube-proxy's view).
     tokio::time::sleep(cfg.propagation + Duration::from_millis(300)).await;
+    Ok(Stage {
+        api,
+        app,
+        proxies,
+        front,
+        status,
+        app_next,
+        proxy_next,
+    })
+}
+
+async fn run_inner(
+    variant: Variant,
+    cfg: &ScenarioConfig,
+    live: &LiveHandle,
+) -> Result<ScenarioReport, String> {
+    let Stage {
+        api,
+        app,
+        proxies,
+        front,
+        status,
+        app_next,
+        proxy_next,
+    } = stage(variant, cfg, live, None).await?;
 
     let load = Arc::new(Load::start(&LoadPlan {
         target: front.addr,

@@ -109,3 +109,80 @@ async fn rollout_under_load_ballast_vs_kubernetes_defaults_vs_sleep() {
         b.rollout
     );
 }
+
+/// A release whose pods fail half their requests is paused by the operator's stand-in
+/// on the proxies' counts, and with `rollback` its previous template comes back: the
+/// rollout decisions the operator makes, acted out on the stand-in's Deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_release_is_paused_or_rolled_back() {
+    use ballast_api::spec::PauseThresholds;
+    use ballast_integration::failing_release;
+    let small = |net, tag| ScenarioConfig {
+        pods: 4,
+        rate: 200,
+        clients: 4,
+        proxy_rollout: false,
+        ..config(net, tag)
+    };
+    let thresholds = |rollback| PauseThresholds {
+        error_ratio: Some(0.2),
+        min_requests: Some(40),
+        rollback,
+        ..PauseThresholds::default()
+    };
+    let (paused_cfg, rolled_cfg) = (small(24, "failing-pause"), small(25, "failing-rollback"));
+    let (paused, rolled) = tokio::join!(
+        failing_release::run(&paused_cfg, thresholds(false), 50),
+        failing_release::run(&rolled_cfg, thresholds(true), 50),
+    );
+    let paused =
+        paused.unwrap_or_else(|e| panic!("pause: {e} (logs in {:?})", paused_cfg.work_dir));
+    let rolled =
+        rolled.unwrap_or_else(|e| panic!("rollback: {e} (logs in {:?})", rolled_cfg.work_dir));
+    println!("pause: {paused:#?}\nrollback: {rolled:#?}");
+
+    for report in [&paused, &rolled] {
+        assert!(
+            report.load.failed > 0,
+            "the release really failed: {:?}",
+            report.load
+        );
+        let pause = report.at_pause.paused.as_ref();
+        assert!(
+            pause.is_some_and(|p| p.reason.contains("pauseWhen.errorRatio")),
+            "paused on the error ratio: {pause:?}"
+        );
+        assert!(
+            report.new_pods_started < 4,
+            "the rollout stopped before replacing every pod: {report:?}"
+        );
+    }
+    // Paused: the failing pods stay, the Deployment takes no further step.
+    assert!(paused.paused);
+    assert_eq!(paused.final_revision, paused.new_revision);
+    assert!(paused.new_pods_running >= 1);
+    assert!(
+        paused.events.iter().any(|e| e.starts_with("RolloutPaused")),
+        "{:?}",
+        paused.events
+    );
+    // Rolled back: the old template is in force again and every failing pod is gone.
+    assert_eq!(rolled.final_revision, rolled.old_revision);
+    assert_eq!(rolled.new_pods_running, 0);
+    assert!(
+        rolled
+            .at_pause
+            .paused
+            .as_ref()
+            .is_some_and(|p| p.rolled_back),
+        "{:?}",
+        rolled.at_pause
+    );
+    assert!(
+        rolled.events.iter().any(|e| e.starts_with("RolledBack")),
+        "{:?}",
+        rolled.events
+    );
+    scenario::remove_dir(&paused_cfg.work_dir);
+    scenario::remove_dir(&rolled_cfg.work_dir);
+}

@@ -71,6 +71,10 @@ struct Args {
     /// Latency added to every non-health request, in milliseconds.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// Answer this share of catch-all requests (percent) with 500, as a broken release
+    /// would, spread evenly (50: every other request) rather than in bursts.
+    #[arg(long, env = "FAIL_PERCENT", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    fail_percent: u8,
     /// Behaviour on SIGTERM.
     #[arg(long, value_enum, default_value_t = ShutdownMode::Naive)]
     shutdown: ShutdownMode,
@@ -84,6 +88,7 @@ struct State {
     pod: String,
     served_by: HeaderValue,
     latency: Duration,
+    fail_percent: u8,
     requests: AtomicU64,
     shutting_down: AtomicBool,
 }
@@ -139,6 +144,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         served_by: HeaderValue::from_str(&pod)?,
         pod,
         latency: Duration::from_millis(args.latency_ms),
+        fail_percent: args.fail_percent,
         requests: AtomicU64::new(0),
         shutting_down: AtomicBool::new(false),
     });
@@ -278,7 +284,12 @@ async fn app(state: &State, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
 
     let mut delay = state.latency;
-    let mut status = StatusCode::OK;
+    let fail = u64::from(state.fail_percent);
+    let mut status = if (count * fail) % 100 < fail {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    };
     for (key, value) in req
         .uri()
         .query()
