@@ -13,26 +13,16 @@ use http::{Method, StatusCode};
 use std::net::SocketAddr;
 use std::time::Duration;
 use support::grpc::{
-    CLIENT_STREAM, GrpcBackend, GrpcBehaviour, MESSAGE_LIMIT, RawCodec, SERVER_STREAM, STALL, TICK,
-    UNARY, WINDOW, bare_client, client, client_message, open_bidi, outbound, path, raw_unary,
-    server_message, within,
+    GrpcBackend, GrpcBehaviour, MESSAGE_LIMIT, RawCodec, SERVER_STREAM, STALL, TICK, UNARY, WINDOW,
+    bare_client, client, client_message, client_messages_joined, grpc_proxy, open_bidi,
+    open_server_stream, path, pod_behind_proxy, raw_unary, round_trip, server_message,
+    spawn_client_stream, unary_echo, within,
 };
-use support::{drain, get_json, metric, proxy};
+use support::{drain, eventually, in_flight, proxy, stream_timeouts};
 use tonic::Code;
 
 const LIMIT: Duration = Duration::from_secs(60);
 const MESSAGES: u64 = 1000;
-
-async fn grpc_proxy(backends: &[&GrpcBackend], extra: &[&str]) -> ballast_proxy::server::Running {
-    let endpoints = backends
-        .iter()
-        .map(|b| b.addr.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut args = vec!["--endpoints", &endpoints, "--backend-protocol", "h2c"];
-    args.extend_from_slice(extra);
-    proxy(&args).await
-}
 
 /// The trailers of a call that ended well carry `grpc-status: 0`.
 fn assert_ok_trailers(trailers: Option<tonic::metadata::MetadataMap>, what: &str) {
@@ -50,17 +40,15 @@ async fn a_thousand_unary_calls_arrive_in_order_balanced_per_call() {
         GrpcBackend::start(2, GrpcBehaviour::default()).await,
         GrpcBackend::start(3, GrpcBehaviour::default()).await,
     ];
-    let running = grpc_proxy(&[&pods[0], &pods[1]], &["--algorithm", "round-robin"]).await;
+    let running = grpc_proxy(
+        &[pods[0].addr, pods[1].addr],
+        &["--algorithm", "round-robin"],
+    )
+    .await;
     let mut grpc = client(running.listen).await;
     within(LIMIT, "1000 unary calls", async {
         for i in 0..MESSAGES {
-            grpc.ready().await.unwrap();
-            let reply = grpc
-                .unary(
-                    tonic::Request::new(client_message(i)),
-                    path(UNARY),
-                    RawCodec,
-                )
+            let reply = unary_echo(&mut grpc, client_message(i))
                 .await
                 .unwrap_or_else(|status| panic!("call {i}: {status:?}"));
             assert_eq!(reply.into_inner(), client_message(i), "call {i}");
@@ -78,19 +66,11 @@ async fn a_thousand_unary_calls_arrive_in_order_balanced_per_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_stream_of_a_thousand_replies_arrives_in_order_as_it_is_sent() {
-    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
-    let running = grpc_proxy(&[&pod], &[]).await;
+    let (pod, running) = pod_behind_proxy(GrpcBehaviour::default(), &[]).await;
     let mut grpc = client(running.listen).await;
     within(LIMIT, "server stream", async {
-        let call = grpc.server_streaming(
-            tonic::Request::new(Bytes::from(MESSAGES.to_string())),
-            path(SERVER_STREAM),
-            RawCodec,
-        );
-        let mut inbound = within(MESSAGE_LIMIT, "response head", call)
-            .await
-            .unwrap()
-            .into_inner();
+        let request = tonic::Request::new(Bytes::from(MESSAGES.to_string()));
+        let mut inbound = open_server_stream(&mut grpc, SERVER_STREAM, request).await;
         // The pod sends reply i only once the client holds reply i - WINDOW: the replies
         // must cross the proxy while the call runs.
         for i in 0..MESSAGES {
@@ -109,14 +89,8 @@ async fn a_server_stream_of_a_thousand_replies_arrives_in_order_as_it_is_sent() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_stream_of_a_thousand_messages_reaches_the_pod_as_it_is_sent() {
-    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
-    let running = grpc_proxy(&[&pod], &[]).await;
-    let mut grpc = client(running.listen).await;
-    let (tx, stream) = outbound();
-    let call = tokio::spawn(async move {
-        grpc.client_streaming(tonic::Request::new(stream), path(CLIENT_STREAM), RawCodec)
-            .await
-    });
+    let (pod, running) = pod_behind_proxy(GrpcBehaviour::default(), &[]).await;
+    let (tx, call) = spawn_client_stream(client(running.listen).await);
     within(LIMIT, "client stream", async {
         for i in 0..MESSAGES {
             // At most WINDOW messages ahead of what the pod has read: a proxy that
@@ -132,10 +106,9 @@ async fn a_client_stream_of_a_thousand_messages_reaches_the_pod_as_it_is_sent() 
             .await
             .unwrap()
             .unwrap_or_else(|status| panic!("{status:?}"));
-        let expected: Vec<Bytes> = (0..MESSAGES).map(client_message).collect();
         assert_eq!(
             reply.into_inner(),
-            Bytes::from(expected.join(&b'\n')),
+            client_messages_joined(MESSAGES),
             "every message, in order"
         );
     })
@@ -145,8 +118,7 @@ async fn a_client_stream_of_a_thousand_messages_reaches_the_pod_as_it_is_sent() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bidi_stream_of_a_thousand_messages_flows_both_ways_interleaved() {
-    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
-    let running = grpc_proxy(&[&pod], &[]).await;
+    let (pod, running) = pod_behind_proxy(GrpcBehaviour::default(), &[]).await;
     let mut grpc = client(running.listen).await;
     within(LIMIT, "bidi stream", async {
         let (tx, mut inbound) = open_bidi(&mut grpc).await;
@@ -176,18 +148,13 @@ async fn a_bidi_stream_of_a_thousand_messages_flows_both_ways_interleaved() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bidi_ping_pong_gets_each_answer_before_the_next_question() {
-    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
-    let running = grpc_proxy(&[&pod], &[]).await;
+    let (_pod, running) = pod_behind_proxy(GrpcBehaviour::default(), &[]).await;
     let mut grpc = client(running.listen).await;
     within(LIMIT, "ping-pong", async {
         let (tx, mut inbound) = open_bidi(&mut grpc).await;
         for round in 0..200 {
-            tx.send(client_message(round)).await.unwrap();
             let what = format!("round {round}: the answer");
-            let answer = within(MESSAGE_LIMIT, &what, inbound.message())
-                .await
-                .unwrap_or_else(|status| panic!("{what}: {status:?}"));
-            assert_eq!(answer, Some(client_message(round)), "{what}");
+            round_trip(&tx, &mut inbound, round, &what).await;
         }
         drop(tx);
         assert_eq!(inbound.message().await.unwrap(), None);
@@ -217,17 +184,10 @@ async fn proxy_without_endpoints() -> (ballast_proxy::server::Running, std::path
 /// headers, and tonic sees that code.
 async fn assert_local_grpc_error(listen: SocketAddr, code: Code, grpc_status: &str, kind: &str) {
     let mut grpc = client(listen).await;
-    let status = within(
-        LIMIT,
-        "tonic call",
-        grpc.unary(
-            tonic::Request::new(Bytes::from_static(b"hello")),
-            path(UNARY),
-            RawCodec,
-        ),
-    )
-    .await
-    .expect_err("no pod can answer");
+    let call = unary_echo(&mut grpc, Bytes::from_static(b"hello"));
+    let status = within(LIMIT, "tonic call", call)
+        .await
+        .expect_err("no pod can answer");
     assert_eq!(status.code(), code, "{status:?}");
 
     let raw = raw_unary(listen, UNARY, b"hello", &[]).await;
@@ -259,59 +219,36 @@ async fn a_connect_failure_is_unavailable_the_grpc_way() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let running = proxy(&[
-        "--endpoints",
-        &gone.to_string(),
-        "--backend-protocol",
-        "h2c",
-    ])
-    .await;
+    let running = grpc_proxy(&[gone], &[]).await;
     assert_local_grpc_error(running.listen, Code::Unavailable, "14", "connect-failed").await;
     running.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_at_its_in_flight_limit_answers_resource_exhausted_until_a_stream_ends() {
-    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
-    let running = grpc_proxy(&[&pod], &["--max-in-flight", "1"]).await;
+    let (_pod, running) =
+        pod_behind_proxy(GrpcBehaviour::default(), &["--max-in-flight", "1"]).await;
     let mut grpc = client(running.listen).await;
     let (tx, mut inbound) = open_bidi(&mut grpc).await;
-    tx.send(client_message(0)).await.unwrap();
-    let echo = within(MESSAGE_LIMIT, "first echo", inbound.message()).await;
-    assert_eq!(echo.unwrap(), Some(client_message(0)));
+    round_trip(&tx, &mut inbound, 0, "first echo").await;
     // The open stream holds the only place.
     assert_local_grpc_error(running.listen, Code::ResourceExhausted, "8", "overloaded").await;
     drop(tx);
     assert_eq!(inbound.message().await.unwrap(), None);
     drop(inbound);
     // Its place is free again once it ended.
-    grpc.ready().await.unwrap();
-    let reply = within(
-        LIMIT,
-        "a call after the stream ended",
-        grpc.unary(
-            tonic::Request::new(Bytes::from_static(b"again")),
-            path(UNARY),
-            RawCodec,
-        ),
-    )
-    .await
-    .expect("admitted again");
+    let call = unary_echo(&mut grpc, Bytes::from_static(b"again"));
+    let reply = within(LIMIT, "a call after the stream ended", call)
+        .await
+        .expect("admitted again");
     assert_eq!(reply.into_inner(), Bytes::from_static(b"again"));
     running.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_timeout_shorter_than_the_pod_is_deadline_exceeded() {
-    let pod = GrpcBackend::start(
-        2,
-        GrpcBehaviour {
-            delay: Duration::from_secs(3),
-            ..Default::default()
-        },
-    )
-    .await;
-    let running = grpc_proxy(&[&pod], &[]).await;
+    let (_pod, running) =
+        pod_behind_proxy(GrpcBehaviour::answering_after(Duration::from_secs(3)), &[]).await;
     // tonic's `Channel` would itself give up waiting for the head at the deadline (as
     // `Cancelled`); this client leaves the deadline to the proxy. The pod ignores it.
     let mut grpc = bare_client(running.listen).await;
@@ -337,25 +274,14 @@ async fn a_grpc_timeout_shorter_than_the_pod_is_deadline_exceeded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_timeout_during_the_response_ends_it_with_deadline_exceeded() {
-    let pod = GrpcBackend::start(
-        2,
-        GrpcBehaviour {
-            stall: Duration::from_secs(3),
-            ..Default::default()
-        },
-    )
-    .await;
-    let running = grpc_proxy(&[&pod], &[]).await;
+    let (_pod, running) =
+        pod_behind_proxy(GrpcBehaviour::stalling_for(Duration::from_secs(3)), &[]).await;
     // `Channel` bounds only the wait for the head; the rest is the proxy's to end.
     let mut grpc = client(running.listen).await;
     let mut request = tonic::Request::new(Bytes::new());
     request.set_timeout(Duration::from_millis(500));
     within(LIMIT, "stalled stream", async {
-        let mut inbound = grpc
-            .server_streaming(request, path(STALL), RawCodec)
-            .await
-            .unwrap()
-            .into_inner();
+        let mut inbound = open_server_stream(&mut grpc, STALL, request).await;
         assert_eq!(
             inbound.message().await.unwrap(),
             Some(Bytes::from_static(b"first"))
@@ -370,50 +296,24 @@ async fn a_grpc_timeout_during_the_response_ends_it_with_deadline_exceeded() {
     running.shutdown().await;
 }
 
-fn in_flight(report: &serde_json::Value, pod: SocketAddr) -> u64 {
-    report
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["address"] == pod.to_string())
-        .unwrap_or_else(|| panic!("{pod} not in {report}"))["in_flight"]
-        .as_u64()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_waits_for_an_open_bidi_stream_which_keeps_working() {
-    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
-    let running = grpc_proxy(&[&pod], &[]).await;
+    let (pod, running) = pod_behind_proxy(GrpcBehaviour::default(), &[]).await;
     let admin = running.admin;
     let mut grpc = client(running.listen).await;
     within(LIMIT, "drain with an open stream", async {
         let (tx, mut inbound) = open_bidi(&mut grpc).await;
-        let mut round = 0;
-        let mut ping = async |round: u64| {
-            tx.send(client_message(round)).await.unwrap();
-            let what = format!("round {round}");
-            let answer = within(MESSAGE_LIMIT, &what, inbound.message()).await;
-            assert_eq!(
-                answer.unwrap_or_else(|status| panic!("{what}: {status:?}")),
-                Some(client_message(round)),
-                "{what}"
-            );
-        };
-        for _ in 0..3 {
-            ping(round).await;
-            round += 1;
+        for round in 0..3 {
+            round_trip(&tx, &mut inbound, round, &format!("round {round}")).await;
         }
-        let report = get_json(admin, "/endpoints").await;
-        assert_eq!(in_flight(&report, pod.addr), 1, "the open stream: {report}");
+        assert_eq!(in_flight(admin, pod.addr).await, 1, "the open stream");
 
         let (status, report) = drain(admin, pod.addr.ip(), Method::POST).await;
         assert_eq!(status, StatusCode::OK, "{report}");
         assert_eq!(report["state"], "draining", "{report}");
         assert_eq!(report["in_flight"], 1, "{report}");
-        for _ in 0..20 {
-            ping(round).await;
-            round += 1;
+        for round in 3..23 {
+            round_trip(&tx, &mut inbound, round, &format!("round {round}")).await;
         }
         let (_, report) = drain(admin, pod.addr.ip(), Method::GET).await;
         assert_eq!(report["in_flight"], 1, "still open: {report}");
@@ -421,18 +321,11 @@ async fn a_drain_waits_for_an_open_bidi_stream_which_keeps_working() {
         drop(tx);
         assert_eq!(inbound.message().await.unwrap(), None);
         assert_ok_trailers(inbound.trailers().await.unwrap(), "drained stream");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let (_, report) = drain(admin, pod.addr.ip(), Method::GET).await;
-            if report["in_flight"] == 0 {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the ended stream still counts: {report}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let ip = pod.addr.ip();
+        eventually("the ended stream to stop counting", || async move {
+            drain(admin, ip, Method::GET).await.1["in_flight"] == 0
+        })
+        .await;
     })
     .await;
     running.shutdown().await;
@@ -442,7 +335,7 @@ async fn a_drain_waits_for_an_open_bidi_stream_which_keeps_working() {
 async fn the_proxy_shutdown_lets_an_open_bidi_stream_finish_then_cuts_what_outlives_it() {
     let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
     // First: the stream ends on its own during the proxy's drain and completes.
-    let running = grpc_proxy(&[&pod], &["--drain-timeout", "10s"]).await;
+    let running = grpc_proxy(&[pod.addr], &["--drain-timeout", "10s"]).await;
     let mut grpc = client(running.listen).await;
     let trigger = running.shutdown_trigger();
     within(LIMIT, "a stream through the proxy's shutdown", async {
@@ -451,14 +344,7 @@ async fn the_proxy_shutdown_lets_an_open_bidi_stream_finish_then_cuts_what_outli
             if round == 3 {
                 trigger.notify_one();
             }
-            tx.send(client_message(round)).await.unwrap();
-            let what = format!("round {round}");
-            let answer = within(MESSAGE_LIMIT, &what, inbound.message()).await;
-            assert_eq!(
-                answer.unwrap_or_else(|status| panic!("{what}: {status:?}")),
-                Some(client_message(round)),
-                "{what}"
-            );
+            round_trip(&tx, &mut inbound, round, &format!("round {round}")).await;
         }
         drop(tx);
         assert_eq!(inbound.message().await.unwrap(), None);
@@ -476,13 +362,11 @@ async fn the_proxy_shutdown_lets_an_open_bidi_stream_finish_then_cuts_what_outli
     .await;
 
     // Then: a stream still open at the drain timeout is cut, and the proxy stops.
-    let running = grpc_proxy(&[&pod], &["--drain-timeout", "500ms"]).await;
+    let running = grpc_proxy(&[pod.addr], &["--drain-timeout", "500ms"]).await;
     let mut grpc = client(running.listen).await;
     let trigger = running.shutdown_trigger();
     let (tx, mut inbound) = open_bidi(&mut grpc).await;
-    tx.send(client_message(0)).await.unwrap();
-    let first = within(MESSAGE_LIMIT, "first echo", inbound.message()).await;
-    assert_eq!(first.unwrap(), Some(client_message(0)));
+    round_trip(&tx, &mut inbound, 0, "first echo").await;
     trigger.notify_one();
     within(
         LIMIT,
@@ -500,15 +384,9 @@ async fn the_proxy_shutdown_lets_an_open_bidi_stream_finish_then_cuts_what_outli
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_stream_longer_than_the_idle_and_head_limits_lives_while_it_sends() {
-    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
     let limits = ["--stream-idle-timeout", "1s", "--response-timeout", "1s"];
-    let running = grpc_proxy(&[&pod], &limits).await;
-    let mut grpc = client(running.listen).await;
-    let (tx, stream) = outbound();
-    let call = tokio::spawn(async move {
-        grpc.client_streaming(tonic::Request::new(stream), path(CLIENT_STREAM), RawCodec)
-            .await
-    });
+    let (_pod, running) = pod_behind_proxy(GrpcBehaviour::default(), &limits).await;
+    let (tx, call) = spawn_client_stream(client(running.listen).await);
     // Only the client speaks, for 3 s; the pod answers (head included) at the end. The
     // response-head limit runs from the end of the request, the idle one from the last
     // frame either way: neither is due.
@@ -522,8 +400,7 @@ async fn a_client_stream_longer_than_the_idle_and_head_limits_lives_while_it_sen
             .await
             .unwrap()
             .unwrap_or_else(|status| panic!("{status:?}"));
-        let expected: Vec<Bytes> = (0..10).map(client_message).collect();
-        assert_eq!(reply.into_inner(), Bytes::from(expected.join(&b'\n')));
+        assert_eq!(reply.into_inner(), client_messages_joined(10));
     })
     .await;
     running.shutdown().await;
@@ -531,19 +408,12 @@ async fn a_client_stream_longer_than_the_idle_and_head_limits_lives_while_it_sen
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_stream_longer_than_the_idle_limit_lives_while_the_pod_sends() {
-    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
-    let running = grpc_proxy(&[&pod], &["--stream-idle-timeout", "1s"]).await;
+    let (_pod, running) =
+        pod_behind_proxy(GrpcBehaviour::default(), &["--stream-idle-timeout", "1s"]).await;
     let mut grpc = client(running.listen).await;
     within(LIMIT, "slow server stream", async {
-        let mut inbound = grpc
-            .server_streaming(
-                tonic::Request::new(Bytes::from_static(b"10,300")),
-                path(TICK),
-                RawCodec,
-            )
-            .await
-            .unwrap()
-            .into_inner();
+        let request = tonic::Request::new(Bytes::from_static(b"10,300"));
+        let mut inbound = open_server_stream(&mut grpc, TICK, request).await;
         for i in 0..10 {
             let tick = inbound
                 .message()
@@ -560,17 +430,13 @@ async fn a_server_stream_longer_than_the_idle_limit_lives_while_the_pod_sends() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_stream_is_cut_at_the_idle_limit_with_deadline_exceeded() {
-    let pod = GrpcBackend::start(2, GrpcBehaviour::default()).await;
-    let running = grpc_proxy(&[&pod], &["--stream-idle-timeout", "1s"]).await;
+    let (pod, running) =
+        pod_behind_proxy(GrpcBehaviour::default(), &["--stream-idle-timeout", "1s"]).await;
     let mut grpc = client(running.listen).await;
     within(LIMIT, "silent stream", async {
         let (tx, mut inbound) = open_bidi(&mut grpc).await;
         for round in 0..2 {
-            tx.send(client_message(round)).await.unwrap();
-            assert_eq!(
-                inbound.message().await.unwrap(),
-                Some(client_message(round))
-            );
+            round_trip(&tx, &mut inbound, round, &format!("round {round}")).await;
         }
         // Neither side speaks now; the client keeps its half open.
         let status = within(MESSAGE_LIMIT, "the idle cut", inbound.message())
@@ -580,21 +446,12 @@ async fn a_silent_stream_is_cut_at_the_idle_limit_with_deadline_exceeded() {
         drop(tx);
     })
     .await;
-    assert_eq!(
-        metric(
-            running.admin,
-            "ballast_stream_timeouts_total{kind=\"idle\"}"
-        )
-        .await,
-        1.0
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while in_flight(&get_json(running.admin, "/endpoints").await, pod.addr) != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the cut stream still counts as in flight"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eq!(stream_timeouts(running.admin, "idle").await, 1.0);
+    let (admin, addr) = (running.admin, pod.addr);
+    eventually(
+        "the cut stream to stop counting as in flight",
+        || async move { in_flight(admin, addr).await == 0 },
+    )
+    .await;
     running.shutdown().await;
 }

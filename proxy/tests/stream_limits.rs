@@ -15,58 +15,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
-use support::{get_json, proxy};
+use support::{get_json, in_flight, proxy_to, scripted_pod, silent_pod, stream_timeouts};
 use tokio::sync::mpsc;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
 type Frames = StreamBody<futures::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
-
-/// A pod that answers every request with a head and then the frames `script` produces
-/// (for that request), on HTTP/1.1 or h2c.
-async fn scripted_pod<F, Fut>(last_octet: u8, script: F) -> SocketAddr
-where
-    F: Fn(Request<Incoming>, mpsc::Sender<Frame<Bytes>>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, last_octet], 0)))
-        .await
-        .expect("bind a loopback address");
-    let addr = listener.local_addr().expect("a bound address");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let script = script.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                    let script = script.clone();
-                    async move {
-                        let grpc = request
-                            .headers()
-                            .get("content-type")
-                            .is_some_and(|v| v == "application/grpc");
-                        let (tx, mut rx) = mpsc::channel(4);
-                        tokio::spawn(script(request, tx));
-                        let frames = futures::stream::poll_fn(move |cx| {
-                            rx.poll_recv(cx).map(|f| f.map(Ok::<_, Infallible>))
-                        });
-                        let body: Frames = StreamBody::new(Box::pin(frames));
-                        let mut response = Response::new(body);
-                        if grpc {
-                            response
-                                .headers_mut()
-                                .insert("content-type", "application/grpc".parse().unwrap());
-                        }
-                        Ok::<_, Infallible>(response)
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 /// A pod that reads the whole request body and only then answers, echoing it.
 async fn echo_after_body_pod(last_octet: u8) -> SocketAddr {
@@ -104,42 +58,11 @@ async fn h2_client(proxy: SocketAddr) -> hyper::client::conn::http2::SendRequest
     sender
 }
 
-async fn timeouts(admin: SocketAddr, kind: &str) -> u64 {
-    let text = support::Client::connect(admin)
-        .await
-        .unwrap()
-        .get("/metrics")
-        .await
-        .unwrap()
-        .text();
-    let needle = format!("ballast_stream_timeouts_total{{kind=\"{kind}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
-
-async fn in_flight(admin: SocketAddr) -> u64 {
-    get_json(admin, "/endpoints").await[0]["in_flight"]
-        .as_u64()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_http_response_is_aborted_at_the_idle_limit() {
-    // One chunk, then silence (the sender is held, so the body never ends).
-    let pod = scripted_pod(2, |_request, tx| async move {
-        let _ = tx.send(data("first")).await;
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        drop(tx);
-    })
-    .await;
-    let running = proxy(&[
-        "--endpoints",
-        &pod.to_string(),
-        "--stream-idle-timeout",
-        "300ms",
-    ])
-    .await;
+    // One chunk, then silence (the body never ends).
+    let pod = silent_pod(2, b"first").await;
+    let running = proxy_to(&[pod], &["--stream-idle-timeout", "300ms"]).await;
     let mut client = support::Client::connect(running.listen).await.unwrap();
     let cut = tokio::time::timeout(LIMIT, client.get("/stall")).await;
     let cut = cut.expect("cut at the idle limit, not left hanging");
@@ -147,9 +70,9 @@ async fn a_silent_http_response_is_aborted_at_the_idle_limit() {
         cut.is_err(),
         "the client must not take a cut response for complete: {cut:?}"
     );
-    assert_eq!(timeouts(running.admin, "idle").await, 1);
+    assert_eq!(stream_timeouts(running.admin, "idle").await, 1.0);
     assert_eq!(
-        in_flight(running.admin).await,
+        in_flight(running.admin, pod).await,
         0,
         "the stream left the pod's count"
     );
@@ -158,20 +81,16 @@ async fn a_silent_http_response_is_aborted_at_the_idle_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_grpc_call_ends_with_deadline_exceeded_trailers() {
-    let pod = scripted_pod(2, |_request, tx| async move {
-        let _ = tx.send(data("\0\0\0\0\x01x")).await;
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        drop(tx);
-    })
-    .await;
-    let running = proxy(&[
-        "--endpoints",
-        &pod.to_string(),
-        "--backend-protocol",
-        "h2c",
-        "--stream-idle-timeout",
-        "300ms",
-    ])
+    let pod = silent_pod(2, b"\0\0\0\0\x01x").await;
+    let running = proxy_to(
+        &[pod],
+        &[
+            "--backend-protocol",
+            "h2c",
+            "--stream-idle-timeout",
+            "300ms",
+        ],
+    )
     .await;
     let mut client = h2_client(running.listen).await;
     let request = Request::post("http://svc.local/pkg.Service/Watch")
@@ -202,7 +121,7 @@ async fn a_silent_grpc_call_ends_with_deadline_exceeded_trailers() {
         b"\0\0\0\0\x01x",
         "the message before the cut"
     );
-    assert_eq!(timeouts(running.admin, "idle").await, 1);
+    assert_eq!(stream_timeouts(running.admin, "idle").await, 1.0);
     running.shutdown().await;
 }
 
@@ -219,14 +138,15 @@ async fn a_stream_whose_frames_keep_coming_outlives_every_limit() {
         }
     })
     .await;
-    let running = proxy(&[
-        "--endpoints",
-        &pod.to_string(),
-        "--stream-idle-timeout",
-        "300ms",
-        "--response-timeout",
-        "300ms",
-    ])
+    let running = proxy_to(
+        &[pod],
+        &[
+            "--stream-idle-timeout",
+            "300ms",
+            "--response-timeout",
+            "300ms",
+        ],
+    )
     .await;
     let mut client = support::Client::connect(running.listen).await.unwrap();
     let reply = tokio::time::timeout(LIMIT, client.get("/ticks"))
@@ -235,7 +155,7 @@ async fn a_stream_whose_frames_keep_coming_outlives_every_limit() {
         .expect("the whole stream");
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.text(), "tick;".repeat(15));
-    assert_eq!(timeouts(running.admin, "idle").await, 0);
+    assert_eq!(stream_timeouts(running.admin, "idle").await, 0.0);
     running.shutdown().await;
 }
 
@@ -245,16 +165,17 @@ async fn the_response_head_limit_counts_from_the_end_of_the_request_body() {
     // client takes 1.2 s to send it (4 chunks 300 ms apart, each well within the 1 s idle
     // limit), 4 times the response-head limit.
     let pod = echo_after_body_pod(2).await;
-    let running = proxy(&[
-        "--endpoints",
-        &pod.to_string(),
-        "--backend-protocol",
-        "h2c",
-        "--response-timeout",
-        "300ms",
-        "--stream-idle-timeout",
-        "1s",
-    ])
+    let running = proxy_to(
+        &[pod],
+        &[
+            "--backend-protocol",
+            "h2c",
+            "--response-timeout",
+            "300ms",
+            "--stream-idle-timeout",
+            "1s",
+        ],
+    )
     .await;
     let stream = tokio::net::TcpStream::connect(running.listen)
         .await
@@ -290,7 +211,7 @@ async fn the_response_head_limit_counts_from_the_end_of_the_request_body() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], "part;".repeat(4).as_bytes());
     uploading.await.unwrap();
-    assert_eq!(timeouts(running.admin, "response-head").await, 0);
+    assert_eq!(stream_timeouts(running.admin, "response-head").await, 0.0);
     // The pod answered as soon as it had the body: its latency sample is that, not the
     // 1.2 s the client took to upload (peak-EWMA would price the pod out for a while).
     let ewma = get_json(running.admin, "/endpoints").await[0]["ewma_ms"]

@@ -9,7 +9,6 @@
 mod support;
 
 use bytes::Bytes;
-use clap::Parser;
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -21,7 +20,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use support::grpc::within;
-use support::{Backend, Behaviour, Client, metric, proxy, wait_ready};
+use support::{
+    Backend, Behaviour, Client, assert_echoed_or_failed_once, broken_and_healthy, metric, proxy_to,
+    stream_timeouts, wait_ready,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc::UnboundedReceiver, mpsc::UnboundedSender};
@@ -245,16 +247,27 @@ async fn start_request(
     (tx, response)
 }
 
+/// `GET path` on a fresh HTTP/1.1 connection to `addr`, once the response head has come
+/// (within [`STEP`]); unlike `Client::get`, the body is left to read as it arrives.
+async fn get_head(addr: SocketAddr, path: &str) -> Response<Incoming> {
+    let request = Request::get(path).header("host", "t");
+    let (body, response) = start_request(Protocol::Http1, addr, request).await;
+    drop(body);
+    within(STEP, "response head", response)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// The next frame of `body`, which must be data.
+async fn next_data(body: &mut Incoming) -> Bytes {
+    body.frame().await.unwrap().unwrap().into_data().unwrap()
+}
+
 /// The head and first chunk reach the pod while the client still holds the last chunk.
 async fn request_streams_to_the_pod(protocol: Protocol, backend_protocol: &str) {
     let (pod, mut seen) = Pod::start(2).await;
-    let running = proxy(&[
-        "--endpoints",
-        &pod.addr.to_string(),
-        "--backend-protocol",
-        backend_protocol,
-    ])
-    .await;
+    let running = proxy_to(&[pod.addr], &["--backend-protocol", backend_protocol]).await;
     within(LIMIT, "streamed upload", async {
         let uri = format!("http://{}/observe", running.listen);
         let (mut body, response) = start_request(
@@ -301,33 +314,13 @@ async fn an_http2_upload_reaches_an_h2c_pod_before_its_last_chunk_is_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_reaches_the_client_as_the_pod_sends_it() {
     let (pod, _seen) = Pod::start(2).await;
-    let running = proxy(&["--endpoints", &pod.addr.to_string()]).await;
+    let running = proxy_to(&[pod.addr], &[]).await;
     within(LIMIT, "streamed download", async {
-        // Not `Client::get`: it reads the whole body before returning.
-        let (body, response) = start_request(
-            Protocol::Http1,
-            running.listen,
-            Request::get("/drip").header("host", "t"),
-        )
-        .await;
-        drop(body);
-        let response = within(STEP, "response head", response)
-            .await
-            .unwrap()
-            .unwrap();
-        let mut incoming = response.into_body();
+        let mut incoming = get_head(running.listen, "/drip").await.into_body();
         let first = within(
             STEP,
             "the first chunk, before the pod sends the last",
-            async {
-                incoming
-                    .frame()
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .into_data()
-                    .unwrap()
-            },
+            next_data(&mut incoming),
         )
         .await;
         assert_eq!(first, "first");
@@ -510,17 +503,12 @@ async fn large_uploads_and_downloads_keep_the_proxy_memory_flat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_body_is_retried_whole_after_a_reset_before_the_response() {
-    let broken = Backend::start(
-        2,
-        Behaviour {
-            reset: true,
-            ..Default::default()
-        },
+    let (broken, healthy) = broken_and_healthy().await;
+    let running = proxy_to(
+        &[broken.addr, healthy.addr],
+        &["--algorithm", "round-robin"],
     )
     .await;
-    let healthy = Backend::start(3, Behaviour::default()).await;
-    let endpoints = format!("{},{}", broken.addr, healthy.addr);
-    let running = proxy(&["--endpoints", &endpoints, "--algorithm", "round-robin"]).await;
     within(LIMIT, "retries", async {
         let body = Bytes::from((0..1024).map(|i| (i % 251) as u8).collect::<Vec<_>>());
         let mut client = Client::connect(running.listen).await.unwrap();
@@ -573,56 +561,14 @@ async fn a_small_body_is_retried_whole_after_a_reset_before_the_response() {
     running.shutdown().await;
 }
 
-/// [`support::proxy`], but a flag this proxy does not know is an error, not an exit of
-/// the whole test binary.
-async fn try_proxy(args: &[&str]) -> Result<ballast_proxy::server::Running, String> {
-    let mut all = vec![
-        "ballast-proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--warmup",
-        "0s",
-        "--shutdown-delay",
-        "0s",
-        "--drain-timeout",
-        "5s",
-    ];
-    all.extend_from_slice(args);
-    let settings = ballast_proxy::config::Settings::try_parse_from(all)
-        .map_err(|e| e.to_string())?
-        .resolve()
-        .map_err(|e| format!("{e:?}"))?;
-    let running = ballast_proxy::server::start(settings)
-        .await
-        .map_err(|e| e.to_string())?;
-    wait_ready(running.admin).await;
-    Ok(running)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_the_retry_limit_is_not_retried_and_is_counted() {
-    let broken = Backend::start(
-        2,
-        Behaviour {
-            reset: true,
-            ..Default::default()
-        },
+    let (broken, healthy) = broken_and_healthy().await;
+    let running = proxy_to(
+        &[broken.addr, healthy.addr],
+        &["--algorithm", "round-robin", "--retry-body-limit", "4096"],
     )
     .await;
-    let healthy = Backend::start(3, Behaviour::default()).await;
-    let endpoints = format!("{},{}", broken.addr, healthy.addr);
-    let running = try_proxy(&[
-        "--endpoints",
-        &endpoints,
-        "--algorithm",
-        "round-robin",
-        "--retry-body-limit",
-        "4096",
-    ])
-    .await
-    .expect("the proxy takes --retry-body-limit");
     let big = Bytes::from(vec![b'x'; 64 * 1024]);
     let (mut sent, mut refused) = (0, 0);
     within(LIMIT, "large bodies", async {
@@ -634,22 +580,15 @@ async fn a_body_over_the_retry_limit_is_not_retried_and_is_counted() {
                 .post("/echo", big.clone())
                 .await
                 .unwrap_or_else(|e| panic!("request {i}: the proxy cut the connection: {e}"));
-            if reply.status == StatusCode::BAD_GATEWAY {
+            let pods = (&broken, &healthy);
+            if assert_echoed_or_failed_once(
+                &reply,
+                pods,
+                before,
+                big.len(),
+                &format!("request {i}"),
+            ) {
                 refused += 1;
-                assert_eq!(reply.headers["x-ballast-error"], "upstream-failed");
-                assert_eq!(
-                    (broken.hits(), healthy.hits()),
-                    (before.0 + 1, before.1),
-                    "request {i}: sent once, not retried"
-                );
-            } else {
-                assert_eq!(
-                    reply.status,
-                    StatusCode::OK,
-                    "request {i}: {}",
-                    reply.text()
-                );
-                assert_eq!(reply.body.len(), big.len(), "request {i}");
             }
         }
     })
@@ -675,13 +614,7 @@ async fn a_body_over_the_retry_limit_is_not_retried_and_is_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_trailers_cross_http2_both_hops() {
     let (pod, _seen) = Pod::start(2).await;
-    let running = proxy(&[
-        "--endpoints",
-        &pod.addr.to_string(),
-        "--backend-protocol",
-        "h2c",
-    ])
-    .await;
+    let running = proxy_to(&[pod.addr], &["--backend-protocol", "h2c"]).await;
     within(LIMIT, "response trailers", async {
         let uri = format!("http://{}/trailers", running.listen);
         let (body, response) = start_request(
@@ -709,13 +642,7 @@ async fn response_trailers_cross_http2_both_hops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_trailers_reach_an_h2c_pod() {
     let (pod, mut seen) = Pod::start(2).await;
-    let running = proxy(&[
-        "--endpoints",
-        &pod.addr.to_string(),
-        "--backend-protocol",
-        "h2c",
-    ])
-    .await;
+    let running = proxy_to(&[pod.addr], &["--backend-protocol", "h2c"]).await;
     within(LIMIT, "request trailers", async {
         let uri = format!("http://{}/observe", running.listen);
         let (mut body, response) = start_request(
@@ -758,7 +685,7 @@ async fn request_trailers_reach_an_h2c_pod() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_gets_its_interim_answer_before_the_body_is_sent() {
     let pod = Backend::start(2, Behaviour::default()).await;
-    let running = proxy(&["--endpoints", &pod.addr.to_string()]).await;
+    let running = proxy_to(&[pod.addr], &[]).await;
     let body = vec![b'e'; 100 * 1024];
     within(LIMIT, "expect 100-continue", async {
         let mut stream = TcpStream::connect(running.listen).await.unwrap();
@@ -807,17 +734,11 @@ async fn a_body_over_the_retry_limit_still_moves_on_after_a_connect_failure() {
         .local_addr()
         .unwrap();
     let healthy = Backend::start(3, Behaviour::default()).await;
-    let endpoints = format!("{gone},{}", healthy.addr);
-    let running = try_proxy(&[
-        "--endpoints",
-        &endpoints,
-        "--algorithm",
-        "round-robin",
-        "--retry-body-limit",
-        "4096",
-    ])
-    .await
-    .expect("the proxy takes --retry-body-limit");
+    let running = proxy_to(
+        &[gone, healthy.addr],
+        &["--algorithm", "round-robin", "--retry-body-limit", "4096"],
+    )
+    .await;
     let big = Bytes::from(vec![b'x'; 64 * 1024]);
     within(LIMIT, "large bodies", async {
         let mut client = Client::connect(running.listen).await.unwrap();
@@ -840,37 +761,13 @@ async fn a_body_over_the_retry_limit_still_moves_on_after_a_connect_failure() {
 async fn an_http_exchange_silent_past_the_idle_limit_is_cut() {
     let (pod, _seen) = Pod::start(2).await;
     let delayed = Backend::start(3, Behaviour::default()).await;
-    let running = try_proxy(&[
-        "--endpoints",
-        &pod.addr.to_string(),
-        "--stream-idle-timeout",
-        "1s",
-    ])
-    .await
-    .expect("the proxy takes --stream-idle-timeout");
+    let running = proxy_to(&[pod.addr], &["--stream-idle-timeout", "1s"]).await;
     within(LIMIT, "idle HTTP exchange", async {
         // After the head: the response is aborted, not left hanging for the pod's minute.
-        let (body, response) = start_request(
-            Protocol::Http1,
-            running.listen,
-            Request::get("/hold").header("host", "t"),
-        )
-        .await;
-        drop(body);
-        let response = within(STEP, "response head", response)
-            .await
-            .unwrap()
-            .unwrap();
+        let response = get_head(running.listen, "/hold").await;
         assert_eq!(response.status(), StatusCode::OK);
         let mut incoming = response.into_body();
-        let first = incoming
-            .frame()
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data()
-            .unwrap();
-        assert_eq!(first, "first");
+        assert_eq!(next_data(&mut incoming).await, "first");
         let rest = within(STEP, "the idle cut", incoming.collect()).await;
         assert!(rest.is_err(), "the response is aborted: {rest:?}");
     })
@@ -878,14 +775,7 @@ async fn an_http_exchange_silent_past_the_idle_limit_is_cut() {
     running.shutdown().await;
 
     // Before the head: 504.
-    let running = try_proxy(&[
-        "--endpoints",
-        &delayed.addr.to_string(),
-        "--stream-idle-timeout",
-        "1s",
-    ])
-    .await
-    .unwrap();
+    let running = proxy_to(&[delayed.addr], &["--stream-idle-timeout", "1s"]).await;
     let mut client = Client::connect(running.listen).await.unwrap();
     let reply = within(STEP, "the idle cut", client.get("/delay/30000"))
         .await
@@ -897,13 +787,6 @@ async fn an_http_exchange_silent_past_the_idle_limit_is_cut() {
         reply.text()
     );
     assert_eq!(reply.headers["x-ballast-error"], "upstream-timeout");
-    assert_eq!(
-        metric(
-            running.admin,
-            "ballast_stream_timeouts_total{kind=\"idle\"}"
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(stream_timeouts(running.admin, "idle").await, 1.0);
     running.shutdown().await;
 }

@@ -8,6 +8,7 @@
 //! [`WINDOW`] of the earlier ones. A proxy that holds messages back then fails the test
 //! with a message instead of merely making it slower.
 
+use ballast_proxy::server::Running;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -56,6 +57,39 @@ pub struct GrpcBehaviour {
     pub delay: Duration,
     /// Between the two replies of [`STALL`].
     pub stall: Duration,
+}
+
+impl GrpcBehaviour {
+    /// Answers unary calls only after `delay` (a slow pod).
+    pub fn answering_after(delay: Duration) -> Self {
+        Self {
+            delay,
+            ..Self::default()
+        }
+    }
+
+    /// Stays silent for `stall` between the two replies of [`STALL`].
+    pub fn stalling_for(stall: Duration) -> Self {
+        Self {
+            stall,
+            ..Self::default()
+        }
+    }
+}
+
+/// The proxy in front of the gRPC `pods` (h2c to them), with `extra` flags.
+pub async fn grpc_proxy(pods: &[SocketAddr], extra: &[&str]) -> Running {
+    let mut args = vec!["--backend-protocol", "h2c"];
+    args.extend_from_slice(extra);
+    super::proxy_to(pods, &args).await
+}
+
+/// One gRPC pod on 127.0.0.2 behaving as `behaviour`, and the proxy in front of it with
+/// `extra` flags: `(pod, proxy)`.
+pub async fn pod_behind_proxy(behaviour: GrpcBehaviour, extra: &[&str]) -> (GrpcBackend, Running) {
+    let pod = GrpcBackend::start(2, behaviour).await;
+    let running = grpc_proxy(&[pod.addr], extra).await;
+    (pod, running)
 }
 
 /// An in-process gRPC server (h2c) standing in for a pod.
@@ -319,6 +353,12 @@ pub fn client_message(i: u64) -> Bytes {
     Bytes::from(format!("c{i:05}"))
 }
 
+/// The reply of [`CLIENT_STREAM`] to client messages `0..n`: all of them, in order.
+pub fn client_messages_joined(n: u64) -> Bytes {
+    let messages: Vec<Bytes> = (0..n).map(client_message).collect();
+    Bytes::from(messages.join(&b'\n'))
+}
+
 /// The `i`th reply of [`SERVER_STREAM`].
 pub fn server_message(i: u64) -> Bytes {
     Bytes::from(format!("s{i}"))
@@ -463,4 +503,61 @@ pub async fn open_bidi(
         .unwrap()
         .into_inner();
     (tx, inbound)
+}
+
+/// Sends client message `i` on an open bidi stream and asserts that its echo is the next
+/// reply, within [`MESSAGE_LIMIT`]; `what` names the step in a failure.
+pub async fn round_trip(
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
+    inbound: &mut tonic::codec::Streaming<Bytes>,
+    i: u64,
+    what: &str,
+) {
+    tx.send(client_message(i)).await.unwrap();
+    let answer = within(MESSAGE_LIMIT, what, inbound.message()).await;
+    assert_eq!(
+        answer.unwrap_or_else(|status| panic!("{what}: {status:?}")),
+        Some(client_message(i)),
+        "{what}"
+    );
+}
+
+/// One [`UNARY`] call carrying `message`, the client ready first.
+pub async fn unary_echo(
+    grpc: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    message: Bytes,
+) -> Result<tonic::Response<Bytes>, Status> {
+    grpc.ready().await.unwrap();
+    grpc.unary(tonic::Request::new(message), path(UNARY), RawCodec)
+        .await
+}
+
+/// Starts a server-streaming call of `method`: its replies, once the response head has
+/// arrived (within [`MESSAGE_LIMIT`]).
+pub async fn open_server_stream(
+    grpc: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    method: &'static str,
+    request: tonic::Request<Bytes>,
+) -> tonic::codec::Streaming<Bytes> {
+    let call = grpc.server_streaming(request, path(method), RawCodec);
+    within(MESSAGE_LIMIT, "response head", call)
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Starts a [`CLIENT_STREAM`] call on its own task: the sender for the client's messages
+/// (dropping it ends the request) and the call's outcome.
+pub fn spawn_client_stream(
+    mut grpc: tonic::client::Grpc<tonic::transport::Channel>,
+) -> (
+    tokio::sync::mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<Result<tonic::Response<Bytes>, Status>>,
+) {
+    let (tx, stream) = outbound();
+    let call = tokio::spawn(async move {
+        grpc.client_streaming(tonic::Request::new(stream), path(CLIENT_STREAM), RawCodec)
+            .await
+    });
+    (tx, call)
 }

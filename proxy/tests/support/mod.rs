@@ -30,6 +30,24 @@ pub struct Behaviour {
     pub reset: bool,
 }
 
+impl Behaviour {
+    /// Reads each request, then drops the connection without an answer (a crashing pod).
+    pub fn resetting() -> Self {
+        Self {
+            reset: true,
+            ..Self::default()
+        }
+    }
+
+    /// Answers every request only after `delay` (a slow pod).
+    pub fn answering_after(delay: Duration) -> Self {
+        Self {
+            delay,
+            ..Self::default()
+        }
+    }
+}
+
 /// An in-process HTTP backend (HTTP/1.1 and h2c) standing in for a pod.
 #[derive(Debug)]
 pub struct Backend {
@@ -163,6 +181,70 @@ async fn handle(
     Ok(response)
 }
 
+type ScriptedBody =
+    StreamBody<futures::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
+
+/// A pod that answers every request with a head and then the frames `script` produces
+/// (for that request), on HTTP/1.1 or h2c; a gRPC request gets a gRPC content type.
+pub async fn scripted_pod<F, Fut>(last_octet: u8, script: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>, tokio::sync::mpsc::Sender<Frame<Bytes>>) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, last_octet], 0)))
+        .await
+        .expect("bind a loopback address");
+    let addr = listener.local_addr().expect("a bound address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let script = script.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let script = script.clone();
+                    async move {
+                        let grpc = request
+                            .headers()
+                            .get("content-type")
+                            .is_some_and(|v| v == "application/grpc");
+                        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+                        tokio::spawn(script(request, tx));
+                        let frames = futures::stream::poll_fn(move |cx| {
+                            rx.poll_recv(cx).map(|f| f.map(Ok::<_, Infallible>))
+                        });
+                        let body: ScriptedBody = StreamBody::new(Box::pin(frames));
+                        let mut response = Response::new(body);
+                        if grpc {
+                            response
+                                .headers_mut()
+                                .insert("content-type", "application/grpc".parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A [`scripted_pod`] that answers every request with the one frame `first` and then
+/// stays silent for a minute, its body never ending (longer than any test waits).
+pub async fn silent_pod(last_octet: u8, first: &'static [u8]) -> SocketAddr {
+    scripted_pod(last_octet, move |_request, tx| async move {
+        let _ = tx.send(Frame::data(Bytes::from_static(first))).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(tx);
+    })
+    .await
+}
+
 /// Starts one backend per last octet in `octets`, all behaving alike.
 pub async fn backends(octets: std::ops::Range<u8>, behaviour: Behaviour) -> Vec<Backend> {
     let mut out = Vec::new();
@@ -172,12 +254,51 @@ pub async fn backends(octets: std::ops::Range<u8>, behaviour: Behaviour) -> Vec<
     out
 }
 
+/// A pod on 127.0.0.2 that resets every request and a healthy one on 127.0.0.3:
+/// `(broken, healthy)`.
+pub async fn broken_and_healthy() -> (Backend, Backend) {
+    (
+        Backend::start(2, Behaviour::resetting()).await,
+        Backend::start(3, Behaviour::default()).await,
+    )
+}
+
+/// Checks a reply to a body too large to retry, sent through the proxy to a
+/// [`broken_and_healthy`] pair whose hits were `before`: either the proxy's 502 for a
+/// request that went to `broken` exactly once and was not retried, or the healthy pod's
+/// echo of all `len` bytes. True for the 502.
+pub fn assert_echoed_or_failed_once(
+    reply: &Reply,
+    (broken, healthy): (&Backend, &Backend),
+    before: (u64, u64),
+    len: usize,
+    what: &str,
+) -> bool {
+    if reply.status == StatusCode::BAD_GATEWAY {
+        assert_eq!(
+            reply.headers["x-ballast-error"], "upstream-failed",
+            "{what}"
+        );
+        assert_eq!(
+            (broken.hits(), healthy.hits()),
+            (before.0 + 1, before.1),
+            "{what}: sent exactly once, not retried"
+        );
+        true
+    } else {
+        assert_eq!(reply.status, StatusCode::OK, "{what}: {}", reply.text());
+        assert_eq!(reply.body.len(), len, "{what}");
+        false
+    }
+}
+
 /// Borrows every backend (for [`endpoints_arg`]).
 pub fn refs(backends: &[Backend]) -> Vec<&Backend> {
     backends.iter().collect()
 }
 
-/// Starts the real proxy on 127.0.0.1 with `args` added to test defaults.
+/// Starts the real proxy on 127.0.0.1 with `args` added to test defaults. A flag the
+/// proxy does not take fails the calling test, not the whole test binary.
 pub async fn proxy(args: &[&str]) -> Running {
     let defaults = [
         ("--listen", "127.0.0.1:0"),
@@ -193,12 +314,25 @@ pub async fn proxy(args: &[&str]) -> Running {
         }
     }
     all.extend_from_slice(args);
-    let config = Settings::parse_from(all)
+    let config = Settings::try_parse_from(all)
+        .unwrap_or_else(|e| panic!("the proxy does not take these flags: {e}"))
         .resolve()
         .expect("valid test config");
     let running = server::start(config).await.expect("proxy starts");
     wait_ready(running.admin).await;
     running
+}
+
+/// Starts the real proxy with `pods` as its `--endpoints` and `extra` flags.
+pub async fn proxy_to(pods: &[SocketAddr], extra: &[&str]) -> Running {
+    let endpoints = pods
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut args = vec!["--endpoints", endpoints.as_str()];
+    args.extend_from_slice(extra);
+    proxy(&args).await
 }
 
 pub fn endpoints_arg(backends: &[&Backend]) -> String {
@@ -341,13 +475,41 @@ pub async fn get_json(admin: SocketAddr, path: &str) -> serde_json::Value {
     serde_json::from_slice(&c.get(path).await.unwrap().body).unwrap()
 }
 
+/// The proxy's whole `/metrics` page.
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    let mut c = Client::connect(admin).await.unwrap();
+    c.get("/metrics").await.unwrap().text()
+}
+
 /// Metric `name` (with its labels, as printed) from `/metrics`, or 0 when absent.
 pub async fn metric(admin: SocketAddr, name: &str) -> f64 {
-    let mut c = Client::connect(admin).await.unwrap();
-    let text = c.get("/metrics").await.unwrap().text();
-    text.lines()
+    metrics_text(admin)
+        .await
+        .lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// How many streams the proxy has cut at its `kind` limit (`idle`, `response-head`).
+pub async fn stream_timeouts(admin: SocketAddr, kind: &str) -> f64 {
+    metric(
+        admin,
+        &format!("ballast_stream_timeouts_total{{kind=\"{kind}\"}}"),
+    )
+    .await
+}
+
+/// The `in_flight` count `/endpoints` reports for `pod`; panics if it is not listed.
+pub async fn in_flight(admin: SocketAddr, pod: SocketAddr) -> u64 {
+    let report = get_json(admin, "/endpoints").await;
+    report
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == pod.to_string())
+        .unwrap_or_else(|| panic!("{pod} not in {report}"))["in_flight"]
+        .as_u64()
+        .unwrap()
 }
 
 /// Sends `POST` or `GET /drain` from `pod_ip`.
