@@ -636,8 +636,17 @@ pub(crate) async fn stage(
     let wait = app.wait_rolled_out(Duration::from_secs(60)).await;
     refresher.abort();
     wait?;
-    // The front must have every proxy before load starts (kube-proxy's view).
-    tokio::time::sleep(cfg.propagation + Duration::from_millis(300)).await;
+    // The front must have every proxy (or pod) before load starts (kube-proxy's view).
+    let behind_front = proxies.as_ref().unwrap_or(&app).plan().rollout.replicas as usize;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        front_feed
+            .subscribe()
+            .wait_for(|set| set.iter().filter(|e| e.ready).count() >= behind_front),
+    )
+    .await
+    .map_err(|_| format!("the front Service did not list {behind_front} ready backends"))?
+    .map_err(|e| e.to_string())?;
     Ok(Stage {
         api,
         app,
@@ -755,8 +764,12 @@ async fn run_inner(
     let _ = refresher.await;
     let load = Arc::try_unwrap(load).map_err(|_| "the load is still shared".to_owned())?;
     let stats = load.stop().await;
-    // One more look by the operator stand-in, so status has the last drains.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // One more whole round of the operator stand-in, so status has the last drains.
+    if let Some(status) = &status
+        && !operator::next_round(status, 2).await
+    {
+        return Err("the operator stand-in stopped taking rounds".to_owned());
+    }
 
     let old = pods_of(&app, &old_revision);
     let longest_pre_stop = old

@@ -31,6 +31,22 @@ pub struct StatusView {
     pub events: Vec<String>,
     /// Proxy replicas read in the last round.
     pub proxies_read: usize,
+    /// Rounds finished.
+    pub rounds: u64,
+}
+
+/// Waits until `rounds` more rounds have finished (with 2, one whole round began after
+/// the call), for at most 10 s per round; false when they did not.
+pub async fn next_round(view: &Mutex<StatusView>, rounds: u64) -> bool {
+    let target = lock(view).rounds + rounds;
+    let deadline = tokio::time::Instant::now() + PERIOD * 10 * u32::try_from(rounds).unwrap_or(1);
+    while lock(view).rounds < target {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
 }
 
 /// Starts the gate and tracking over `app`'s pods, reading the proxies of `proxies` on
@@ -116,6 +132,7 @@ pub fn start(
                 }
             }
             let mut view = lock(&shared);
+            view.rounds += 1;
             view.proxies_read = observations.iter().filter(|o| o.report.is_ok()).count();
             view.draining = tracked.draining;
             if tracked.last_rollout.is_some() {
