@@ -1,0 +1,173 @@
+use super::*;
+use crate::fixtures::balanced_service;
+
+fn errors(bs: &BalancedService) -> Vec<String> {
+    match validate(bs, &Limits::default()) {
+        Ok(_) => Vec::new(),
+        Err(InvalidSpec(errors)) => errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
+#[test]
+fn the_fixture_is_valid() {
+    assert_eq!(errors(&balanced_service()), Vec::<String>::new());
+}
+
+#[test]
+fn a_probe_port_no_container_exposes() {
+    let mut bs = balanced_service();
+    bs.spec.probes.port = Some(IntOrString::String("health".into()));
+    assert_eq!(
+        errors(&bs),
+        vec![
+            "spec.probes.port: no container declares a port named \"health\" (declared: [\"http\"])"
+        ]
+    );
+}
+
+#[test]
+fn a_target_port_name_no_container_exposes() {
+    let mut bs = balanced_service();
+    bs.spec.ports[0].target_port = Some(IntOrString::String("web".into()));
+    assert!(
+        errors(&bs)[0]
+            .starts_with("spec.ports[0].targetPort: no container declares a port named \"web\"")
+    );
+}
+
+#[test]
+fn more_ports_than_one_proxy_serves() {
+    let mut bs = balanced_service();
+    let mut second = bs.spec.ports[0].clone();
+    second.name = "admin".into();
+    second.port = 81;
+    bs.spec.ports.push(second);
+    assert!(errors(&bs)[0].starts_with("spec.ports: 2 ports given"));
+}
+
+#[test]
+fn replicas_beyond_the_cap() {
+    let mut bs = balanced_service();
+    bs.spec.replicas = 5000;
+    assert_eq!(
+        errors(&bs),
+        vec!["spec.replicas: 5000 is above this operator's limit of 1000"]
+    );
+}
+
+#[test]
+fn bare_number_strings_are_not_percentages() {
+    let mut bs = balanced_service();
+    bs.spec.rollout.max_surge = IntOrString::String("50".into());
+    bs.spec.disruption.min_available = Some(IntOrString::String("5o%".into()));
+    let e = errors(&bs);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(e[0].starts_with("spec.rollout.maxSurge"));
+    assert!(e[1].starts_with("spec.disruption.minAvailable"));
+}
+
+#[test]
+fn names_too_long_for_the_admin_service_and_reserved_labels() {
+    let mut bs = balanced_service();
+    bs.metadata.name = Some("x".repeat(MAX_NAME_LEN + 1));
+    bs.spec
+        .template
+        .metadata
+        .get_or_insert_default()
+        .labels
+        .get_or_insert_default()
+        .insert("ballast.dev/role".into(), "x".into());
+    bs.spec.proxy.admin_port = i32::from(PROXY_PORT);
+    let e = errors(&bs);
+    assert_eq!(e.len(), 3, "{e:?}");
+    assert!(e[0].starts_with("metadata.name: at most 51 characters"));
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("spec.template.metadata.labels"))
+    );
+    assert!(e.iter().any(|m| m.starts_with("spec.proxy.adminPort")));
+}
+
+#[test]
+fn a_pre_stop_that_cannot_run_after_the_drain() {
+    use k8s_openapi::api::core::v1::{HTTPGetAction, Lifecycle, LifecycleHandler};
+    let mut bs = balanced_service();
+    let http = LifecycleHandler {
+        http_get: Some(HTTPGetAction::default()),
+        ..LifecycleHandler::default()
+    };
+    bs.spec.template.spec.as_mut().unwrap().containers[1].lifecycle = Some(Lifecycle {
+        pre_stop: Some(http),
+        ..Lifecycle::default()
+    });
+    assert!(
+        errors(&bs)[0]
+            .starts_with("spec.template.spec.containers[1].lifecycle.preStop: only exec and sleep")
+    );
+}
+
+#[test]
+fn names_that_cannot_name_a_service_are_refused_before_any_call() {
+    for bad in ["api.v2", "1web", "Web", "web-", "we_b"] {
+        let mut bs = balanced_service();
+        bs.metadata.name = Some(bad.into());
+        let e = errors(&bs);
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("metadata.name:") && m.contains("cannot name a Service")),
+            "{bad}: {e:?}"
+        );
+    }
+    for good in ["web", "w", "api-v2", "a1"] {
+        let mut bs = balanced_service();
+        bs.metadata.name = Some(good.into());
+        assert_eq!(errors(&bs), Vec::<String>::new(), "{good}");
+    }
+}
+
+#[test]
+fn a_template_the_embedded_schema_lets_through() {
+    let mut bs = balanced_service();
+    let pod = bs.spec.template.spec.as_mut().unwrap();
+    pod.containers[0].image = None;
+    pod.containers[1].name = "App_1".into();
+    let labels = bs
+        .spec
+        .template
+        .metadata
+        .get_or_insert_default()
+        .labels
+        .get_or_insert_default();
+    labels.insert("bad key!".into(), "x".into());
+    labels.insert("tier".into(), "-front".into());
+    labels.insert("example.com/team".into(), "payments.eu_1".into());
+    let e = errors(&bs);
+    assert_eq!(e.len(), 4, "{e:?}");
+    assert!(
+        e.iter()
+            .any(|m| m == "spec.template.spec.containers[0].image: an image is required")
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("spec.template.spec.containers[1].name: \"App_1\""))
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains("\"bad key!\" is not a valid label key"))
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains("the value \"-front\" of \"tier\""))
+    );
+}
+
+#[test]
+fn no_container() {
+    let mut bs = balanced_service();
+    bs.spec.template.spec.as_mut().unwrap().containers.clear();
+    assert!(
+        errors(&bs)
+            .iter()
+            .any(|e| e.starts_with("spec.template.spec.containers"))
+    );
+}
