@@ -311,7 +311,15 @@ async fn expired_version_after_a_gap_relists_and_replaces_the_set() {
         );
     }
 
-    // A 410 on an open watch (the watch cache dropped it) re-lists too.
+    // A 410 on an open watch (the watch cache dropped it) re-lists too. The watch the
+    // watcher opened after its re-list must be open first, or there is nothing to expire.
+    eventually("a watch after the re-list", || {
+        let requests = server.requests();
+        let last_list = requests.iter().rposition(|r| r.verb == Verb::List);
+        let last_watch = requests.iter().rposition(|r| r.verb == Verb::Watch);
+        last_watch > last_list
+    })
+    .await;
     server.expire_watches();
     eventually("a second re-list", || server.count(Verb::List) == 3).await;
     server

@@ -727,7 +727,17 @@ fn answer(
     };
     drop(store);
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(stream_watch(Arc::clone(shared), collection, params, tx));
+    // The watch is open from the moment it is answered: a signal sent after that (an
+    // expiry, a close) reaches it even if its task has not run yet.
+    let mut signals = shared.signals.subscribe();
+    let start = signals.borrow_and_update().clone();
+    tokio::spawn(stream_watch(
+        Arc::clone(shared),
+        collection,
+        params,
+        tx,
+        (signals, start),
+    ));
     let mut response = Response::new(ApiBody::Lines(rx));
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -782,9 +792,8 @@ async fn stream_watch(
     collection: Collection,
     params: WatchParams,
     tx: mpsc::Sender<Bytes>,
+    (mut signals, start): (watch::Receiver<Signals>, Signals),
 ) {
-    let mut signals = shared.signals.subscribe();
-    let start = signals.borrow_and_update().clone();
     let deadline = params
         .timeout
         .map(|t| tokio::time::Instant::now() + t)
