@@ -5,10 +5,11 @@
 //! template back, as the operator does on a cluster.
 
 use crate::load::{Load, LoadPlan, LoadStats};
+use crate::lock;
 use crate::scenario::{LiveHandle, ScenarioConfig, Stage, Variant, stage};
 use ballast_api::spec::PauseThresholds;
 use ballast_api::status::RolloutSummary;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long the stand-in may take to notice the failing revision.
@@ -162,8 +163,4 @@ pub async fn run(
     };
     drop(front);
     Ok(report)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -158,3 +158,9 @@ pub mod failing_release;
 pub mod l4;
 pub mod load;
 pub mod scenario;
+
+/// Locks `m`, taking the data of a poisoned lock as it is (a panicked test thread has
+/// already failed its test).
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -4,6 +4,7 @@
 //! server closes one (`Connection: close`, or an idle close it notices before sending)
 //! and never retries a request. Every loop stops at [`Load::stop`] or at its deadline.
 
+use crate::lock;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty};
@@ -12,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -168,10 +169,6 @@ impl Load {
         }
         lock(&self.stats).clone()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 enum Shape {

@@ -18,6 +18,7 @@
 //! * [`Variant::SleepInsteadOfGate`]: ballast, but with the usual cure,
 //!   `preStop: sleep N`, in place of the drain gate.
 
+use crate::lock;
 use ballast_api::BalancedService;
 use ballast_api::spec::PauseThresholds;
 use ballast_api::status::RolloutSummary;
@@ -28,7 +29,7 @@ use k8s_openapi::api::core::v1::{LifecycleHandler, SleepAction};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -196,10 +197,6 @@ pub struct Live {
 
 /// Shared handle a view reads.
 pub type LiveHandle = Arc<Mutex<Live>>;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// The demo's BalancedService: `pods` naive sample-app pods, short timeouts so a demo
 /// rollout is quick. `release` goes into a template annotation: changing it is a new

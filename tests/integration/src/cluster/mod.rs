@@ -34,9 +34,10 @@ pub mod plan;
 pub mod pod;
 pub mod rolling;
 
+use crate::lock;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -224,10 +225,6 @@ impl Deployment {
             .collect::<Vec<_>>()
             .join(" ")
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Inner {

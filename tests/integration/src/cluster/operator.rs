@@ -5,12 +5,13 @@
 //! back with [`rollout::decide`], as the operator does. The numbers it keeps are what
 //! the BalancedService's status would say.
 
+use crate::lock;
 use ballast_api::spec::PauseThresholds;
 use ballast_api::status::{BalanceSummary, DrainingPod, RolloutSummary};
 use ballast_operator::observe::{AppPod, ProxyPod, ProxyReader, ROUTABLE_CONDITION};
 use ballast_operator::{gate, rollout};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::Deployment;
@@ -150,8 +151,4 @@ pub fn start(
         }
     });
     view
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
