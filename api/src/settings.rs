@@ -286,6 +286,41 @@ impl DrainSettings {
     }
 }
 
+impl AfterDrain {
+    /// The user's own hook inside a preStop `command` that [`DrainSettings::to_command`]
+    /// rendered with `binary`; `None` when `command` is not such a command (it is the
+    /// user's own hook). How an adopted Deployment's live preStop, which ballast wrote,
+    /// is told from the user's.
+    pub fn chained_in(command: &[String], binary: &str) -> Option<Self> {
+        let (first, rest) = command.split_first()?;
+        if first != binary {
+            return None;
+        }
+        if let Some(at) = rest.iter().position(|a| a == "--") {
+            return Some(Self::Exec(rest[at + 1..].to_vec()));
+        }
+        let sleep = rest
+            .iter()
+            .find_map(|a| a.strip_prefix("--then-sleep="))
+            .and_then(parse_duration);
+        Some(sleep.map_or(Self::Nothing, Self::Sleep))
+    }
+}
+
+/// The inverse of [`duration`].
+fn parse_duration(text: &str) -> Option<Duration> {
+    if text == "0" {
+        return Some(Duration::ZERO);
+    }
+    if let Some(ms) = text.strip_suffix("ms") {
+        return ms.parse().ok().map(Duration::from_millis);
+    }
+    text.strip_suffix('s')?
+        .parse()
+        .ok()
+        .map(Duration::from_secs)
+}
+
 fn arg(flag: &str, value: impl fmt::Display) -> String {
     format!("--{flag}={value}")
 }
@@ -309,6 +344,32 @@ fn optional(d: Option<Duration>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hook_chained_after_the_drain_is_read_back() {
+        for then in [
+            AfterDrain::Nothing,
+            AfterDrain::Sleep(Duration::from_secs(5)),
+            AfterDrain::Sleep(Duration::from_millis(1500)),
+            AfterDrain::Exec(vec!["/bin/sh".into(), "-c".into(), "flush --now".into()]),
+        ] {
+            let drain = DrainSettings {
+                proxies: "demo-proxy-admin.shop.svc:9901".into(),
+                timeout: Duration::from_secs(30),
+                then: then.clone(),
+            };
+            let command = drain.to_command("/ballast/bin/ballast-drain");
+            assert_eq!(
+                AfterDrain::chained_in(&command, "/ballast/bin/ballast-drain"),
+                Some(then)
+            );
+        }
+        let own = vec!["/bin/sh".to_owned(), "-c".to_owned(), "sleep 5".to_owned()];
+        assert_eq!(
+            AfterDrain::chained_in(&own, "/ballast/bin/ballast-drain"),
+            None
+        );
+    }
 
     #[test]
     fn names_parse_back_and_match_the_json() {

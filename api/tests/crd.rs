@@ -309,6 +309,20 @@ struct RuleCase {
 fn rule_cases() -> Vec<RuleCase> {
     vec![
         RuleCase {
+            rule_contains: "has(self.template) != has(self.workloadRef)",
+            passing: &[],
+            failing: &[(
+                "/spec/workloadRef",
+                || json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"}),
+            )],
+        },
+        // A transition rule: `workload_ref_replicas_cannot_change` gives it an old object.
+        RuleCase {
+            rule_contains: "self.replicas == oldSelf.replicas",
+            passing: &[],
+            failing: &[],
+        },
+        RuleCase {
             rule_contains: "size(self.spec.containers) > 0",
             passing: &[],
             failing: &[("/spec/template/spec/containers", || json!([]))],
@@ -421,6 +435,59 @@ fn rule_cases() -> Vec<RuleCase> {
             )],
         },
     ]
+}
+
+/// A BalancedService adopting the Deployment `web` instead of carrying a template.
+fn adopting(base: &Value) -> Value {
+    let mut object = base.clone();
+    object["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("template");
+    object["spec"]["workloadRef"] =
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"});
+    object
+}
+
+#[test]
+fn a_workload_ref_replaces_the_template_and_its_replicas_cannot_change() {
+    let (_, base) = samples().into_iter().next().expect("a sample");
+    let adopting = adopting(&base);
+    assert_eq!(admission_problems(&adopting), Vec::<String>::new());
+    let mut neither = adopting.clone();
+    neither["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("workloadRef");
+    assert!(
+        cel_failures(&neither)
+            .iter()
+            .any(|r| r.contains("has(self.template) != has(self.workloadRef)")),
+        "neither template nor workloadRef must be refused"
+    );
+    let mut wrong_kind = adopting.clone();
+    wrong_kind["spec"]["workloadRef"]["kind"] = json!("StatefulSet");
+    assert!(!admission_problems(&wrong_kind).is_empty());
+
+    // `kubectl scale` writes spec.replicas through the scale subresource; the update is
+    // validated against the old object.
+    let schema = openapi_schema();
+    let old = kube_cel::apply_defaults(&schema, &adopting);
+    let mut scaled = old.clone();
+    scaled["spec"]["replicas"] = json!(7);
+    let errors = kube_cel::validate(&schema, &scaled, Some(&old)).expect_err("scale refused");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.message.contains("scale the Deployment")),
+        "{errors:?}"
+    );
+    assert!(kube_cel::validate(&schema, &old, Some(&old)).is_ok());
+    // Scaling a BalancedService with a template stays allowed.
+    let old = kube_cel::apply_defaults(&schema, &base);
+    let mut scaled = old.clone();
+    scaled["spec"]["replicas"] = json!(7);
+    assert!(kube_cel::validate(&schema, &scaled, Some(&old)).is_ok());
 }
 
 #[test]

@@ -36,7 +36,7 @@ fn main() {
     let mut objects = 0;
     let mut bytes = 0;
     for bs in &services {
-        let valid = validate(bs, &limits).expect("valid spec");
+        let valid = validate(bs, None, &limits).expect("valid spec");
         let owned = build(&valid, &ctx);
         let docs = owned.to_documents().expect("serializes");
         objects += docs.len();

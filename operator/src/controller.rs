@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
-use crate::build::{BuildContext, MANAGER, OwnedObjects, build, slow_probes, template_revision};
+use crate::build::{BuildContext, MANAGER, OwnedObjects, build, slow_probes};
 pub use crate::cache::{CacheWriters, Caches};
 use crate::metrics::Metrics;
 use crate::observe::{AppPod, ProxyObservation, ProxyReader};
@@ -71,6 +71,36 @@ pub enum ReconcileError {
         #[source]
         source: kube::Error,
     },
+    /// Labelling an app pod (adopting it, or retiring it before its deletion) failed.
+    #[error("patching pod {pod} failed")]
+    PatchPod {
+        /// The pod.
+        pod: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Switching the front Service to the proxies, or back, failed.
+    #[error("patching Service {name} failed")]
+    PatchService {
+        /// The Service.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Removing ballast's fields from an adopted Deployment failed.
+    #[error("releasing Deployment {name} failed")]
+    ReleaseDeployment {
+        /// The Deployment.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Adding or removing the give-back finalizer failed.
+    #[error("updating the finalizers failed")]
+    Finalizer(#[source] kube::Error),
     /// Removing the resume annotation failed.
     #[error("removing the {RESUME_ANNOTATION} annotation failed")]
     ClearResume(#[source] kube::Error),
@@ -93,6 +123,10 @@ impl ReconcileError {
             Self::ApplyFailed { .. } => "apply_failed",
             Self::Conflict { .. } => "conflict",
             Self::PatchPodStatus { .. } => "patch_pod_status",
+            Self::PatchPod { .. } => "patch_pod",
+            Self::PatchService { .. } => "patch_service",
+            Self::ReleaseDeployment { .. } => "release_deployment",
+            Self::Finalizer(_) => "finalizer",
             Self::ClearResume(_) => "clear_resume",
             Self::PatchStatus(_) => "patch_status",
             Self::MissingNamespace => "missing_namespace",
@@ -281,12 +315,51 @@ pub async fn reconcile(
 async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, ReconcileError> {
     let namespace = bs.namespace().ok_or(ReconcileError::MissingNamespace)?;
     let now = whole_seconds(k8s_openapi::jiff::Timestamp::now());
-    let (observed, blocked) = match validate(bs, &ctx.limits) {
-        Err(invalid) => {
-            tracing::warn!(error = %invalid, "invalid spec: nothing applied");
-            (Observed::default(), Some(Blocked::InvalidSpec(invalid)))
+    let adopted = match &bs.spec.workload_ref {
+        Some(reference) => adoption::read_deployment(ctx, &namespace, &reference.name).await?,
+        None => None,
+    };
+    if bs.metadata.deletion_timestamp.is_some() {
+        // Only an adopting BalancedService has a finalizer: give everything back.
+        let Some(step) = adoption::give_back(ctx, bs, &namespace, adopted.as_ref()).await? else {
+            return Ok(Action::await_change());
+        };
+        let observed = Observed {
+            adoption: Some(step),
+            ..Observed::default()
+        };
+        let before = bs.status.clone().unwrap_or_default();
+        let status = compute(bs, &observed, None, Time(now));
+        if status != before {
+            write_status(ctx, bs, &namespace, &status).await?;
         }
-        Ok(valid) => converge(ctx, &valid, &namespace, now).await?,
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    if bs.spec.workload_ref.is_some() {
+        adoption::ensure_finalizer(ctx, bs, &namespace).await?;
+    }
+    let (observed, blocked) = match (&bs.spec.workload_ref, &adopted) {
+        (Some(reference), None) => {
+            tracing::warn!(deployment = %reference.name, "the Deployment to adopt does not exist");
+            (
+                Observed {
+                    adoption: Some(adoption::Adoption {
+                        healthy: false,
+                        reason: "WorkloadNotFound",
+                        message: format!("Deployment {} does not exist", reference.name),
+                    }),
+                    ..Observed::default()
+                },
+                Some(Blocked::WorkloadNotFound(reference.name.clone())),
+            )
+        }
+        _ => match validate(bs, adopted.as_ref(), &ctx.limits) {
+            Err(invalid) => {
+                tracing::warn!(error = %invalid, "invalid spec: nothing applied");
+                (Observed::default(), Some(Blocked::InvalidSpec(invalid)))
+            }
+            Ok(valid) => converge(ctx, &valid, &namespace, now).await?,
+        },
     };
     let before = bs.status.clone().unwrap_or_default();
     let status = compute(bs, &observed, blocked.as_ref(), Time(now));
@@ -310,7 +383,7 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
         Some(Blocked::Conflict { kind, name, .. }) => {
             return Err(ReconcileError::Conflict { kind, name });
         }
-        Some(Blocked::InvalidSpec(_)) | None => {}
+        Some(Blocked::InvalidSpec(_) | Blocked::WorkloadNotFound(_)) | None => {}
     }
     Ok(Action::requeue(rollout::requeue_after(Waiting {
         proxies_watched: ctx
@@ -401,9 +474,14 @@ async fn converge(
     now: k8s_openapi::jiff::Timestamp,
 ) -> Result<(Observed, Option<Blocked>), ReconcileError> {
     let bs = valid.bs;
+    if let Some(deployment) = valid.adopted {
+        let cached = ctx.caches.pods_of(bs, namespace, "app").len();
+        pods::label_adopted_pods(ctx, bs, namespace, deployment, cached).await?;
+    }
     let (pods, proxies) = pods::observe(ctx, bs, namespace).await?;
     let now_unix = now.as_millisecond() as f64 / 1000.0;
-    let mut tracked = track(ctx, bs, &pods, &proxies, now_unix);
+    let replica_sets = ctx.caches.replica_sets_of(bs, namespace);
+    let mut tracked = track(ctx, bs, &pods, &proxies, &replica_sets, now_unix);
     let action = rollout::decide(
         &mut tracked,
         &Policy {
@@ -414,21 +492,146 @@ async fn converge(
         },
     );
     let mut objects = build(valid, &ctx.build);
-    let replica_sets = ctx.caches.replica_sets_of(bs, namespace);
     steer(&mut objects.app_deployment, &action, &replica_sets);
-    if let Some(conflict) = apply::check_ownership(ctx, bs, namespace, &objects).await? {
+
+    // An adopted Deployment: its front Service may be the user's, switched to the
+    // proxies once they route to every ready pod; ballast's fields go onto the
+    // Deployment only once the traffic goes through the proxies.
+    let front = match valid.adopted {
+        None => adoption::Front::Ours,
+        Some(_) => adoption::front_of(
+            bs,
+            adoption::read_service(ctx, namespace, valid.front_name).await?,
+        ),
+    };
+    if let adoption::Front::Theirs(service) = &front
+        && !bs.spec.service.adopt
+    {
+        let conflict = Blocked::Conflict {
+            kind: "Service",
+            name: valid.front_name.to_owned(),
+            owner: format!(
+                "{}; set spec.service.adopt: true to switch it to the proxies",
+                apply::owner_of(
+                    &service.metadata,
+                    bs.metadata.uid.as_deref().unwrap_or_default()
+                )
+                .describe()
+            ),
+        };
+        return Ok((Observed::default(), Some(conflict)));
+    }
+    let plan = apply::ApplyPlan {
+        front_service: matches!(front, adoption::Front::Ours),
+        app_deployment: !matches!(front, adoption::Front::Theirs(_)),
+    };
+    if let Some(conflict) = apply::check_ownership(ctx, bs, namespace, &objects, &plan).await? {
         tracing::warn!(error = %conflict.message(), "not applying: an object is not ballast's");
         return Ok((Observed::default(), Some(conflict)));
     }
-    let mut observed = match apply::apply(ctx, bs, namespace, &objects).await {
+    let mut observed = match apply::apply(ctx, bs, namespace, &objects, &plan).await {
         Ok(observed) => observed,
         Err(refused) => return Ok((Observed::default(), Some(refused))),
     };
+    let mut guard = crate::adopt::Guard::default();
+    if let Some(deployment) = valid.adopted {
+        let switched = match &front {
+            adoption::Front::Ours => Ok(true),
+            adoption::Front::Switched(service) | adoption::Front::Theirs(service) => {
+                let wanted = bs.spec.proxy.replicas;
+                let ready = observed
+                    .proxy
+                    .as_ref()
+                    .and_then(|p| p.status.as_ref())
+                    .and_then(|s| s.ready_replicas)
+                    .unwrap_or(0);
+                let switch = matches!(front, adoption::Front::Switched(_))
+                    .then_some(())
+                    .ok_or(())
+                    .or_else(|()| crate::adopt::ready_to_switch(ready, wanted, &pods, &proxies));
+                match switch {
+                    Ok(()) => {
+                        // Switching again undoes a change of selector by somebody else.
+                        let patch = adoption::switch_patch(bs, service, &objects.front_service);
+                        let patch = match patch {
+                            Ok(patch) => patch,
+                            Err(why) => {
+                                let invalid = crate::validate::InvalidSpec(vec![
+                                    crate::validate::FieldError {
+                                        field: "spec.ports".to_owned(),
+                                        message: why,
+                                    },
+                                ]);
+                                return Ok((
+                                    Observed::default(),
+                                    Some(Blocked::InvalidSpec(invalid)),
+                                ));
+                            }
+                        };
+                        if !adoption::is_switched(bs, service) {
+                            adoption::patch_service(ctx, namespace, valid.front_name, &patch)
+                                .await?;
+                            tracing::info!(
+                                service = valid.front_name,
+                                "front Service switched to the proxies"
+                            );
+                        }
+                        Ok(true)
+                    }
+                    Err(why) => Err(why),
+                }
+            }
+        };
+        let desired = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1);
+        let max_unavailable = resolve_count(&bs.spec.rollout.max_unavailable, desired);
+        guard = crate::adopt::guard(
+            desired,
+            max_unavailable,
+            &pods,
+            &proxies,
+            now.as_second(),
+            i64::from(bs.spec.rollout.drain_timeout_seconds),
+        );
+        if let Some(pod) = &guard.retire {
+            pods::retire(ctx, namespace, pod, now.as_second()).await?;
+        }
+        let old = pods.iter().filter(|p| !p.gated && !p.deleting).count();
+        observed.adoption = Some(adoption::adopted(
+            &deployment.name_any(),
+            valid.front_name,
+            switched,
+            &guard,
+            old,
+        ));
+        if observed.app.is_none() {
+            observed.app = Some(deployment.clone());
+        }
+    }
     observed.slow_probes = slow_probes(valid);
     observed.replica_sets = replica_sets;
-    observed.gate_waiting = pods::set_gates(ctx, namespace, &pods, &proxies).await?;
+    observed.gate_waiting = pods::set_gates(ctx, namespace, &pods, &proxies, guard.open).await?;
     observed.tracked = Some(tracked);
     Ok((observed, None))
+}
+
+/// A count or percentage of `total`, rounded down (as the Deployment controller
+/// resolves `maxUnavailable`).
+fn resolve_count(
+    value: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
+    total: i32,
+) -> i32 {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match value {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(text) => match text.strip_suffix('%') {
+            Some(percent) => percent.parse::<i32>().unwrap_or(0) * total / 100,
+            None => text.parse().unwrap_or(0),
+        },
+    }
 }
 
 /// `at` without its fraction: what a `metav1.Time` keeps through the API server, so a
@@ -443,9 +646,10 @@ fn track(
     bs: &BalancedService,
     pods: &[AppPod],
     proxies: &[ProxyObservation],
+    replica_sets: &[ReplicaSet],
     now_unix: f64,
 ) -> Tracked {
-    let update_revision = template_revision(&bs.spec.template);
+    let update_revision = crate::build::update_revision(bs, replica_sets);
     let previous = bs.status.as_ref().and_then(|s| s.last_rollout.as_ref());
     let mut memory = ctx.memory.lock().unwrap_or_else(PoisonError::into_inner);
     let memory = memory.entry(ObjectRef::from(bs)).or_default();
@@ -527,10 +731,12 @@ pub fn backoff(failures: u32) -> Duration {
     Duration::from_secs(1u64 << failures.saturating_sub(1).min(9)).min(Duration::from_secs(300))
 }
 
+mod adoption;
 mod apply;
 mod pods;
 mod watches;
 
+pub use adoption::{ADOPTED_BY, Adoption, FINALIZER, ORIGINAL};
 pub use watches::run;
 #[cfg(test)]
 mod tests;

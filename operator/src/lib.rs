@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod adopt;
 pub mod api_requests;
 pub mod build;
 pub mod cache;

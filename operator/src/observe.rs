@@ -13,13 +13,11 @@ use k8s_openapi::api::core::v1::Pod;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use crate::build::REVISION_LABEL;
-
 /// The pod condition of the readiness gate.
 pub const ROUTABLE_CONDITION: &str = "ballast.dev/routable";
 
 /// An app pod, as the gate and the rollout tracking see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AppPod {
     /// Pod name.
     pub name: String,
@@ -33,6 +31,15 @@ pub struct AppPod {
     pub routable: Option<bool>,
     /// Its message.
     pub routable_message: Option<String>,
+    /// Its spec has the `ballast.dev/routable` readiness gate (and so the drain gate):
+    /// false only for an adopted Deployment's pods started before ballast's first apply.
+    pub gated: bool,
+    /// Its `Ready` condition is True.
+    pub ready: bool,
+    /// Taken out of the proxies' rotation by the operator ahead of its deletion, since
+    /// this Unix second: its `ballast.dev/backend` label is `retired-<second>` (see
+    /// `adopt`).
+    pub retired: Option<i64>,
 }
 
 impl AppPod {
@@ -47,15 +54,29 @@ impl AppPod {
             ip: status
                 .and_then(|s| s.pod_ip.as_deref())
                 .and_then(|ip| ip.parse().ok()),
-            revision: pod
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(REVISION_LABEL))
-                .cloned(),
+            revision: crate::build::revision_of(&pod.metadata).cloned(),
             deleting: pod.metadata.deletion_timestamp.is_some(),
             routable: routable.map(|c| c.status == "True"),
             routable_message: routable.and_then(|c| c.message.clone()),
+            gated: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.readiness_gates.as_ref())
+                .is_some_and(|g| g.iter().any(|g| g.condition_type == ROUTABLE_CONDITION)),
+            ready: status
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+            retired: pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::build::BACKEND_LABEL))
+                .filter(|v| *v != crate::build::BACKEND_SERVING)
+                .map(|v| {
+                    v.strip_prefix(crate::adopt::RETIRED_PREFIX)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0)
+                }),
         }
     }
 }

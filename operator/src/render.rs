@@ -1,6 +1,7 @@
 //! `ballast-operator render`: what the operator would create, without a cluster.
 
 use ballast_api::BalancedService;
+use k8s_openapi::api::apps::v1::Deployment;
 use std::fmt::Write as _;
 
 use crate::build::{BuildContext, build};
@@ -33,9 +34,20 @@ pub enum RenderError {
 pub fn render(yaml: &str, ctx: &BuildContext, limits: &Limits) -> Result<String, RenderError> {
     let mut out = String::new();
     let mut count = 0;
+    let mut documents = Vec::new();
     for document in serde_norway::Deserializer::from_str(yaml) {
         let value: serde_json::Value = serde::Deserialize::deserialize(document)
             .map_err(|e| RenderError::ParseInput(e.to_string()))?;
+        documents.push(value);
+    }
+    // A workloadRef names a Deployment: render it from the same input.
+    let deployments: Vec<Deployment> = documents
+        .iter()
+        .filter(|v| v["kind"] == "Deployment" && v["apiVersion"] == "apps/v1")
+        .map(|v| serde_json::from_value(v.clone()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| RenderError::ParseInput(e.to_string()))?;
+    for value in documents {
         if value.is_null() || value["kind"] != "BalancedService" {
             continue;
         }
@@ -49,7 +61,22 @@ pub fn render(yaml: &str, ctx: &BuildContext, limits: &Limits) -> Result<String,
             bs.metadata.namespace.as_deref().unwrap_or_default(),
             bs.metadata.name.as_deref().unwrap_or_default()
         );
-        let valid = validate(&bs, limits).map_err(|e| RenderError::InvalidSpec {
+        let adopted = match &bs.spec.workload_ref {
+            None => None,
+            Some(reference) => Some(
+                deployments
+                    .iter()
+                    .find(|d| d.metadata.name.as_deref() == Some(reference.name.as_str()))
+                    .ok_or_else(|| RenderError::InvalidSpec {
+                        name: name.clone(),
+                        message: format!(
+                            "spec.workloadRef: Deployment {:?} is not in the input; give it in the same file",
+                            reference.name
+                        ),
+                    })?,
+            ),
+        };
+        let valid = validate(&bs, adopted, limits).map_err(|e| RenderError::InvalidSpec {
             name: name.clone(),
             message: e.to_string(),
         })?;

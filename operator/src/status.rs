@@ -5,7 +5,6 @@ use ballast_api::status::{BalancedServiceStatus, ProxyStatus};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::build::REVISION_LABEL;
 use crate::validate::InvalidSpec;
 
 /// What the reconcile saw after applying.
@@ -23,6 +22,8 @@ pub struct Observed {
     pub gate_waiting: Vec<(String, String)>,
     /// What the proxies reported, when they were read.
     pub tracked: Option<crate::rollout::Tracked>,
+    /// The state of an adopted Deployment (`spec.workloadRef`), for `Adopted`.
+    pub adoption: Option<crate::controller::Adoption>,
 }
 
 /// A status change worth an Event.
@@ -52,6 +53,8 @@ pub enum Blocked {
         /// Who owns it, as far as its metadata tells.
         owner: String,
     },
+    /// The Deployment `spec.workloadRef` names does not exist: nothing was applied.
+    WorkloadNotFound(String),
     /// The API server refused an apply (objects before it in apply order may be
     /// applied); retried with backoff.
     ApplyFailed {
@@ -70,6 +73,7 @@ impl Blocked {
         match self {
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::Conflict { .. } => "Conflict",
+            Self::WorkloadNotFound(_) => "WorkloadNotFound",
             Self::ApplyFailed { .. } => "ApplyFailed",
         }
     }
@@ -78,6 +82,9 @@ impl Blocked {
     pub fn message(&self) -> String {
         match self {
             Self::InvalidSpec(e) => format!("nothing was changed: {e}"),
+            Self::WorkloadNotFound(name) => format!(
+                "the Deployment {name} named by spec.workloadRef does not exist; nothing was changed"
+            ),
             Self::Conflict { kind, name, owner } => format!(
                 "{kind} {name} already exists and is not managed by this BalancedService ({owner}); nothing was changed. Rename the BalancedService, or delete or rename the existing {kind}"
             ),
@@ -93,6 +100,8 @@ impl Blocked {
 const AVAILABLE: &str = "Available";
 const PROGRESSING: &str = "Progressing";
 const DEGRADED: &str = "Degraded";
+/// With `spec.workloadRef`: what was adopted and whether the adoption is healthy.
+const ADOPTED: &str = "Adopted";
 
 /// The new status. `blocked` is set when the desired objects were not (all) applied:
 /// then only `Degraded` (and `observedGeneration`) change.
@@ -308,6 +317,18 @@ pub fn compute(
     conditions.push(condition(
         &previous, DEGRADED, degraded, reason, message, generation, &now,
     ));
+    if let Some(adoption) = &observed.adoption {
+        conditions.retain(|c| c.type_ != ADOPTED);
+        conditions.push(condition(
+            &previous,
+            ADOPTED,
+            adoption.healthy,
+            adoption.reason,
+            adoption.message.clone(),
+            generation,
+            &now,
+        ));
+    }
     status.phase = Some(phase(&conditions).to_owned());
     status.conditions = conditions;
     status
@@ -396,14 +417,8 @@ fn revisions(
     bs: &BalancedService,
     replica_sets: &[ReplicaSet],
 ) -> (Option<String>, Option<String>) {
-    let update = crate::build::template_revision(&bs.spec.template);
-    let revision_of = |rs: &ReplicaSet| {
-        rs.metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(REVISION_LABEL))
-            .cloned()
-    };
+    let update = crate::build::update_revision(bs, replica_sets);
+    let revision_of = |rs: &ReplicaSet| crate::build::revision_of(&rs.metadata).cloned();
     let current = replica_sets
         .iter()
         .filter(|rs| {

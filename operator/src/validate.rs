@@ -4,6 +4,8 @@
 
 use ballast_api::BalancedService;
 use ballast_api::spec::{AffinityType, BalancedPort};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::fmt;
 
@@ -39,6 +41,14 @@ pub struct ValidatedSpec<'a> {
     pub name: &'a str,
     /// Its namespace; `default` when the object names none (a file given to `render`).
     pub namespace: &'a str,
+    /// The pod template the app Deployment runs: `spec.template`, or the adopted
+    /// Deployment's own.
+    pub template: &'a PodTemplateSpec,
+    /// The Deployment `spec.workloadRef` names, as read from the API server: ballast
+    /// then applies only its own fields to it.
+    pub adopted: Option<&'a Deployment>,
+    /// Name of the front Service (`spec.service.name`, else the BalancedService's).
+    pub front_name: &'a str,
     /// The one port the proxy serves.
     pub port: &'a BalancedPort,
     /// Where the backends Service sends traffic: `targetPort`, else the port's number.
@@ -80,12 +90,15 @@ impl fmt::Display for InvalidSpec {
     }
 }
 
-/// Checks a BalancedService; `Ok` carries what the builders need.
+/// Checks a BalancedService; `Ok` carries what the builders need. `adopted` is the
+/// Deployment `spec.workloadRef` names (read by the caller); its pod template is checked
+/// as `spec.template` would be, except for what its owner may write (images, labels).
 ///
 /// # Errors
 /// Every problem found.
 pub fn validate<'a>(
     bs: &'a BalancedService,
+    adopted: Option<&'a Deployment>,
     limits: &Limits,
 ) -> Result<ValidatedSpec<'a>, InvalidSpec> {
     let mut errors = Vec::new();
@@ -144,15 +157,80 @@ pub fn validate<'a>(
         }
     };
 
-    let containers = spec
-        .template
-        .spec
-        .as_ref()
+    let adopted = adopted.filter(|_| spec.workload_ref.is_some());
+    let template = match (&spec.template, &spec.workload_ref, adopted) {
+        (Some(template), None, _) => Some(template),
+        (None, Some(_), Some(deployment)) => deployment.spec.as_ref().map(|s| &s.template),
+        (None, Some(reference), None) => {
+            fail(
+                "spec.workloadRef",
+                format!("Deployment {:?} was not given", reference.name),
+            );
+            None
+        }
+        _ => {
+            // The CRD's CEL rule refuses this; `render` reads files the API server
+            // never saw.
+            fail(
+                "spec",
+                "set exactly one of template and workloadRef".to_owned(),
+            );
+            None
+        }
+    };
+    // Where the problems of the template are: the field the user wrote.
+    let at = if adopted.is_some() {
+        "Deployment.spec.template"
+    } else {
+        "spec.template"
+    };
+    if adopted.is_some() && spec.rollout.pause_when.rollback {
+        fail(
+            "spec.rollout.pauseWhen.rollback",
+            "rollback needs spec.template: with workloadRef the Deployment's image and env are its owner's, so ballast pauses a bad rollout and its owner rolls back".to_owned(),
+        );
+    }
+    if let Some(deployment) = adopted {
+        let selector = deployment.spec.as_ref().map(|s| &s.selector);
+        if selector.is_some_and(|s| s.match_expressions.as_ref().is_some_and(|e| !e.is_empty()))
+            || selector
+                .and_then(|s| s.match_labels.as_ref())
+                .is_none_or(|l| l.is_empty())
+        {
+            fail(
+                "spec.workloadRef",
+                "the Deployment's selector must be matchLabels only: the proxies find its pods through a Service, and a Service cannot select by expressions".to_owned(),
+            );
+        }
+    }
+    let front_name = spec.service.name.as_deref().unwrap_or(name);
+    if !is_dns_label(front_name) {
+        fail(
+            "spec.service.name",
+            format!("{front_name:?} cannot name a Service (a DNS label)"),
+        );
+    }
+    for derived in [
+        format!("{name}-backends"),
+        format!("{name}-proxy-admin"),
+        format!("{name}-proxy"),
+    ] {
+        if front_name == derived {
+            fail(
+                "spec.service.name",
+                format!(
+                    "{front_name:?} is the name of a Service or Deployment ballast creates; choose another"
+                ),
+            );
+        }
+    }
+    let containers = template
+        .and_then(|t| t.spec.as_ref())
         .map(|s| s.containers.as_slice())
         .unwrap_or_default();
-    if containers.is_empty() {
+    if containers.is_empty() && template.is_some() {
         fail(
-            "spec.template.spec.containers",
+            &format!("{at}.spec.containers"),
             "at least one container is required".to_owned(),
         );
     }
@@ -246,7 +324,7 @@ pub fn validate<'a>(
             .and_then(|l| l.pre_stop.as_ref());
         if pre_stop.is_some_and(|h| h.exec.is_none() && h.sleep.is_none()) {
             fail(
-                &format!("spec.template.spec.containers[{i}].lifecycle.preStop"),
+                &format!("{at}.spec.containers[{i}].lifecycle.preStop"),
                 "only exec and sleep preStop hooks can run after the drain; turn this one into an exec command".to_owned(),
             );
         }
@@ -254,17 +332,18 @@ pub fn validate<'a>(
     for (i, container) in containers.iter().enumerate() {
         if !is_dns_label(&container.name) {
             fail(
-                &format!("spec.template.spec.containers[{i}].name"),
+                &format!("{at}.spec.containers[{i}].name"),
                 format!(
                     "{:?} is not a valid container name (a DNS label)",
                     container.name
                 ),
             );
         }
-        if container
-            .image
-            .as_deref()
-            .is_none_or(|image| image.trim().is_empty())
+        if adopted.is_none()
+            && container
+                .image
+                .as_deref()
+                .is_none_or(|image| image.trim().is_empty())
         {
             fail(
                 &format!("spec.template.spec.containers[{i}].image"),
@@ -272,10 +351,10 @@ pub fn validate<'a>(
             );
         }
     }
-    let labels = spec
-        .template
-        .metadata
-        .as_ref()
+    // An adopted Deployment's template carries ballast's labels once applied.
+    let labels = template
+        .filter(|_| adopted.is_none())
+        .and_then(|t| t.metadata.as_ref())
         .and_then(|m| m.labels.as_ref());
     for (key, value) in labels.into_iter().flatten() {
         if key.starts_with("ballast.dev/") {
@@ -308,8 +387,8 @@ pub fn validate<'a>(
             .find(|(declared, _)| declared == name)
             .map(|(_, number)| *number),
     };
-    match (port, admin_port) {
-        (Some(port), Some(admin_port)) if errors.is_empty() => {
+    match (port, admin_port, template) {
+        (Some(port), Some(admin_port), Some(template)) if errors.is_empty() => {
             let target_port = port
                 .target_port
                 .clone()
@@ -325,6 +404,9 @@ pub fn validate<'a>(
                 bs,
                 name,
                 namespace: bs.metadata.namespace.as_deref().unwrap_or("default"),
+                template,
+                adopted,
+                front_name,
                 port,
                 target_port,
                 probe_port,

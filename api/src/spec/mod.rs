@@ -95,9 +95,21 @@ const COUNT_OR_PERCENT: &str = "^[0-9]+%?$";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.template) != has(self.workloadRef)",
+        "message": "set exactly one of template (ballast creates the Deployment) and workloadRef (ballast adopts an existing one)",
+    },
+    {
+        "rule": "!has(self.workloadRef) || self.replicas == oldSelf.replicas",
+        "message": "replicas belongs to the adopted Deployment: scale the Deployment (kubectl scale deployment/<name>) or its HorizontalPodAutoscaler, not the BalancedService",
+    },
+]))]
 pub struct BalancedServiceSpec {
     /// Desired number of app pods. Also the target of `kubectl scale` and of a
-    /// HorizontalPodAutoscaler (scale subresource).
+    /// HorizontalPodAutoscaler (scale subresource). Not used with `workloadRef`: the
+    /// Deployment's own `replicas` (or its autoscaler) decides, and changing this field
+    /// is refused.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 10000))]
     pub replicas: i32,
@@ -105,13 +117,24 @@ pub struct BalancedServiceSpec {
     /// The app's pod template: your containers, volumes and pod settings, as in a
     /// Deployment. ballast adds probes (when a container has none), the drain gate
     /// (preStop hook), a readiness gate and labels; everything else is kept as written.
+    /// Set this or `workloadRef`, not both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-validations" = [
         {
             "rule": "has(self.spec) && size(self.spec.containers) > 0",
             "message": "template.spec.containers must list at least one container",
         },
     ]))]
-    pub template: PodTemplateSpec,
+    pub template: Option<PodTemplateSpec>,
+
+    /// An existing Deployment to manage in place instead of `template`. ballast applies
+    /// only what its rollouts need (drain gate, readiness gate, generated probes where a
+    /// container has none, rolling-update strategy, grace period, labels) under its own
+    /// field manager and leaves everything else, `replicas` included, to the
+    /// Deployment's owner (a person, Helm, Argo CD, a HorizontalPodAutoscaler).
+    /// Deleting the BalancedService gives the Deployment and the front Service back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_ref: Option<WorkloadRef>,
 
     /// Ports the app serves. Each becomes a port of the front Service `<name>` (served by
     /// the proxies) and of the headless backends Service `<name>-backends`.
@@ -148,6 +171,43 @@ pub struct BalancedServiceSpec {
     /// The bundled proxy that clients reach through the front Service.
     #[serde(default)]
     pub proxy: ProxySpec,
+
+    /// The front Service: the name clients and gateways use, served by the proxies.
+    #[serde(default)]
+    pub service: FrontServiceSpec,
+}
+
+/// The Deployment a BalancedService adopts.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    /// `apps/v1`.
+    pub api_version: WorkloadApiVersion,
+    /// `Deployment`.
+    pub kind: WorkloadKind,
+    /// Name of the Deployment, in the BalancedService's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
+}
+
+/// API version of an adoptable workload.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WorkloadApiVersion {
+    /// `apps/v1`.
+    #[default]
+    #[serde(rename = "apps/v1")]
+    AppsV1,
+}
+
+/// Kind of an adoptable workload.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WorkloadKind {
+    /// A Deployment.
+    #[default]
+    Deployment,
 }
 
 /// One port the app serves.
@@ -360,9 +420,6 @@ pub struct ProxySpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
-    /// The front Service `<name>` that clients and gateways use.
-    pub service: FrontServiceSpec,
-
     /// Port of the proxies' admin listener (`/ready`, `/metrics`, `/endpoints`, `/drain`).
     /// Never exposed on the front Service.
     #[schemars(range(min = 1, max = 65535))]
@@ -379,7 +436,23 @@ pub struct ProxySpec {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
 pub struct FrontServiceSpec {
-    /// `ClusterIP`, `NodePort` or `LoadBalancer`.
+    /// Name of the front Service. Defaults to the BalancedService's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: Option<String>,
+
+    /// Take over a Service of that name that already exists and is not ballast's: once
+    /// the proxies are ready and list every ready pod, its selector and target ports are
+    /// switched to the proxies (its name, ports, type and cluster IP stay, so clients
+    /// and gateways notice nothing), and deleting the BalancedService switches it back.
+    /// Without it, an existing Service stops the reconcile with `Degraded/Conflict`.
+    pub adopt: bool,
+
+    /// `ClusterIP`, `NodePort` or `LoadBalancer` (of a Service ballast creates; an
+    /// adopted Service keeps its own).
     #[serde(rename = "type")]
     pub type_: ServiceType,
 
@@ -438,7 +511,6 @@ impl Default for ProxySpec {
         Self {
             replicas: 2,
             resources: None,
-            service: FrontServiceSpec::default(),
             admin_port: 9901,
             max_in_flight: 0,
         }

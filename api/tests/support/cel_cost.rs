@@ -107,6 +107,8 @@ pub fn estimate_rule(rule: &str, node: &Value) -> Result<u64, String> {
     let program = Program::compile(rule).map_err(|e| format!("does not parse: {e:?}"))?;
     let mut scope = Scope::default();
     scope.push("self", Est::of_schema(node));
+    // A transition rule's previous value has the same schema.
+    scope.push("oldSelf", Est::of_schema(node));
     Ok(estimate(program.expression(), &mut scope)?.cost)
 }
 

@@ -17,6 +17,8 @@ use crate::validate::ValidatedSpec;
 /// Where the init container puts `ballast-drain` in every app pod.
 pub const DRAIN_BIN_DIR: &str = "/ballast/bin";
 const DRAIN_VOLUME: &str = "ballast-bin";
+/// The preStop command's binary.
+pub(super) const DRAIN_BINARY: &str = "/ballast/bin/ballast-drain";
 
 /// The drain gate in front of the app's termination: an init container copies the
 /// static `ballast-drain` from the ballast image into an emptyDir (so it runs in any
@@ -113,7 +115,7 @@ pub(super) fn apply_drain_gate(
     };
     lifecycle.pre_stop = Some(LifecycleHandler {
         exec: Some(ExecAction {
-            command: Some(drain.to_command(&format!("{DRAIN_BIN_DIR}/ballast-drain"))),
+            command: Some(drain.to_command(DRAIN_BINARY)),
         }),
         ..LifecycleHandler::default()
     });

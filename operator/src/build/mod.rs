@@ -3,7 +3,7 @@
 //! owned object; a new object is one builder there and one line in [`build`].
 
 use ballast_api::BalancedService;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, PodTemplateSpec, SeccompProfile, SecurityContext, Service, ServiceAccount,
     TopologySpreadConstraint,
@@ -20,9 +20,10 @@ use app::app_deployment;
 use pdb::{app_pdb, proxy_pdb};
 use proxy::proxy_deployment;
 use rbac::{proxy_role, proxy_role_binding, proxy_service_account};
+pub use services::{backends_selector, deployment_match_labels};
 use services::{backends_service, front_service, proxy_admin_service};
 
-pub use app::{SLOW_PROBE_PERIOD_SECONDS, slow_probes};
+pub use app::{BACKEND_SERVING, SLOW_PROBE_PERIOD_SECONDS, slow_probes};
 pub use drain_gate::DRAIN_BIN_DIR;
 pub use proxy::proxy_settings;
 
@@ -39,6 +40,10 @@ pub const MANAGER: &str = "ballast-operator";
 pub const SERVICE_LABEL: &str = "ballast.dev/service";
 /// Label telling app pods from proxy pods.
 pub const ROLE_LABEL: &str = "ballast.dev/role";
+/// Label of an adopted Deployment's pods that the backends Service selects (`true`);
+/// a pod the operator takes out of the proxies' rotation before the Deployment
+/// controller deletes it carries another value (see `adopt`).
+pub const BACKEND_LABEL: &str = "ballast.dev/backend";
 /// Label carrying the app pod template's revision (a hash of the template).
 pub const REVISION_LABEL: &str = "ballast.dev/revision";
 
@@ -68,8 +73,9 @@ pub struct OwnedObjects {
     pub front_service: Service,
     /// The user's app.
     pub app_deployment: Deployment,
-    /// Disruption budget of the app pods.
-    pub app_pdb: PodDisruptionBudget,
+    /// Disruption budget of the app pods; none for an adopted Deployment (its owner
+    /// may have one, and the eviction API refuses a pod covered by two).
+    pub app_pdb: Option<PodDisruptionBudget>,
     /// Disruption budget of the proxy pods.
     pub proxy_pdb: PodDisruptionBudget,
 }
@@ -91,18 +97,20 @@ impl OwnedObjects {
             value["kind"] = K::kind(&()).into();
             Ok(value)
         }
-        Ok(vec![
-            doc(&self.proxy_service_account)?,
-            doc(&self.proxy_role)?,
-            doc(&self.proxy_role_binding)?,
-            doc(&self.backends_service)?,
-            doc(&self.proxy_admin_service)?,
-            doc(&self.proxy_deployment)?,
-            doc(&self.front_service)?,
-            doc(&self.app_deployment)?,
-            doc(&self.app_pdb)?,
-            doc(&self.proxy_pdb)?,
-        ])
+        [
+            doc(&self.proxy_service_account),
+            doc(&self.proxy_role),
+            doc(&self.proxy_role_binding),
+            doc(&self.backends_service),
+            doc(&self.proxy_admin_service),
+            doc(&self.proxy_deployment),
+            doc(&self.front_service),
+            doc(&self.app_deployment),
+        ]
+        .into_iter()
+        .chain(self.app_pdb.as_ref().map(doc))
+        .chain([doc(&self.proxy_pdb)])
+        .collect()
     }
 }
 
@@ -117,7 +125,7 @@ pub fn build(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> OwnedObjects {
         proxy_deployment: proxy_deployment(v, ctx),
         front_service: front_service(v),
         app_deployment: app_deployment(v, ctx),
-        app_pdb: app_pdb(v),
+        app_pdb: v.adopted.is_none().then(|| app_pdb(v)),
         proxy_pdb: proxy_pdb(v),
     }
 }
@@ -134,7 +142,7 @@ pub fn selector_labels(bs: &BalancedService, role: &str) -> BTreeMap<String, Str
     ])
 }
 
-fn common_labels(v: &ValidatedSpec<'_>) -> BTreeMap<String, String> {
+pub(crate) fn common_labels(v: &ValidatedSpec<'_>) -> BTreeMap<String, String> {
     BTreeMap::from([
         (
             "app.kubernetes.io/managed-by".to_owned(),
@@ -169,6 +177,41 @@ pub fn proxy_admin_name(v: &ValidatedSpec<'_>) -> String {
 
 fn backends_name(v: &ValidatedSpec<'_>) -> String {
     format!("{}-backends", v.name)
+}
+
+/// The revision an app pod or ReplicaSet runs: ballast's label, or, on an adopted
+/// Deployment's (whose template ballast does not label with a revision, so that an owner's
+/// change starts one rollout, not two), the Deployment controller's `pod-template-hash`.
+pub fn revision_of(meta: &ObjectMeta) -> Option<&String> {
+    let labels = meta.labels.as_ref()?;
+    labels
+        .get(REVISION_LABEL)
+        .or_else(|| labels.get(POD_TEMPLATE_HASH))
+}
+
+/// The Deployment controller's label on each ReplicaSet and pod.
+pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+
+/// The revision being rolled out: of `spec.template`, or of an adopted Deployment's
+/// newest ReplicaSet (its `deployment.kubernetes.io/revision` is the highest).
+pub fn update_revision(bs: &BalancedService, replica_sets: &[ReplicaSet]) -> String {
+    if let Some(template) = &bs.spec.template {
+        return template_revision(template);
+    }
+    let number = |rs: &&ReplicaSet| {
+        rs.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("deployment.kubernetes.io/revision"))
+            .and_then(|r| r.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    replica_sets
+        .iter()
+        .max_by_key(number)
+        .and_then(|rs| revision_of(&rs.metadata))
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Revision of the app pod template: the same template always gives the same value.

@@ -5,8 +5,12 @@ use ballast_api::spec::AppProtocol;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{backends_name, meta, proxy_admin_name, selector_labels};
+use super::{
+    BACKEND_LABEL, BACKEND_SERVING, backends_name, meta, proxy_admin_name, selector_labels,
+};
 use crate::validate::ValidatedSpec;
+use k8s_openapi::api::apps::v1::Deployment;
+use std::collections::BTreeMap;
 
 fn app_protocol(protocol: AppProtocol) -> &'static str {
     match protocol {
@@ -23,7 +27,7 @@ pub(super) fn backends_service(v: &ValidatedSpec<'_>) -> Service {
         metadata: meta(v, backends_name(v)),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
-            selector: Some(selector_labels(v.bs, "app")),
+            selector: Some(backends_selector(v)),
             ports: Some(vec![ServicePort {
                 name: Some(port.name.clone()),
                 port: port.port,
@@ -36,6 +40,31 @@ pub(super) fn backends_service(v: &ValidatedSpec<'_>) -> Service {
         }),
         ..Service::default()
     }
+}
+
+/// The app pods the proxies balance over. An adopted Deployment's pods are selected by
+/// its own selector plus [`BACKEND_LABEL`]: its pods that predate the adoption get the
+/// label from the operator, and taking it away is how the operator retires a pod that
+/// has no drain gate (see `adopt`).
+pub fn backends_selector(v: &ValidatedSpec<'_>) -> BTreeMap<String, String> {
+    match v.adopted {
+        None => selector_labels(v.bs, "app"),
+        Some(deployment) => {
+            let mut selector = deployment_match_labels(deployment);
+            selector.insert(BACKEND_LABEL.to_owned(), BACKEND_SERVING.to_owned());
+            selector
+        }
+    }
+}
+
+/// The `matchLabels` of a Deployment's selector (validation refuses a selector with
+/// expressions, which no Service can express).
+pub fn deployment_match_labels(deployment: &Deployment) -> BTreeMap<String, String> {
+    deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.clone())
+        .unwrap_or_default()
 }
 
 /// Headless Service over every proxy replica, ready or not.
@@ -64,8 +93,8 @@ pub(super) fn proxy_admin_service(v: &ValidatedSpec<'_>) -> Service {
 /// What clients use: selects the proxies.
 pub(super) fn front_service(v: &ValidatedSpec<'_>) -> Service {
     let port = v.port;
-    let service = &v.bs.spec.proxy.service;
-    let mut metadata = meta(v, v.name.to_owned());
+    let service = &v.bs.spec.service;
+    let mut metadata = meta(v, v.front_name.to_owned());
     if !service.annotations.is_empty() {
         metadata.annotations = Some(service.annotations.clone());
     }

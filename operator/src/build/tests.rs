@@ -19,7 +19,7 @@ fn build(bs: &BalancedService, ctx: &BuildContext) -> OwnedObjects {
 }
 
 fn valid(bs: &BalancedService) -> ValidatedSpec<'_> {
-    crate::validate::validate(bs, &crate::validate::Limits::default()).unwrap()
+    crate::validate::validate(bs, None, &crate::validate::Limits::default()).unwrap()
 }
 
 fn proxy_settings(bs: &BalancedService) -> ProxySettings {
@@ -149,7 +149,14 @@ fn a_users_readiness_gates_are_kept_and_ours_added_once() {
     let theirs = |t: &str| k8s_openapi::api::core::v1::PodReadinessGate {
         condition_type: t.to_owned(),
     };
-    bs.spec.template.spec.as_mut().unwrap().readiness_gates = Some(vec![
+    bs.spec
+        .template
+        .as_mut()
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .readiness_gates = Some(vec![
         theirs("example.com/warm"),
         theirs("ballast.dev/routable"),
     ]);
@@ -189,7 +196,15 @@ fn user_probes_are_kept_and_slow_ones_reported() {
         tcp_socket: None,
         ..Probe::default()
     };
-    bs.spec.template.spec.as_mut().unwrap().containers[1].readiness_probe = Some(own.clone());
+    bs.spec
+        .template
+        .as_mut()
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[1]
+        .readiness_probe = Some(own.clone());
     let pod = app_pod(&build(&bs, &ctx()));
     assert_eq!(pod.containers[1].readiness_probe, Some(own));
     assert!(pod.containers[1].startup_probe.is_none());
@@ -228,7 +243,14 @@ fn a_grpc_probe_on_a_named_port_uses_the_container_port() {
     };
     // The Service port is 80; the container serves on 8080.
     assert_eq!(probe(&bs), 8080);
-    bs.spec.template.spec.as_mut().unwrap().containers[1]
+    bs.spec
+        .template
+        .as_mut()
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[1]
         .ports
         .as_mut()
         .unwrap()
@@ -252,7 +274,10 @@ fn pod_labels_select_app_pods_and_carry_the_revision() {
         "the user's labels stay"
     );
     assert_eq!(labels[ROLE_LABEL], "app");
-    assert_eq!(labels[REVISION_LABEL], template_revision(&bs.spec.template));
+    assert_eq!(
+        labels[REVISION_LABEL],
+        template_revision(bs.spec.template.as_ref().unwrap())
+    );
     let selector = spec.selector.match_labels.unwrap();
     assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
     let backends = objects.backends_service.spec.unwrap();
@@ -260,10 +285,19 @@ fn pod_labels_select_app_pods_and_carry_the_revision() {
     assert_eq!(backends.cluster_ip.as_deref(), Some("None"));
 
     let mut changed = bs.clone();
-    changed.spec.template.spec.as_mut().unwrap().containers[1].image = Some("demo:2".into());
+    changed
+        .spec
+        .template
+        .as_mut()
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[1]
+        .image = Some("demo:2".into());
     assert_ne!(
-        template_revision(&changed.spec.template),
-        template_revision(&bs.spec.template)
+        template_revision(changed.spec.template.as_ref().unwrap()),
+        template_revision(bs.spec.template.as_ref().unwrap())
     );
 }
 
@@ -345,7 +379,7 @@ fn proxy_runs_restricted_watches_the_backends_and_is_found_by_the_drain_helper()
 fn disruption_budgets() {
     let bs = balanced_service();
     let objects = build(&bs, &ctx());
-    let app = objects.app_pdb.spec.unwrap();
+    let app = objects.app_pdb.unwrap().spec.unwrap();
     assert_eq!(
         (app.min_available, app.max_unavailable),
         (None, Some(IntOrString::Int(1)))
@@ -356,7 +390,7 @@ fn disruption_budgets() {
     );
     let mut custom = bs.clone();
     custom.spec.disruption.min_available = Some(IntOrString::String("50%".into()));
-    let app = build(&custom, &ctx()).app_pdb.spec.unwrap();
+    let app = build(&custom, &ctx()).app_pdb.unwrap().spec.unwrap();
     assert_eq!(
         (app.min_available, app.max_unavailable),
         (Some(IntOrString::String("50%".into())), None)
@@ -434,7 +468,15 @@ fn a_users_own_pre_stop_runs_after_the_drain() {
         }),
         ..LifecycleHandler::default()
     };
-    bs.spec.template.spec.as_mut().unwrap().containers[1].lifecycle = Some(Lifecycle {
+    bs.spec
+        .template
+        .as_mut()
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[1]
+        .lifecycle = Some(Lifecycle {
         pre_stop: Some(exec),
         ..Lifecycle::default()
     });
@@ -455,7 +497,15 @@ fn a_users_own_pre_stop_runs_after_the_drain() {
         sleep: Some(SleepAction { seconds: 5 }),
         ..LifecycleHandler::default()
     };
-    bs.spec.template.spec.as_mut().unwrap().containers[1].lifecycle = Some(Lifecycle {
+    bs.spec
+        .template
+        .as_mut()
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[1]
+        .lifecycle = Some(Lifecycle {
         pre_stop: Some(sleep),
         ..Lifecycle::default()
     });

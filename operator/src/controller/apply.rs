@@ -23,6 +23,7 @@ pub(super) async fn check_ownership(
     bs: &BalancedService,
     namespace: &str,
     objects: &OwnedObjects,
+    plan: &ApplyPlan,
 ) -> Result<Option<Blocked>, ReconcileError> {
     let uid = bs.metadata.uid.clone().unwrap_or_default();
     let known = ctx
@@ -55,9 +56,15 @@ pub(super) async fn check_ownership(
     check!(&objects.backends_service);
     check!(&objects.proxy_admin_service);
     check!(&objects.proxy_deployment);
-    check!(&objects.front_service);
-    check!(&objects.app_deployment);
-    check!(&objects.app_pdb);
+    if plan.front_service {
+        check!(&objects.front_service);
+    }
+    if plan.app_deployment && bs.spec.workload_ref.is_none() {
+        check!(&objects.app_deployment);
+    }
+    if let Some(pdb) = &objects.app_pdb {
+        check!(pdb);
+    }
     check!(&objects.proxy_pdb);
     if confirmed.len() != known.len() {
         ctx.confirmed
@@ -114,6 +121,16 @@ pub(super) enum Ownership {
     Other(String),
 }
 
+impl Ownership {
+    /// For a status message.
+    pub(super) fn describe(&self) -> String {
+        match self {
+            Self::Ours => "this BalancedService's".to_owned(),
+            Self::Other(who) => who.clone(),
+        }
+    }
+}
+
 pub(super) fn owner_of(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     uid: &str,
@@ -149,11 +166,23 @@ pub(super) fn owner_of(
 /// (its EndpointSlices are what they watch), the proxies before the front Service and
 /// the app (so traffic and new pods always find a proxy), budgets last. The first
 /// refusal stops it, as [`Blocked::ApplyFailed`] with the API server's message.
+/// Which of the objects a reconcile applies: all of them, except while a Deployment is
+/// being adopted (its front Service is switched, not applied, when it is the user's; its
+/// Deployment gets ballast's fields only once the traffic goes through the proxies).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ApplyPlan {
+    /// Apply the front Service (ballast's own).
+    pub front_service: bool,
+    /// Apply the app Deployment (or ballast's fields of the adopted one).
+    pub app_deployment: bool,
+}
+
 pub(super) async fn apply(
     ctx: &Context,
     bs: &BalancedService,
     namespace: &str,
     objects: &OwnedObjects,
+    plan: &ApplyPlan,
 ) -> Result<Observed, Blocked> {
     let owned = &ctx.caches.owned;
     let target = Target {
@@ -177,16 +206,26 @@ pub(super) async fn apply(
     let proxy = target
         .apply(&owned.deployments, &objects.proxy_deployment)
         .await?;
-    target
-        .apply(&owned.services, &objects.front_service)
-        .await?;
-    let app = target
-        .apply(&owned.deployments, &objects.app_deployment)
-        .await?;
-    target.apply(&owned.budgets, &objects.app_pdb).await?;
+    if plan.front_service {
+        target
+            .apply(&owned.services, &objects.front_service)
+            .await?;
+    }
+    let app = if plan.app_deployment {
+        Some(
+            target
+                .apply(&owned.deployments, &objects.app_deployment)
+                .await?,
+        )
+    } else {
+        None
+    };
+    if let Some(pdb) = &objects.app_pdb {
+        target.apply(&owned.budgets, pdb).await?;
+    }
     target.apply(&owned.budgets, &objects.proxy_pdb).await?;
     Ok(Observed {
-        app: Some(app),
+        app,
         proxy: Some(proxy),
         ..Observed::default()
     })

@@ -57,11 +57,25 @@ pub(super) async fn set_gates(
     namespace: &str,
     pods: &[AppPod],
     proxies: &[ProxyObservation],
+    mut may_open: Option<usize>,
 ) -> Result<Vec<(String, String)>, ReconcileError> {
     let api = Api::<Pod>::namespaced(ctx.client.clone(), namespace);
     let mut waiting = Vec::new();
     for pod in pods {
-        let verdict = gate::decide(pod, proxies);
+        let mut verdict = gate::decide(pod, proxies);
+        if verdict == Verdict::Routable && pod.routable != Some(true) {
+            // The first rollout of an adopted Deployment opens gates only as old pods
+            // are retired and drained (see `adopt::guard`).
+            match &mut may_open {
+                Some(0) => {
+                    verdict = Verdict::NotRoutable(
+                        "an old pod without the drain gate is being retired first".to_owned(),
+                    );
+                }
+                Some(n) => *n -= 1,
+                None => {}
+            }
+        }
         if let Verdict::NotRoutable(why) = &verdict {
             waiting.push((pod.name.clone(), why.clone()));
         }
@@ -99,4 +113,91 @@ pub(super) async fn set_gates(
         }
     }
     Ok(waiting)
+}
+
+/// Gives the adopted Deployment's pods that predate the adoption the labels the
+/// operator and the backends Service select them by. Listed (by the Deployment's own
+/// selector) only while the caches hold fewer pods than the Deployment has.
+pub(super) async fn label_adopted_pods(
+    ctx: &Context,
+    bs: &BalancedService,
+    namespace: &str,
+    deployment: &k8s_openapi::api::apps::v1::Deployment,
+    cached: usize,
+) -> Result<(), ReconcileError> {
+    let replicas = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(0);
+    if usize::try_from(replicas).unwrap_or(0) <= cached {
+        return Ok(());
+    }
+    let selector = crate::build::deployment_match_labels(deployment);
+    let query: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let api = Api::<Pod>::namespaced(ctx.client.clone(), namespace);
+    let pods = api
+        .list(&kube::api::ListParams::default().labels(&query.join(",")))
+        .await
+        .map_err(|source| ReconcileError::ReadObject {
+            kind: "Pod",
+            name: query.join(","),
+            source,
+        })?;
+    let mut labels = crate::build::selector_labels(bs, "app");
+    labels.insert(
+        crate::build::BACKEND_LABEL.to_owned(),
+        crate::build::BACKEND_SERVING.to_owned(),
+    );
+    for pod in pods.items.iter().filter(|p| {
+        p.metadata.deletion_timestamp.is_none()
+            && !p
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(crate::build::BACKEND_LABEL))
+    }) {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let patch = serde_json::json!({"metadata": {"labels": labels}});
+        patch_pod(&api, &name, &patch).await?;
+        tracing::info!(pod = %name, "adopted pod labelled");
+    }
+    Ok(())
+}
+
+/// Takes `pod` out of the proxies' rotation and first in line for deletion (see
+/// `adopt`).
+pub(super) async fn retire(
+    ctx: &Context,
+    namespace: &str,
+    pod: &str,
+    now: i64,
+) -> Result<(), ReconcileError> {
+    let api = Api::<Pod>::namespaced(ctx.client.clone(), namespace);
+    let patch = serde_json::json!({"metadata": {
+        "labels": {crate::build::BACKEND_LABEL: format!("{}{now}", crate::adopt::RETIRED_PREFIX)},
+        "annotations": {crate::adopt::DELETION_COST_ANNOTATION: crate::adopt::RETIRED_DELETION_COST},
+    }});
+    patch_pod(&api, pod, &patch).await?;
+    tracing::info!(%pod, "old pod retired from the proxies before its deletion");
+    Ok(())
+}
+
+async fn patch_pod(
+    api: &Api<Pod>,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<(), ReconcileError> {
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Deleted meanwhile.
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(source) => Err(ReconcileError::PatchPod {
+            pod: name.to_owned(),
+            source,
+        }),
+    }
 }

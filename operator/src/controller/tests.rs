@@ -29,7 +29,7 @@ async fn a_settled_service_is_applied_in_order_then_reported_available() {
         "ballast.dev/service=demo,ballast.dev/role=app"
     );
     assert_eq!(status["proxy"], json!({"replicas": 2, "readyReplicas": 2}));
-    let revision = crate::build::template_revision(&bs.spec.template);
+    let revision = crate::build::template_revision(bs.spec.template.as_ref().unwrap());
     assert_eq!(status["updateRevision"], revision);
     assert_eq!(status["currentRevision"], revision);
 
@@ -104,7 +104,7 @@ async fn a_rollout_in_progress_is_reported_with_an_event_and_a_short_requeue() {
             "status": {"replicas": available, "availableReplicas": available},
         })
     };
-    let new_revision = crate::build::template_revision(&bs.spec.template);
+    let new_revision = crate::build::template_revision(bs.spec.template.as_ref().unwrap());
     api.seed(
         json!([]),
         json!([]),
@@ -358,7 +358,7 @@ async fn a_new_pod_turns_routable_once_every_ready_proxy_lists_it() {
     let b = RealProxy::start("gate-b", &["127.0.0.5:8080"]).await;
     let (ctx, mut api) = context();
     let bs = balanced_service();
-    let new_revision = crate::build::template_revision(&bs.spec.template);
+    let new_revision = crate::build::template_revision(bs.spec.template.as_ref().unwrap());
     let pods = json!([
         app_pod("demo-old", "127.0.0.5", "old", Some("True")),
         app_pod("demo-new", "127.0.0.6", &new_revision, None),
@@ -439,7 +439,7 @@ async fn a_forced_drain_over_the_threshold_pauses_the_deployment() {
     let (ctx, mut api) = context();
     let mut bs = balanced_service();
     bs.spec.rollout.pause_when.forced_drains = Some(1);
-    let new_revision = crate::build::template_revision(&bs.spec.template);
+    let new_revision = crate::build::template_revision(bs.spec.template.as_ref().unwrap());
     let pods = json!([
         app_pod("demo-old", "127.0.0.5", "old", Some("True")),
         app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),
@@ -533,7 +533,7 @@ async fn with_rollback_the_previous_template_is_restored_instead() {
     let mut bs = balanced_service();
     bs.spec.rollout.pause_when.forced_drains = Some(1);
     bs.spec.rollout.pause_when.rollback = true;
-    let new_revision = crate::build::template_revision(&bs.spec.template);
+    let new_revision = crate::build::template_revision(bs.spec.template.as_ref().unwrap());
     let pods = json!([
         app_pod("demo-old", "127.0.0.5", "old", Some("True")),
         app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),

@@ -11,6 +11,7 @@ fn pod(ip: Option<&str>, routable: Option<bool>) -> AppPod {
         deleting: false,
         routable,
         routable_message: None,
+        ..AppPod::default()
     }
 }
 
@@ -120,6 +121,7 @@ fn property_routable_iff_every_proxy_read_and_listing() {
             deleting: rng.u8(..10) == 0,
             routable: [None, Some(true), Some(false)][rng.usize(..3)],
             routable_message: None,
+            ..AppPod::default()
         };
         let proxies: Vec<ProxyObservation> = (0..rng.usize(..4))
             .map(|i| {

@@ -10,6 +10,7 @@ fn pod(name: &str, revision: &str, n: u8) -> AppPod {
         deleting: false,
         routable: Some(true),
         routable_message: None,
+        ..AppPod::default()
     }
 }
 

@@ -2,7 +2,7 @@ use super::*;
 use crate::fixtures::balanced_service;
 
 fn errors(bs: &BalancedService) -> Vec<String> {
-    match validate(bs, &Limits::default()) {
+    match validate(bs, None, &Limits::default()) {
         Ok(_) => Vec::new(),
         Err(InvalidSpec(errors)) => errors.iter().map(ToString::to_string).collect(),
     }
@@ -72,6 +72,8 @@ fn names_too_long_for_the_admin_service_and_reserved_labels() {
     bs.metadata.name = Some("x".repeat(MAX_NAME_LEN + 1));
     bs.spec
         .template
+        .as_mut()
+        .unwrap()
         .metadata
         .get_or_insert_default()
         .labels
@@ -96,7 +98,15 @@ fn a_pre_stop_that_cannot_run_after_the_drain() {
         http_get: Some(HTTPGetAction::default()),
         ..LifecycleHandler::default()
     };
-    bs.spec.template.spec.as_mut().unwrap().containers[1].lifecycle = Some(Lifecycle {
+    bs.spec
+        .template
+        .as_mut()
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[1]
+        .lifecycle = Some(Lifecycle {
         pre_stop: Some(http),
         ..Lifecycle::default()
     });
@@ -128,12 +138,14 @@ fn names_that_cannot_name_a_service_are_refused_before_any_call() {
 #[test]
 fn a_template_the_embedded_schema_lets_through() {
     let mut bs = balanced_service();
-    let pod = bs.spec.template.spec.as_mut().unwrap();
+    let pod = bs.spec.template.as_mut().unwrap().spec.as_mut().unwrap();
     pod.containers[0].image = None;
     pod.containers[1].name = "App_1".into();
     let labels = bs
         .spec
         .template
+        .as_mut()
+        .unwrap()
         .metadata
         .get_or_insert_default()
         .labels
@@ -164,7 +176,15 @@ fn a_template_the_embedded_schema_lets_through() {
 #[test]
 fn no_container() {
     let mut bs = balanced_service();
-    bs.spec.template.spec.as_mut().unwrap().containers.clear();
+    bs.spec
+        .template
+        .as_mut()
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers
+        .clear();
     assert!(
         errors(&bs)
             .iter()

@@ -258,7 +258,7 @@ spec:
 /// When the YAML is not a valid BalancedService.
 pub fn operator_objects(yaml: &str) -> Result<OwnedObjects, String> {
     let bs: BalancedService = serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
-    let valid = validate(&bs, &Limits::default()).map_err(|e| e.to_string())?;
+    let valid = validate(&bs, None, &Limits::default()).map_err(|e| e.to_string())?;
     Ok(build(
         &valid,
         &BuildContext {

@@ -90,6 +90,7 @@ pub fn start(
                         deleting: s.deleted_at.is_some(),
                         routable: s.gates.get(ROUTABLE_CONDITION).copied(),
                         routable_message: None,
+                        ..AppPod::default()
                     }
                 })
                 .collect();

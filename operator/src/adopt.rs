@@ -1,0 +1,218 @@
+//! Adopting a Deployment (`spec.workloadRef`) without losing a request: when the front
+//! Service may switch to the proxies, how the first rollout (the one that adds the drain
+//! gate to pods started without it) retires each old pod before the Deployment
+//! controller deletes it, and the steps that give everything back. Pure decisions; the
+//! controller reads and writes.
+//!
+//! **The first rollout.** An old pod has no preStop hook: once deleted it gets SIGTERM
+//! at once, and an app that exits on SIGTERM loses what it was serving. So no old pod may
+//! be deleted while a proxy still has a request on it. The operator cannot delay a
+//! deletion, but it decides when one happens: the Deployment controller deletes old
+//! pods only as new ones become available, and a new pod becomes available only once
+//! the operator opens its readiness gate. With `maxUnavailable` u, after k new pods are
+//! available it keeps `desired - u - k` old ones, deleting the lowest
+//! `controller.kubernetes.io/pod-deletion-cost` first. Before opening a gate the operator
+//! therefore *retires* an old pod: it takes the pod out of the backends Service (its
+//! `ballast.dev/backend` label stops being `true`, so every proxy stops routing to it)
+//! and gives it the lowest deletion cost, then waits until every proxy reports nothing in
+//! flight and no connection to it (bounded by `drainTimeoutSeconds`). A gate opens only
+//! while the deletions it would cause are all of retired, drained pods.
+
+use crate::observe::{AppPod, ProxyObservation};
+
+/// Value of `controller.kubernetes.io/pod-deletion-cost` on a retired pod: the lowest,
+/// so the ReplicaSet controller deletes it before any other ready pod.
+pub const RETIRED_DELETION_COST: &str = "-2147483648";
+/// Prefix of the `ballast.dev/backend` label of a retired pod, before the Unix second it
+/// was retired at.
+pub const RETIRED_PREFIX: &str = "retired-";
+/// Annotation the ReplicaSet controller ranks pods by when scaling down.
+pub const DELETION_COST_ANNOTATION: &str = "controller.kubernetes.io/pod-deletion-cost";
+
+/// What the first rollout of an adopted Deployment allows now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Guard {
+    /// How many more new pods' gates may open (`None`: no limit, no old pod is left).
+    pub open: Option<usize>,
+    /// An old pod to retire now.
+    pub retire: Option<String>,
+    /// Retired pods still draining: name, and what the proxies still have on it.
+    pub draining: Vec<(String, String)>,
+}
+
+/// The first-rollout guard for `pods` of a Deployment wanting `desired` pods with
+/// `max_unavailable` (resolved to a count), given what every ready proxy reports. `now`
+/// and `drain_timeout` are seconds; a retired pod counts as drained once it has been
+/// retired for `drain_timeout`, as the drain gate gives up after that time too.
+pub fn guard(
+    desired: i32,
+    max_unavailable: i32,
+    pods: &[AppPod],
+    proxies: &[ProxyObservation],
+    now: i64,
+    drain_timeout: i64,
+) -> Guard {
+    let old: Vec<&AppPod> = pods.iter().filter(|p| !p.gated && !p.deleting).collect();
+    if old.is_empty() {
+        return Guard::default();
+    }
+    let mut guard = Guard::default();
+    let mut drained = 0usize;
+    for pod in old.iter().filter(|p| p.retired.is_some()) {
+        let since = pod.retired.unwrap_or(now);
+        match open_on(pod, proxies) {
+            None => drained += 1,
+            Some(_) if now - since >= drain_timeout => drained += 1,
+            Some(what) => guard.draining.push((pod.name.clone(), what)),
+        }
+    }
+    let routable_new = pods
+        .iter()
+        .filter(|p| p.gated && !p.deleting && p.routable == Some(true))
+        .count();
+    // Deletions once k new pods are available: old - (desired - u - k). Safe while they
+    // are at most the retired, drained pods.
+    let allowed =
+        i64::from(desired) - i64::from(max_unavailable) - old.len() as i64 + drained as i64;
+    let open = usize::try_from(allowed - routable_new as i64).unwrap_or(0);
+    guard.open = Some(open);
+    let waiting = pods
+        .iter()
+        .any(|p| p.gated && !p.deleting && p.routable != Some(true));
+    if waiting && open == 0 && guard.draining.is_empty() {
+        // Not-ready pods first (they serve nothing), then by name, for a stable choice.
+        guard.retire = old
+            .iter()
+            .filter(|p| p.retired.is_none())
+            .min_by_key(|p| (p.ready, p.name.clone()))
+            .map(|p| p.name.clone());
+    }
+    guard
+}
+
+/// What the proxies still have open on `pod`, or `None` when none has anything (or
+/// none lists it any more). An unreadable proxy counts as open: drained is a
+/// measurement, never a guess.
+fn open_on(pod: &AppPod, proxies: &[ProxyObservation]) -> Option<String> {
+    let ip = pod.ip?;
+    let mut open = Vec::new();
+    for proxy in proxies {
+        match &proxy.report {
+            Err(e) => open.push(format!("proxy {} cannot be read: {e}", proxy.proxy)),
+            Ok(report) => {
+                let (in_flight, connections) = report
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.address.ip() == ip)
+                    .fold((0, 0), |(r, c), e| (r + e.in_flight, c + e.connections));
+                if in_flight + connections > 0 {
+                    open.push(format!(
+                        "proxy {}: {in_flight} in flight, {connections} connections",
+                        proxy.proxy
+                    ));
+                }
+            }
+        }
+    }
+    (!open.is_empty()).then(|| open.join("; "))
+}
+
+/// Whether the front Service may switch to the proxies: every ready proxy is read and
+/// lists every ready app pod (so the first request through a proxy finds the same pods
+/// the Service reached directly). `Err` says what is missing.
+///
+/// # Errors
+/// Why not yet.
+pub fn ready_to_switch(
+    proxies_ready: i32,
+    proxies_wanted: i32,
+    pods: &[AppPod],
+    proxies: &[ProxyObservation],
+) -> Result<(), String> {
+    if proxies_ready < proxies_wanted || proxies.is_empty() {
+        return Err(format!("{proxies_ready}/{proxies_wanted} proxies ready"));
+    }
+    for pod in pods.iter().filter(|p| p.ready && !p.deleting) {
+        let Some(ip) = pod.ip else { continue };
+        for proxy in proxies {
+            match &proxy.report {
+                Err(e) => return Err(format!("proxy {} cannot be read: {e}", proxy.proxy)),
+                Ok(report) => {
+                    if !report
+                        .endpoints
+                        .iter()
+                        .any(|e| e.listed && e.ready && e.address.ip() == ip)
+                    {
+                        return Err(format!(
+                            "proxy {} does not route to pod {} yet",
+                            proxy.proxy, pod.name
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The steps of giving an adopted Deployment and Service back, in order. The rollout to
+/// the owner's own template runs while the proxies still carry the traffic (so the old
+/// pods' drain gate still works), the Service goes back once no gated pod is left, and
+/// the proxies go last: their own graceful shutdown moves the connections clients
+/// still hold through them onto the Service's new endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GiveBack {
+    /// Remove ballast's fields from the Deployment; its pods roll back to the owner's
+    /// template, behind the proxies.
+    ReleaseDeployment,
+    /// Wait until no pod runs ballast's template any more.
+    AwaitRollout,
+    /// Point the front Service back at the pods it selected before.
+    ReturnService,
+    /// Wait until the front Service's endpoints are the app pods.
+    AwaitService,
+    /// Remove the finalizer: the proxies and ballast's other objects are deleted.
+    Done,
+}
+
+impl GiveBack {
+    /// The step to take, from what is observed. `released`: the Deployment carries no
+    /// field of ballast's. `gated_pods`: pods still running with the drain gate.
+    /// `service_returned`: the front Service selects the app pods again.
+    /// `service_endpoints_are_pods`: its endpoints list app pods and no proxy.
+    pub fn next(
+        released: bool,
+        gated_pods: usize,
+        service_returned: bool,
+        service_endpoints_are_pods: bool,
+    ) -> Self {
+        match (
+            released,
+            gated_pods,
+            service_returned,
+            service_endpoints_are_pods,
+        ) {
+            (false, _, _, _) => Self::ReleaseDeployment,
+            (true, 1.., _, _) => Self::AwaitRollout,
+            (true, 0, false, _) => Self::ReturnService,
+            (true, 0, true, false) => Self::AwaitService,
+            (true, 0, true, true) => Self::Done,
+        }
+    }
+
+    /// For status: which step, of how many, doing what.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::ReleaseDeployment => "step 1/4: removing ballast's fields from the Deployment",
+            Self::AwaitRollout => {
+                "step 2/4: the Deployment rolls back to its own template behind the proxies"
+            }
+            Self::ReturnService => "step 3/4: pointing the front Service back at the pods",
+            Self::AwaitService => "step 4/4: waiting for the front Service to reach the pods",
+            Self::Done => "done: removing the proxies",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

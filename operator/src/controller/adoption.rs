@@ -1,0 +1,427 @@
+//! The I/O of adopting a Deployment (`spec.workloadRef`): reading it, the finalizer,
+//! switching the user's front Service to the proxies and back, and the give-back steps
+//! on deletion. The decisions are `crate::adopt`'s.
+
+use ballast_api::BalancedService;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+use super::{Context, ReconcileError};
+use crate::adopt::{self, GiveBack};
+use crate::build::{MANAGER, deployment_match_labels, selector_labels};
+
+/// Finalizer of a BalancedService that adopted a Deployment: deleting it gives the
+/// Deployment and the front Service back first.
+pub const FINALIZER: &str = "ballast.dev/give-back";
+/// Annotation on an adopted front Service: the BalancedService that switched it.
+pub const ADOPTED_BY: &str = "ballast.dev/adopted-by";
+/// Annotation on an adopted front Service: its selector and ports before the switch,
+/// as JSON, to switch it back.
+pub const ORIGINAL: &str = "ballast.dev/original";
+
+/// What the adoption looks like, for the `Adopted` condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Adoption {
+    /// The condition's status.
+    pub healthy: bool,
+    /// Its reason.
+    pub reason: &'static str,
+    /// Its message.
+    pub message: String,
+}
+
+fn read_error(kind: &'static str, name: &str) -> impl FnOnce(kube::Error) -> ReconcileError {
+    let name = name.to_owned();
+    move |source| ReconcileError::ReadObject { kind, name, source }
+}
+
+/// The Deployment `name`, if it exists.
+pub(super) async fn read_deployment(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Deployment>, ReconcileError> {
+    Api::<Deployment>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(read_error("Deployment", name))
+}
+
+/// The Service `name`, if it exists.
+pub(super) async fn read_service(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Service>, ReconcileError> {
+    Api::<Service>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(read_error("Service", name))
+}
+
+/// Adds the give-back finalizer when missing.
+pub(super) async fn ensure_finalizer(
+    ctx: &Context,
+    bs: &BalancedService,
+    namespace: &str,
+) -> Result<(), ReconcileError> {
+    if bs.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    let mut finalizers = bs.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_owned());
+    patch_finalizers(ctx, bs, namespace, finalizers).await
+}
+
+async fn patch_finalizers(
+    ctx: &Context,
+    bs: &BalancedService,
+    namespace: &str,
+    finalizers: Vec<String>,
+) -> Result<(), ReconcileError> {
+    // The resourceVersion makes it a compare-and-swap: another writer's finalizer is
+    // never lost (a conflict is retried with the new list).
+    let patch = json!({"metadata": {
+        "finalizers": finalizers,
+        "resourceVersion": bs.resource_version(),
+    }});
+    Api::<BalancedService>::namespaced(ctx.client.clone(), namespace)
+        .patch(
+            &bs.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(ReconcileError::Finalizer)?;
+    Ok(())
+}
+
+/// Whose the front Service is, for an adopting BalancedService.
+pub(super) enum Front {
+    /// Absent, or ballast's own (carries the ownerReference): applied as built.
+    Ours,
+    /// The user's, already switched to the proxies by this BalancedService.
+    Switched(Box<Service>),
+    /// The user's, not switched yet.
+    Theirs(Box<Service>),
+}
+
+pub(super) fn front_of(bs: &BalancedService, service: Option<Service>) -> Front {
+    let uid = bs.metadata.uid.as_deref().unwrap_or_default();
+    match service {
+        None => Front::Ours,
+        Some(s) if s.owner_references().iter().any(|o| o.uid == uid) => Front::Ours,
+        Some(s) if s.annotations().get(ADOPTED_BY) == Some(&bs.name_any()) => {
+            Front::Switched(Box::new(s))
+        }
+        Some(s) => Front::Theirs(Box::new(s)),
+    }
+}
+
+/// The merge patch switching `service` to the proxies: its selector becomes the
+/// proxies', each port's targetPort the proxy's client port; the values before are kept
+/// in an annotation. `Err` when a port of the Service is not one of `spec.ports` (the
+/// proxies would not serve it).
+pub(super) fn switch_patch(
+    bs: &BalancedService,
+    service: &Service,
+    built: &Service,
+) -> Result<Value, String> {
+    let built_ports = built
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
+    let spec = service.spec.clone().unwrap_or_default();
+    let original = match service.annotations().get(ORIGINAL) {
+        // Already switched once (drift being undone): keep the first record.
+        Some(text) => serde_json::from_str(text).unwrap_or(Value::Null),
+        None => json!({"selector": spec.selector, "ports": spec.ports}),
+    };
+    let mut selector: BTreeMap<String, Value> = spec
+        .selector
+        .unwrap_or_default()
+        .into_keys()
+        .map(|k| (k, Value::Null))
+        .collect();
+    for (k, v) in selector_labels(bs, "proxy") {
+        selector.insert(k, Value::String(v));
+    }
+    let mut ports = Vec::new();
+    for port in spec.ports.unwrap_or_default() {
+        // The Service's port is the same as one of spec.ports by name, else by number.
+        let served = built_ports
+            .iter()
+            .find(|p| p.name.is_some() && p.name == port.name)
+            .or_else(|| built_ports.iter().find(|p| p.port == port.port));
+        let Some(served) = served else {
+            return Err(format!(
+                "port {} ({}) of Service {} is not in spec.ports; add it there so the proxies serve it",
+                port.port,
+                port.name.clone().unwrap_or_default(),
+                service.name_any()
+            ));
+        };
+        let mut port = serde_json::to_value(&port).unwrap_or_default();
+        port["targetPort"] = json!(served.target_port);
+        ports.push(port);
+    }
+    Ok(json!({
+        "metadata": {"annotations": {
+            ADOPTED_BY: bs.name_any(),
+            ORIGINAL: original.to_string(),
+        }},
+        "spec": {"selector": selector, "ports": ports},
+    }))
+}
+
+/// True when `service` selects this BalancedService's proxies (switched, not drifted).
+pub(super) fn is_switched(bs: &BalancedService, service: &Service) -> bool {
+    service.annotations().get(ADOPTED_BY) == Some(&bs.name_any())
+        && service
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .is_some_and(|s| *s == selector_labels(bs, "proxy"))
+}
+
+/// The merge patch switching an adopted Service back to what it was.
+fn return_patch(bs: &BalancedService, service: &Service) -> Value {
+    let original: Value = service
+        .annotations()
+        .get(ORIGINAL)
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or(Value::Null);
+    let mut selector: BTreeMap<String, Value> = selector_labels(bs, "proxy")
+        .into_keys()
+        .map(|k| (k, Value::Null))
+        .collect();
+    if let Some(before) = original["selector"].as_object() {
+        for (k, v) in before {
+            selector.insert(k.clone(), v.clone());
+        }
+    }
+    json!({
+        "metadata": {"annotations": {ADOPTED_BY: null, ORIGINAL: null}},
+        "spec": {"selector": selector, "ports": original["ports"]},
+    })
+}
+
+pub(super) async fn patch_service(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    patch: &Value,
+) -> Result<(), ReconcileError> {
+    Api::<Service>::namespaced(ctx.client.clone(), namespace)
+        .patch(
+            name,
+            &PatchParams {
+                field_manager: Some(MANAGER.to_owned()),
+                ..PatchParams::default()
+            },
+            &Patch::Merge(patch),
+        )
+        .await
+        .map_err(|source| ReconcileError::PatchService {
+            name: name.to_owned(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// True while the Deployment still carries fields ballast applied.
+fn carries_ballast_fields(deployment: &Deployment) -> bool {
+    deployment
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .any(|f| f.manager.as_deref() == Some(MANAGER) && f.operation.as_deref() == Some("Apply"))
+}
+
+/// One give-back step of a BalancedService being deleted. Returns the status message
+/// of the step, or `None` once the finalizer is removed.
+pub(super) async fn give_back(
+    ctx: &Context,
+    bs: &BalancedService,
+    namespace: &str,
+    deployment: Option<&Deployment>,
+) -> Result<Option<Adoption>, ReconcileError> {
+    if !bs.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(None);
+    }
+    let front_name = bs
+        .spec
+        .service
+        .name
+        .clone()
+        .unwrap_or_else(|| bs.name_any());
+    let service = read_service(ctx, namespace, &front_name).await?;
+    let front = front_of(bs, service);
+    let released = deployment.is_none_or(|d| !carries_ballast_fields(d));
+    ctx.caches.ready().await?;
+    let gated = ctx
+        .caches
+        .pods_of(bs, namespace, "app")
+        .iter()
+        .map(|p| crate::observe::AppPod::from_pod(p))
+        .filter(|p| p.gated)
+        .count();
+    let pods_selector = deployment.map(deployment_match_labels).unwrap_or_default();
+    let returned = match &front {
+        Front::Switched(_) => false,
+        Front::Theirs(_) => true,
+        Front::Ours => true,
+    };
+    let reaches_pods = returned && service_reaches_pods(ctx, bs, namespace, &front_name).await?;
+    let step = GiveBack::next(released, gated, returned, reaches_pods);
+    tracing::info!(step = step.describe(), "giving the adopted Deployment back");
+    match step {
+        GiveBack::ReleaseDeployment => {
+            if let Some(deployment) = deployment {
+                // The backends Service first selects every pod of the Deployment, so the
+                // pods of the owner's template (without ballast's labels) are balanced too.
+                let backends = format!("{}-backends", bs.name_any());
+                let patch = json!({"spec": {"selector": selector_with_nulls(
+                    &crate::build::BACKEND_LABEL, &pods_selector)}});
+                patch_service(ctx, namespace, &backends, &patch).await?;
+                release_deployment(ctx, namespace, deployment).await?;
+            }
+        }
+        GiveBack::ReturnService => {
+            if let Front::Switched(service) = &front {
+                patch_service(ctx, namespace, &front_name, &return_patch(bs, service)).await?;
+            }
+        }
+        GiveBack::AwaitRollout | GiveBack::AwaitService => {}
+        GiveBack::Done => {
+            let finalizers = bs
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .cloned()
+                .collect();
+            patch_finalizers(ctx, bs, namespace, finalizers).await?;
+            return Ok(None);
+        }
+    }
+    let detail = match step {
+        GiveBack::AwaitRollout => format!(" ({gated} pods with the drain gate left)"),
+        _ => String::new(),
+    };
+    Ok(Some(Adoption {
+        healthy: false,
+        reason: "GivingBack",
+        message: format!("{}{detail}", step.describe()),
+    }))
+}
+
+/// `selector` with `drop` set to null (a merge patch removing that key).
+fn selector_with_nulls(drop: &str, selector: &BTreeMap<String, String>) -> Value {
+    let mut out: BTreeMap<String, Value> = selector
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    out.insert(drop.to_owned(), Value::Null);
+    json!(out)
+}
+
+/// Removes every field ballast applied to the Deployment: an apply of an empty body
+/// under ballast's field manager drops what only it owned (the owner's own values of
+/// shared fields stay). The Deployment rolls back to its owner's template.
+async fn release_deployment(
+    ctx: &Context,
+    namespace: &str,
+    deployment: &Deployment,
+) -> Result<(), ReconcileError> {
+    let name = deployment.name_any();
+    let empty = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name}});
+    Api::<Deployment>::namespaced(ctx.client.clone(), namespace)
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&empty),
+        )
+        .await
+        .map_err(|source| ReconcileError::ReleaseDeployment { name, source })?;
+    Ok(())
+}
+
+/// True when the front Service's endpoints are app pods and no proxy.
+async fn service_reaches_pods(
+    ctx: &Context,
+    bs: &BalancedService,
+    namespace: &str,
+    front_name: &str,
+) -> Result<bool, ReconcileError> {
+    let slices = Api::<EndpointSlice>::namespaced(ctx.client.clone(), namespace)
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={front_name}")))
+        .await
+        .map_err(read_error("EndpointSlice", front_name))?;
+    let proxies: Vec<String> = ctx
+        .caches
+        .pods_of(bs, namespace, "proxy")
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    let targets: Vec<(String, String)> = slices
+        .items
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter_map(|e| e.target_ref.as_ref())
+        .map(|r| {
+            (
+                r.kind.clone().unwrap_or_default(),
+                r.name.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    Ok(!targets.is_empty()
+        && targets
+            .iter()
+            .all(|(kind, name)| kind == "Pod" && !proxies.contains(name)))
+}
+
+/// The adoption's state for its condition, from what converge saw.
+pub(super) fn adopted(
+    deployment: &str,
+    front: &str,
+    switched: Result<bool, String>,
+    guard: &adopt::Guard,
+    old_pods: usize,
+) -> Adoption {
+    match switched {
+        Err(why) => Adoption {
+            healthy: false,
+            reason: "WaitingForProxies",
+            message: format!(
+                "Deployment {deployment} adopted; Service {front} switches to the proxies once {why}"
+            ),
+        },
+        Ok(_) if old_pods > 0 => Adoption {
+            healthy: true,
+            reason: "FirstRollout",
+            message: format!(
+                "Deployment {deployment} and Service {front} adopted; {old_pods} pods started before the adoption are replaced one by one, each retired from the proxies and drained before it is deleted{}",
+                guard
+                    .draining
+                    .first()
+                    .map(|(pod, what)| format!(" (draining {pod}: {what})"))
+                    .unwrap_or_default()
+            ),
+        },
+        Ok(_) => Adoption {
+            healthy: true,
+            reason: "Adopted",
+            message: format!(
+                "Deployment {deployment} and Service {front} adopted; every pod runs with the drain gate"
+            ),
+        },
+    }
+}
