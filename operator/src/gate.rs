@@ -71,6 +71,36 @@ pub fn decide(pod: &AppPod, proxies: &[ProxyObservation]) -> Verdict {
     }
 }
 
+/// [`decide`] for every pod, opening at most `may_open` gates that are closed now:
+/// the first rollout of an adopted Deployment opens one only as an old pod without
+/// the drain gate has been retired and drained (see `adopt::guard`). `None`: no limit.
+pub fn decide_all(
+    pods: &[AppPod],
+    proxies: &[ProxyObservation],
+    mut may_open: Option<usize>,
+) -> Vec<Verdict> {
+    pods.iter()
+        .map(|pod| {
+            let verdict = decide(pod, proxies);
+            if verdict != Verdict::Routable || pod.routable == Some(true) {
+                return verdict;
+            }
+            match &mut may_open {
+                Some(0) => Verdict::NotRoutable(HELD_FOR_RETIREMENT.to_owned()),
+                Some(n) => {
+                    *n -= 1;
+                    verdict
+                }
+                None => verdict,
+            }
+        })
+        .collect()
+}
+
+/// Why a listed pod's gate stays closed during an adopted Deployment's first rollout.
+pub const HELD_FOR_RETIREMENT: &str =
+    "an old pod without the drain gate is taken out of the proxies and drained first";
+
 fn wait_or_keep(pod: &AppPod, why: String) -> Verdict {
     if pod.routable == Some(true) {
         Verdict::Keep(why)

@@ -289,7 +289,7 @@ pub(super) async fn give_back(
                 // pods of the owner's template (without ballast's labels) are balanced too.
                 let backends = format!("{}-backends", bs.name_any());
                 let patch = json!({"spec": {"selector": selector_with_nulls(
-                    &crate::build::BACKEND_LABEL, &pods_selector)}});
+                    crate::build::BACKEND_LABEL, &pods_selector)}});
                 patch_service(ctx, namespace, &backends, &patch).await?;
                 release_deployment(ctx, namespace, deployment).await?;
             }

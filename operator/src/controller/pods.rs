@@ -57,25 +57,11 @@ pub(super) async fn set_gates(
     namespace: &str,
     pods: &[AppPod],
     proxies: &[ProxyObservation],
-    mut may_open: Option<usize>,
+    may_open: Option<usize>,
 ) -> Result<Vec<(String, String)>, ReconcileError> {
     let api = Api::<Pod>::namespaced(ctx.client.clone(), namespace);
     let mut waiting = Vec::new();
-    for pod in pods {
-        let mut verdict = gate::decide(pod, proxies);
-        if verdict == Verdict::Routable && pod.routable != Some(true) {
-            // The first rollout of an adopted Deployment opens gates only as old pods
-            // are retired and drained (see `adopt::guard`).
-            match &mut may_open {
-                Some(0) => {
-                    verdict = Verdict::NotRoutable(
-                        "an old pod without the drain gate is being retired first".to_owned(),
-                    );
-                }
-                Some(n) => *n -= 1,
-                None => {}
-            }
-        }
+    for (pod, verdict) in pods.iter().zip(gate::decide_all(pods, proxies, may_open)) {
         if let Verdict::NotRoutable(why) = &verdict {
             waiting.push((pod.name.clone(), why.clone()));
         }

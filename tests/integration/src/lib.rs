@@ -152,6 +152,7 @@ pub fn workspace_bin(name: &str) -> String {
         .into_owned()
 }
 
+pub mod adoption;
 pub mod apiserver;
 pub mod cluster;
 pub mod failing_release;

@@ -79,10 +79,20 @@ pub struct LoadStats {
     /// Times the long WebSocket session was closed by the other side (expected once:
     /// the forced end of a drain).
     pub ws_long_closed: u64,
+    /// [`Load::mark`] calls so far.
+    pub marks: u64,
+    /// Requests that failed on a connection opened before the last mark.
+    pub failed_before_mark: u64,
 }
 
 impl LoadStats {
     /// Failed requests plus broken (short) WebSocket sessions.
+    /// Requests that failed on a connection opened before the last [`Load::mark`]
+    /// (included in `failed`).
+    pub fn failed_on_earlier_connections(&self) -> u64 {
+        self.failed_before_mark
+    }
+
     pub fn failures_total(&self) -> u64 {
         self.failed + self.ws_broken
     }
@@ -139,6 +149,13 @@ impl Load {
             long_requests,
             tasks,
         }
+    }
+
+    /// Marks the connections open now: failures on them are counted apart from then
+    /// on ([`LoadStats::failed_on_earlier_connections`]), e.g. connections a Service
+    /// sent to a pod before it was switched to the proxies.
+    pub fn mark(&self) {
+        lock(&self.stats).marks += 1;
     }
 
     /// Turns the long requests on or off (off at the start): they belong where drains
@@ -215,6 +232,13 @@ impl Context {
         *s.failures.entry(kind).or_default() += 1;
     }
 
+    /// [`Context::fail`] on a connection opened at mark `born`.
+    fn fail_on(&self, kind: &'static str, born: u64) {
+        self.fail(kind);
+        let mut s = lock(&self.stats);
+        s.failed_before_mark += u64::from(born < s.marks);
+    }
+
     /// Waits `d`, or less when the load stops.
     async fn pause(&mut self, d: Duration) {
         let until = (Instant::now() + d).min(self.end);
@@ -267,7 +291,11 @@ async fn http_client(target: SocketAddr, shape: Shape, mut cx: Context) {
             continue;
         };
         tokio::spawn(connection);
-        lock(&cx.stats).connections += 1;
+        let born = {
+            let mut s = lock(&cx.stats);
+            s.connections += 1;
+            s.marks
+        };
         loop {
             match &mut tick {
                 Some(t) => {
@@ -329,6 +357,7 @@ async fn http_client(target: SocketAddr, shape: Shape, mut cx: Context) {
                     s.sent += 1;
                     if answer.status >= 500 {
                         s.failed += 1;
+                        s.failed_before_mark += u64::from(born < s.marks);
                         *s.failures.entry(status_kind(answer.status)).or_default() += 1;
                     } else {
                         s.ok += 1;
@@ -343,11 +372,11 @@ async fn http_client(target: SocketAddr, shape: Shape, mut cx: Context) {
                     }
                 }
                 Ok(Err(_)) => {
-                    cx.fail("connection broken");
+                    cx.fail_on("connection broken", born);
                     continue 'connection;
                 }
                 Err(_) => {
-                    cx.fail("timed out");
+                    cx.fail_on("timed out", born);
                     continue 'connection;
                 }
             }

@@ -328,7 +328,7 @@ fn plans(
 /// How the stand-in runs pods: local programs for images, the proxies' containers
 /// unchanged (they find the API stand-in through `kubeconfig`, as a pod finds the API
 /// server), preStop commands with DNS names resolved.
-fn runtime(
+pub(crate) fn runtime(
     cfg: &ScenarioConfig,
     proxies: Arc<Mutex<Option<Deployment>>>,
     kubeconfig: &Path,

@@ -32,6 +32,7 @@
 //! `resourceVersionMatch` (answers are always the most recent state, which satisfies
 //! every match rule the watcher uses).
 
+pub mod merge;
 mod selector;
 mod store;
 mod write;

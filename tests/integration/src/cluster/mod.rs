@@ -252,6 +252,11 @@ impl Inner {
                     current: p.revision == plan.pod.revision,
                     ready_for: s.ready_since.map(|t| now - t),
                     terminating: s.deleted_at.is_some(),
+                    deletion_cost: if p.retired().is_some() {
+                        i64::from(i32::MIN)
+                    } else {
+                        0
+                    },
                 }
             })
             .collect();
@@ -274,8 +279,10 @@ impl Inner {
             lock(&self.history).push(Arc::clone(&pod));
             pods.push(pod);
         }
+        // A retired pod has left the backends Service (its label no longer matches).
         let entries: Vec<FeedEntry> = pods
             .iter()
+            .filter(|p| p.retired().is_none())
             .filter_map(|p| {
                 let s = p.status();
                 let ready = p.ready();

@@ -100,6 +100,9 @@ pub struct Pod {
     gates: Vec<String>,
     status: Mutex<PodStatus>,
     delete: Notify,
+    /// Retired by the operator (Unix second): out of the backends Service and lowest
+    /// `pod-deletion-cost` (see `ballast_operator::adopt`).
+    retired: Mutex<Option<i64>>,
 }
 
 impl Pod {
@@ -118,6 +121,26 @@ impl Pod {
         let mut status = self.lock();
         status.gates.insert(condition.to_owned(), value);
         refresh_ready(&mut status, &self.gates);
+    }
+
+    /// True when its spec lists the readiness gate `condition`.
+    pub fn has_gate(&self, condition: &str) -> bool {
+        self.gates.iter().any(|g| g == condition)
+    }
+
+    /// What the operator's retire patch does: the pod leaves the backends Service (its
+    /// `ballast.dev/backend` label changes) and goes first when its ReplicaSet shrinks
+    /// (the lowest `controller.kubernetes.io/pod-deletion-cost`).
+    pub fn retire(&self, at: i64) {
+        self.retired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(at);
+    }
+
+    /// When it was retired, if it was.
+    pub fn retired(&self) -> Option<i64> {
+        *self.retired.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Deletes the pod: it is terminating from now on, and kubelet starts stopping it.
@@ -171,6 +194,7 @@ pub fn start(identity: PodIdentity, plan: &PodPlan, runtime: &PodRuntime) -> Arc
         gates: plan.readiness_gates.clone(),
         status: Mutex::new(PodStatus::default()),
         delete: Notify::new(),
+        retired: Mutex::new(None),
     });
     tokio::spawn(kubelet(Arc::clone(&pod), plan.clone(), runtime.clone()));
     pod

@@ -16,6 +16,9 @@ pub struct PodView {
     pub ready_for: Option<Duration>,
     /// Being deleted.
     pub terminating: bool,
+    /// `controller.kubernetes.io/pod-deletion-cost`: lower goes first among pods that
+    /// are equally ready.
+    pub deletion_cost: i64,
 }
 
 /// What to do now.
@@ -78,9 +81,16 @@ pub fn step(plan: &RolloutPlan, pods: &[PodView]) -> Step {
     result
 }
 
-/// Unready pods first, then the ones ready for the shortest time.
+/// The ReplicaSet controller's order: unready pods first, then the lowest deletion
+/// cost, then the ones ready for the shortest time.
 fn by_preference(mut list: Vec<(usize, &PodView)>) -> Vec<(usize, &PodView)> {
-    list.sort_by_key(|(_, p)| p.ready_for.map_or((0, Duration::ZERO), |d| (1, d)));
+    list.sort_by_key(|(_, p)| {
+        (
+            p.ready_for.is_some(),
+            p.deletion_cost,
+            p.ready_for.unwrap_or(Duration::ZERO),
+        )
+    });
     list
 }
 
@@ -100,6 +110,7 @@ mod tests {
             current,
             ready_for: ready_secs.map(Duration::from_secs),
             terminating: false,
+            deletion_cost: 0,
         }
     }
 
@@ -126,6 +137,18 @@ mod tests {
         // The deleted pod no longer counts: the next pod can be created.
         pods[s.delete[0]].terminating = true;
         assert_eq!(step(&SURGE_ONLY, &pods).create, 1);
+    }
+
+    #[test]
+    fn the_lowest_deletion_cost_goes_first_among_ready_pods() {
+        let mut pods = vec![pod(false, Some(60)); 4];
+        pods.push(pod(true, Some(5)));
+        pods[1].deletion_cost = i64::from(i32::MIN);
+        let s = step(&SURGE_ONLY, &pods);
+        assert_eq!(s.delete, vec![1]);
+        // An unready pod still goes before a retired ready one.
+        pods[2].ready_for = None;
+        assert_eq!(step(&SURGE_ONLY, &pods).delete[0], 2);
     }
 
     #[test]
@@ -157,6 +180,7 @@ mod tests {
                     current: rng.bool(),
                     ready_for: rng.bool().then(|| Duration::from_millis(rng.u64(0..3000))),
                     terminating: rng.u8(0..5) == 0,
+                    deletion_cost: 0,
                 })
                 .collect();
             let available =
