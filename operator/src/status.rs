@@ -119,7 +119,11 @@ pub fn compute(
         BalancedServiceStatus::default()
     };
     status.observed_generation = generation;
-    let desired = bs.spec.replicas;
+    // An adopted Deployment's size is its owner's (or its autoscaler's).
+    let desired = match (&bs.spec.workload_ref, &observed.app) {
+        (Some(_), Some(app)) => app.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+        _ => bs.spec.replicas,
+    };
 
     if blocked.is_none() {
         if let Some(app) = observed.app.as_ref().and_then(|d| d.status.as_ref()) {

@@ -32,21 +32,36 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// How the first rollout's gates open.
+/// How the first rollout's gates open, and how the app stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AdoptVariant {
-    /// As the operator does: each old pod retired and drained before a gate opens.
+    /// As the operator does: each old pod retired and drained before a gate opens; the
+    /// app exits at once on SIGTERM.
     Guarded,
-    /// Gates open as soon as every proxy lists the new pod.
+    /// Gates open as soon as every proxy lists the new pod; the app exits at once.
     Unguarded,
+    /// As the operator does, with an app that finishes its requests on SIGTERM.
+    GuardedGracefulApp,
 }
 
 impl AdoptVariant {
     /// For tables.
     pub fn label(self) -> &'static str {
         match self {
-            Self::Guarded => "ballast (retire + drain)",
-            Self::Unguarded => "drain gate only",
+            Self::Guarded => "ballast, naive app",
+            Self::Unguarded => "gate only, naive app",
+            Self::GuardedGracefulApp => "ballast, graceful app",
+        }
+    }
+
+    fn guarded(self) -> bool {
+        self != Self::Unguarded
+    }
+
+    fn shutdown(self) -> &'static str {
+        match self {
+            Self::GuardedGracefulApp => "graceful",
+            Self::Guarded | Self::Unguarded => "naive",
         }
     }
 }
@@ -78,7 +93,8 @@ pub struct AdoptionReport {
 }
 
 /// The plain Deployment and Service a user runs, and the BalancedService adopting them.
-pub fn adoption_yaml(pods: u32) -> String {
+/// `shutdown` is the sample app's behaviour on SIGTERM (`naive`, `graceful`).
+pub fn adoption_yaml(pods: u32, shutdown: &str) -> String {
     format!(
         r#"apiVersion: apps/v1
 kind: Deployment
@@ -98,7 +114,7 @@ spec:
       containers:
         - name: app
           image: ghcr.io/ballast-dev/demo-app:latest
-          args: ["--listen", "0.0.0.0:8080", "--latency-ms", "2", "--shutdown", "naive"]
+          args: ["--listen", "0.0.0.0:8080", "--latency-ms", "2", "--shutdown", "{shutdown}"]
           env:
             - name: POD_NAME
               valueFrom:
@@ -164,7 +180,7 @@ pub async fn run(cfg: &ScenarioConfig, variant: AdoptVariant) -> Result<Adoption
         }
     }
     std::fs::create_dir_all(cfg.work_dir.join("logs")).map_err(|e| e.to_string())?;
-    let yaml = adoption_yaml(cfg.pods);
+    let yaml = adoption_yaml(cfg.pods, variant.shutdown());
     let mut documents = Vec::new();
     for document in serde_norway::Deserializer::from_str(&yaml) {
         let value: serde_json::Value =
@@ -378,16 +394,17 @@ pub async fn run(cfg: &ScenarioConfig, variant: AdoptVariant) -> Result<Adoption
                 app.apply(DeploymentPlan::from_deployment(&merged)?);
             }
         } else {
-            let guard = match variant {
-                AdoptVariant::Guarded => adopt::guard(
+            let guard = if variant.guarded() {
+                adopt::guard(
                     i32::try_from(cfg.pods).unwrap_or(1),
                     0,
                     &seen,
                     &observations,
                     unix_now(),
                     i64::from(bs.spec.rollout.drain_timeout_seconds),
-                ),
-                AdoptVariant::Unguarded => adopt::Guard::default(),
+                )
+            } else {
+                adopt::Guard::default()
             };
             if let Some(name) = &guard.retire
                 && let Some(pod) = pods.iter().find(|p| &p.identity.name == name)
@@ -470,7 +487,7 @@ async fn proxy_retries(admin: SocketAddr) -> Result<u64, String> {
 pub fn table(reports: &[&AdoptionReport]) -> String {
     let mut out = format!(
         "{:<26} {:>9} {:>7} {:>8} {:>7} {:>8} {:>10} {:>10} {:>8} {:>8}\n",
-        "first rollout",
+        "adoption",
         "requests",
         "failed",
         "proxied",

@@ -8,7 +8,7 @@
 //! on them). The residue ballast cannot remove is printed: requests in flight on
 //! connections a client opened straight to an old pod before the Service switched.
 //!
-//! Both run at once, on separate loopback ranges (127.26/27.*).
+//! They run at once, on separate loopback ranges (127.26/27/28.*).
 
 #![allow(clippy::unwrap_used)]
 
@@ -27,17 +27,24 @@ fn config(net: u8, tag: &str) -> ScenarioConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adopting_a_deployment_and_its_service_loses_no_request() {
-    let (guarded_cfg, unguarded_cfg) = (config(26, "adopt"), config(27, "adopt-unguarded"));
-    let (guarded, unguarded) = tokio::join!(
+    let (guarded_cfg, unguarded_cfg, graceful_cfg) = (
+        config(26, "adopt"),
+        config(27, "adopt-unguarded"),
+        config(28, "adopt-graceful"),
+    );
+    let (guarded, unguarded, graceful) = tokio::join!(
         adoption::run(&guarded_cfg, AdoptVariant::Guarded),
         adoption::run(&unguarded_cfg, AdoptVariant::Unguarded),
+        adoption::run(&graceful_cfg, AdoptVariant::GuardedGracefulApp),
     );
     let guarded =
         guarded.unwrap_or_else(|e| panic!("adopt: {e} (logs in {:?})", guarded_cfg.work_dir));
     let unguarded = unguarded
         .unwrap_or_else(|e| panic!("unguarded: {e} (logs in {:?})", unguarded_cfg.work_dir));
-    println!("{}", adoption::table(&[&guarded, &unguarded]));
-    println!("guarded: {guarded:#?}\nunguarded: {unguarded:#?}");
+    let graceful =
+        graceful.unwrap_or_else(|e| panic!("graceful: {e} (logs in {:?})", graceful_cfg.work_dir));
+    println!("{}", adoption::table(&[&guarded, &unguarded, &graceful]));
+    println!("guarded: {guarded:#?}\nunguarded: {unguarded:#?}\ngraceful: {graceful:#?}");
 
     assert!(guarded.load.ok > 500, "the load ran: {:?}", guarded.load);
     assert!(
@@ -68,6 +75,14 @@ async fn adopting_a_deployment_and_its_service_loses_no_request() {
         "every old pod was retired before its deletion"
     );
     assert_eq!(unguarded.retired, 0);
-    scenario::remove_dir(&guarded_cfg.work_dir);
-    scenario::remove_dir(&unguarded_cfg.work_dir);
+    // An app that finishes its requests on SIGTERM: the same, through the proxies.
+    assert_eq!(graceful.retries, 0, "{graceful:?}");
+    assert_eq!(
+        graceful.load.failures_total() + graceful.long.failures_total(),
+        graceful.load.failed_on_earlier_connections(),
+        "{graceful:?}"
+    );
+    for cfg in [&guarded_cfg, &unguarded_cfg, &graceful_cfg] {
+        scenario::remove_dir(&cfg.work_dir);
+    }
 }
