@@ -356,7 +356,23 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
         _ => match validate(bs, adopted.as_ref(), &ctx.limits) {
             Err(invalid) => {
                 tracing::warn!(error = %invalid, "invalid spec: nothing applied");
-                (Observed::default(), Some(Blocked::InvalidSpec(invalid)))
+                // With a workloadRef the problem may be the Deployment's (a selector a
+                // Service cannot express): the adoption is not healthy either.
+                let adoption = bs.spec.workload_ref.as_ref().map(|r| adoption::Adoption {
+                    healthy: false,
+                    reason: "InvalidSpec",
+                    message: format!(
+                        "Deployment {} cannot be adopted as it is: {invalid}",
+                        r.name
+                    ),
+                });
+                (
+                    Observed {
+                        adoption,
+                        ..Observed::default()
+                    },
+                    Some(Blocked::InvalidSpec(invalid)),
+                )
             }
             Ok(valid) => converge(ctx, &valid, &namespace, now).await?,
         },
