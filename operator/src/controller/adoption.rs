@@ -263,6 +263,10 @@ pub(super) async fn give_back(
         .clone()
         .unwrap_or_else(|| bs.name_any());
     let service = read_service(ctx, namespace, &front_name).await?;
+    let own_selector = service
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.selector.clone());
     let front = front_of(bs, service);
     let released = deployment.is_none_or(|d| !carries_ballast_fields(d));
     ctx.caches.ready().await?;
@@ -277,7 +281,9 @@ pub(super) async fn give_back(
     let returned = match &front {
         Front::Switched(_) => false,
         Front::Theirs(_) => true,
-        Front::Ours => true,
+        // A front Service ballast created is left behind, pointing at the pods, for
+        // the clients that use its name.
+        Front::Ours => own_selector.is_none_or(|s| s == pods_selector),
     };
     let reaches_pods = returned && service_reaches_pods(ctx, bs, namespace, &front_name).await?;
     let step = GiveBack::next(released, gated, returned, reaches_pods);
@@ -294,11 +300,16 @@ pub(super) async fn give_back(
                 release_deployment(ctx, namespace, deployment).await?;
             }
         }
-        GiveBack::ReturnService => {
-            if let Front::Switched(service) = &front {
+        GiveBack::ReturnService => match &front {
+            Front::Switched(service) => {
                 patch_service(ctx, namespace, &front_name, &return_patch(bs, service)).await?;
             }
-        }
+            Front::Ours => {
+                let patch = release_patch(bs, &pods_selector);
+                patch_service(ctx, namespace, &front_name, &patch).await?;
+            }
+            Front::Theirs(_) => {}
+        },
         GiveBack::AwaitRollout | GiveBack::AwaitService => {}
         GiveBack::Done => {
             let finalizers = bs
@@ -320,6 +331,37 @@ pub(super) async fn give_back(
         reason: "GivingBack",
         message: format!("{}{detail}", step.describe()),
     }))
+}
+
+/// The merge patch leaving a front Service ballast created to the app: it selects the
+/// Deployment's pods on their own ports and no longer has ballast's ownerReference, so
+/// garbage collection keeps it for the clients that use its name.
+fn release_patch(bs: &BalancedService, pods: &BTreeMap<String, String>) -> Value {
+    let mut selector: BTreeMap<String, Value> = selector_labels(bs, "proxy")
+        .into_keys()
+        .map(|k| (k, Value::Null))
+        .collect();
+    for (k, v) in pods {
+        selector.insert(k.clone(), Value::String(v.clone()));
+    }
+    let ports: Vec<Value> = bs
+        .spec
+        .ports
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "port": p.port,
+                "protocol": "TCP",
+                "targetPort": p.target_port.clone().unwrap_or(
+                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p.port)),
+            })
+        })
+        .collect();
+    json!({
+        "metadata": {"ownerReferences": null},
+        "spec": {"selector": selector, "ports": ports},
+    })
 }
 
 /// `selector` with `drop` set to null (a merge patch removing that key).
