@@ -123,6 +123,7 @@ fn requests_and_failures_are_counted_by_revision_from_deltas() {
     // The old pod leaves: its last requests come from the drain record, once.
     let drain = DrainRecord {
         address: "10.0.0.1:8080".parse().unwrap(),
+        port: None,
         reason: DrainReason::Terminating,
         pod: Some("old-1".to_owned()),
         since: t + 1.5,
@@ -162,6 +163,7 @@ fn a_pod_drained_on_two_proxies_counts_once_and_a_forced_drain_raises_one_event(
     let s = run(&mut memory, t, &pods, &[], None).last_rollout.unwrap();
     let record = |ms, forced| DrainRecord {
         address: "10.0.0.1:8080".parse().unwrap(),
+        port: None,
         reason: DrainReason::Terminating,
         pod: Some("old-1".to_owned()),
         since: t + 1.0,
@@ -220,6 +222,7 @@ fn a_new_leader_does_not_count_drains_already_on_status() {
     summary.pods_drained = 1;
     let drained = DrainRecord {
         address: "10.0.0.1:8080".parse().unwrap(),
+        port: None,
         reason: DrainReason::Terminating,
         pod: Some("old-1".to_owned()),
         since: t + 1.0,
@@ -409,6 +412,7 @@ fn the_last_drain_counts_before_the_proxies_file_it() {
     // When `/drains` has it later, it is not counted twice (the rollout is over anyway).
     let filed = DrainRecord {
         address: "10.0.0.1:8080".parse().unwrap(),
+        port: None,
         reason: DrainReason::Terminating,
         pod: Some("a".to_owned()),
         since: t0 + 1.0,

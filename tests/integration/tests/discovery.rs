@@ -7,7 +7,7 @@
 
 use ballast_integration::apiserver::{ApiServer, Fault, RequestRecord, Verb};
 use ballast_integration::{Process, free_port, workspace_bin};
-use ballast_proxy::discovery::watch_endpoint_slices;
+use ballast_proxy::discovery::{PortFeed, watch_endpoint_slices};
 use ballast_proxy::endpoint::EndpointSet;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{Value, json};
@@ -90,7 +90,11 @@ impl Discovery {
             }
         });
         let discovery = tokio::spawn(async move {
-            watch_endpoint_slices(client, "web", None, Some("http"), tx).await;
+            let http = PortFeed {
+                port_name: Some("http".to_owned()),
+                tx,
+            };
+            watch_endpoint_slices(client, "web", None, vec![http]).await;
         });
         Self {
             rx,
