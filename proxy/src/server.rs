@@ -125,14 +125,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .map_err(|source| StartError::Bind { address, source })?;
         Ok::<_, StartError>((listener, bound))
     };
+    let Some(first) = config.listeners.first().cloned() else {
+        return Err(StartError::NoListener);
+    };
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for listener in &config.listeners {
         listeners.push(bind(listener.listen).await?);
     }
     let (admin_listener, admin_addr) = bind(config.admin_listen).await?;
-    let Some(first) = config.listeners.first().cloned() else {
-        return Err(StartError::NoListener);
-    };
+    let listen: Vec<SocketAddr> = listeners.iter().map(|(_, bound)| *bound).collect();
 
     // Threads before any task: a failure here leaves nothing running behind.
     let workers_count = config.workers;
@@ -232,10 +233,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
     });
 
-    let listen: Vec<SocketAddr> = served
-        .iter()
-        .filter_map(|(socket, _)| socket.local_addr().ok())
-        .collect();
     let shutdown = Arc::new(Notify::new());
     let task = tokio::spawn(serve(
         config,

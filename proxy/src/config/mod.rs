@@ -30,9 +30,9 @@ pub struct Settings {
     /// A client listener for one backend port: `NAME=IP:PORT[,protocol=http1|h2c]`
     /// (e.g. `grpc=[::]:8081,protocol=h2c`; protocol http1 unless given). Repeat it, one
     /// per port: each listener balances over the EndpointSlice port named NAME (more
-    /// than one needs --kube-service). Replaces --listen, --port-name and
-    /// --backend-protocol, which describe the one listener of a local run [default:
-    /// that one listener].
+    /// than one needs --kube-service; BALLAST_PORTS takes them space-separated).
+    /// Replaces --listen, --port-name and --backend-protocol, which describe the one
+    /// listener of a local run [default: that one listener].
     #[arg(long = "port", env = "BALLAST_PORTS", value_delimiter = ' ')]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port: Vec<String>,
