@@ -477,8 +477,9 @@ async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, out))
 }
 
-/// The proxy as the operator starts it: `--kube-service`, `--namespace`, `--port-name`,
-/// and a Kubernetes client configured from the environment (KUBECONFIG here).
+/// The proxy with `--kube-service`, `--namespace` and the one-listener `--port-name`,
+/// and a Kubernetes client configured from the environment (KUBECONFIG here). The
+/// operator's own `--port` listeners run in `tests/multiport.rs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_with_kube_service_becomes_ready_and_routes_to_the_slices() {
     let server = stand_in().await;
