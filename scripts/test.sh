@@ -35,7 +35,7 @@ trap 'rm -rf "$rendered"' EXIT
 # The binary `cargo test` just built (its render test ran it); `cargo run` would
 # resolve features differently and rebuild the operator's dependencies.
 operator_bin="${CARGO_TARGET_DIR:-target}/debug/ballast-operator"
-for sample in config/samples/demo-http.yaml config/samples/demo-grpc.yaml; do
+for sample in config/samples/demo-http.yaml config/samples/demo-grpc.yaml config/samples/demo-multiport.yaml; do
   "$operator_bin" render -f "$sample" >"$rendered/$(basename "$sample")"
 done
-bash .ci/validate-manifests.sh config/samples/demo-http.yaml config/samples/demo-grpc.yaml "$rendered"/*.yaml
+bash .ci/validate-manifests.sh config/samples/demo-http.yaml config/samples/demo-grpc.yaml config/samples/demo-multiport.yaml "$rendered"/*.yaml

@@ -76,11 +76,16 @@ pub struct OpenCounts {
     pub connections: u64,
 }
 
-/// One row of `GET /endpoints`.
+/// One row of `GET /endpoints`: one pod on one backend port (a pod serving two ports
+/// has two rows).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EndpointReport {
     /// Pod IP and port.
     pub address: SocketAddr,
+    /// The backend port's name (the proxy listener's `--port` name); `None` from a
+    /// proxy with one unnamed listener, or one older than multi-port listeners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
     /// Pod name, from the EndpointSlice.
     #[serde(default)]
     pub pod: Option<String>,
@@ -145,6 +150,7 @@ impl EndpointReport {
     pub fn new(address: SocketAddr, state: EndpointStatus) -> Self {
         Self {
             address,
+            port: None,
             pod: None,
             zone: None,
             state,
@@ -174,6 +180,9 @@ impl EndpointReport {
 pub struct DrainRecord {
     /// Pod IP and port.
     pub address: SocketAddr,
+    /// The backend port's name, as in [`EndpointReport::port`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
     /// Pod name.
     #[serde(default)]
     pub pod: Option<String>,
@@ -252,6 +261,7 @@ mod tests {
             EndpointStatus::Draining,
         );
         report.pod = Some("web-1".to_owned());
+        report.port = Some("grpc".to_owned());
         report.drain_reason = Some(DrainReason::Terminating);
         report.in_flight = 2;
         report.draining_since = Some(1_700_000_000.5);
@@ -262,7 +272,8 @@ mod tests {
         round_trip(
             &report,
             json!({
-                "address": "10.0.0.7:8080", "pod": "web-1", "zone": null, "state": "draining",
+                "address": "10.0.0.7:8080", "port": "grpc", "pod": "web-1", "zone": null,
+                "state": "draining",
                 "listed": true, "ready": true, "serving": true, "terminating": false,
                 "drain_reason": "terminating", "in_flight": 2, "connections": 0,
                 "connections_opened": 0, "requests": 0, "requests_per_connection": 0.0,
@@ -291,6 +302,7 @@ mod tests {
         round_trip(
             &DrainRecord {
                 address: "10.0.0.7:8080".parse().expect("address"),
+                port: Some("http".to_owned()),
                 pod: Some("web-1".to_owned()),
                 reason: DrainReason::Requested,
                 since: 12.25,
@@ -300,7 +312,7 @@ mod tests {
                 errors: 1,
             },
             json!({
-                "address": "10.0.0.7:8080", "pod": "web-1", "reason": "requested",
+                "address": "10.0.0.7:8080", "port": "http", "pod": "web-1", "reason": "requested",
                 "since": 12.25, "drained_after_ms": 840, "requests": 10, "errors": 1,
             }),
         );
@@ -330,10 +342,12 @@ mod tests {
                 .expect("deserialises");
         assert_eq!(report.in_flight, 0);
         assert_eq!(report.forced, None);
+        assert_eq!(report.port, None, "a proxy before multi-port listeners");
         let drain: DrainRecord = serde_json::from_value(json!({
             "address": "10.0.0.7:8080", "reason": "removed", "since": 1.0, "drained_after_ms": 5,
         }))
         .expect("deserialises");
         assert_eq!(drain.requests, 0);
+        assert_eq!(drain.port, None);
     }
 }

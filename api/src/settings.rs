@@ -147,20 +147,81 @@ pub struct AffinitySettings {
     pub trust_forwarded_for: bool,
 }
 
+/// One client listener of `ballast-proxy`: what it accepts on, which port of the pods
+/// it balances over, and how it talks to them. Rendered as
+/// `--port=NAME=LISTEN[,protocol=PROTOCOL]`, the form [`ListenerSettings::from_str`]
+/// parses back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerSettings {
+    /// The EndpointSlice port name (the backend port) this listener sends to.
+    pub name: String,
+    /// Where it accepts clients.
+    pub listen: SocketAddr,
+    /// Protocol to the pods on that port.
+    pub protocol: BackendProtocol,
+}
+
+impl fmt::Display for ListenerSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}={},protocol={}",
+            self.name, self.listen, self.protocol
+        )
+    }
+}
+
+impl FromStr for ListenerSettings {
+    type Err = String;
+
+    /// `NAME=LISTEN[,protocol=PROTOCOL]`, e.g. `grpc=[::]:8081,protocol=h2c`; the
+    /// protocol defaults to `http1`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let form = "expected NAME=IP:PORT[,protocol=http1|h2c]";
+        let (name, rest) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?}: {form}"))?;
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(format!(
+                "{text:?}: the port name {name:?} is not lowercase letters, digits and '-'"
+            ));
+        }
+        let mut parts = rest.split(',');
+        let address = parts.next().unwrap_or_default();
+        let listen = address
+            .parse()
+            .map_err(|_| format!("{text:?}: {address:?} is not an IP:port address"))?;
+        let mut protocol = BackendProtocol::default();
+        for option in parts {
+            match option.split_once('=') {
+                Some(("protocol", value)) => {
+                    protocol = value.parse().map_err(|e| format!("{text:?}: {e}"))?;
+                }
+                _ => return Err(format!("{text:?}: unknown option {option:?}; {form}")),
+            }
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            listen,
+            protocol,
+        })
+    }
+}
+
 /// Everything the operator sets on `ballast-proxy`. What it leaves out keeps the
 /// proxy's own default (see `ballast-proxy --help`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProxySettings {
-    /// Client-facing listener.
-    pub listen: SocketAddr,
+    /// Client listeners, one per backend port, in the spec's order.
+    pub listeners: Vec<ListenerSettings>,
     /// Admin listener.
     pub admin_listen: SocketAddr,
     /// The Service whose EndpointSlices list the pods.
     pub kube_service: String,
-    /// The EndpointSlice port to send to.
-    pub port_name: String,
-    /// Protocol to the pods.
-    pub backend_protocol: BackendProtocol,
     /// Selection algorithm.
     pub algorithm: Algorithm,
     /// TCP connect limit.
@@ -192,14 +253,16 @@ pub struct ProxySettings {
 }
 
 impl ProxySettings {
-    /// The command-line arguments, one `--flag=value` each.
+    /// The command-line arguments, one `--flag=value` each; one `--port` per listener.
     pub fn to_args(&self) -> Vec<String> {
-        let mut args = vec![
-            arg("listen", self.listen),
+        let mut args: Vec<String> = self
+            .listeners
+            .iter()
+            .map(|listener| arg("port", listener))
+            .collect();
+        args.extend([
             arg("admin-listen", self.admin_listen),
             arg("kube-service", &self.kube_service),
-            arg("port-name", &self.port_name),
-            arg("backend-protocol", self.backend_protocol),
             arg("algorithm", self.algorithm),
             arg("connect-timeout", duration(self.connect_timeout)),
             arg("response-timeout", optional(self.response_timeout)),
@@ -228,7 +291,7 @@ impl ProxySettings {
             arg("shutdown-delay", duration(self.shutdown_delay)),
             arg("drain-timeout", duration(self.drain_timeout)),
             arg("log-format", self.log_format),
-        ];
+        ]);
         if let Some(affinity) = &self.affinity {
             args.extend([
                 arg("affinity", &affinity.key),
@@ -396,6 +459,33 @@ mod tests {
             "fastest".parse::<Algorithm>(),
             Err("\"fastest\" is not one of p2c-ewma, least-request, round-robin".to_owned())
         );
+    }
+
+    #[test]
+    fn listeners_render_and_parse_back() {
+        let grpc = ListenerSettings {
+            name: "grpc".to_owned(),
+            listen: "[::]:8081".parse().expect("address"),
+            protocol: BackendProtocol::H2c,
+        };
+        assert_eq!(grpc.to_string(), "grpc=[::]:8081,protocol=h2c");
+        assert_eq!(grpc.to_string().parse(), Ok(grpc));
+        assert_eq!(
+            "web=127.0.0.1:80"
+                .parse::<ListenerSettings>()
+                .map(|l| l.protocol),
+            Ok(BackendProtocol::Http1),
+            "http1 unless told"
+        );
+        for bad in [
+            "127.0.0.1:80",
+            "Web=127.0.0.1:80",
+            "web=nowhere",
+            "web=127.0.0.1:80,protocol=h3",
+            "web=127.0.0.1:80,tls=on",
+        ] {
+            assert!(bad.parse::<ListenerSettings>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -121,7 +121,9 @@ impl ProxyPod {
 }
 
 /// The pod of a proxy's endpoint row: the EndpointSlice's name, else the app pod with
-/// that IP.
+/// that IP. A pod serving several ports has one row per port (same IP, another port
+/// number, `port` naming it): whatever is per pod (in flight, connections, requests,
+/// drains) is summed over the rows this maps to the same pod.
 pub fn endpoint_pod(endpoint: &EndpointReport, pods: &[AppPod]) -> Option<String> {
     pod_key(endpoint.pod.as_ref(), endpoint.address, pods)
 }

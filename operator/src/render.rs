@@ -111,7 +111,7 @@ mod tests {
     #[test]
     fn renders_the_samples() {
         let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/samples/");
-        for sample in ["demo-http.yaml", "demo-grpc.yaml"] {
+        for sample in ["demo-http.yaml", "demo-grpc.yaml", "demo-multiport.yaml"] {
             let yaml = std::fs::read_to_string(format!("{root}{sample}")).unwrap();
             let out = render(&yaml, &ctx(), &Limits::default()).unwrap();
             assert_eq!(

@@ -3,7 +3,7 @@
 //! message goes to status (`Degraded=True, reason=InvalidSpec`) and an Event.
 
 use ballast_api::BalancedService;
-use ballast_api::spec::{AffinityType, BalancedPort};
+use ballast_api::spec::{AffinityType, AppProtocol, BalancedPort, MAX_PORTS};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -22,15 +22,28 @@ impl Default for Limits {
     }
 }
 
-/// Port the proxy container listens on for clients (the front Service targets it).
+/// Port the proxy container listens on for clients of the first spec port; the next
+/// ports get the numbers after it, in spec order (the front Service targets them by
+/// name).
 pub const PROXY_PORT: u16 = 8080;
 
 /// Longest BalancedService name: `<name>-proxy-admin` must be a valid Service name
 /// (a DNS label, at most 63 characters).
 pub const MAX_NAME_LEN: usize = 63 - "-proxy-admin".len();
 
+/// One spec port as the proxy serves it, resolved once.
+#[derive(Clone, Debug)]
+pub struct ServedPort<'a> {
+    /// The spec's entry.
+    pub port: &'a BalancedPort,
+    /// Where the backends Service sends traffic: `targetPort`, else the port's number.
+    pub target_port: IntOrString,
+    /// The proxy container port of its listener, named after the port.
+    pub proxy_port: u16,
+}
+
 /// A BalancedService that passed [`validate`]: the builders' only input. What
-/// validation established is resolved here once (the one proxied port, where the
+/// validation established is resolved here once (the proxied ports, where the
 /// generated probes go), so no builder indexes a list or falls back on a default it
 /// hopes is never used.
 #[derive(Clone, Debug)]
@@ -49,11 +62,14 @@ pub struct ValidatedSpec<'a> {
     pub adopted: Option<&'a Deployment>,
     /// Name of the front Service (`spec.service.name`, else the BalancedService's).
     pub front_name: &'a str,
-    /// The one port the proxy serves.
-    pub port: &'a BalancedPort,
-    /// Where the backends Service sends traffic: `targetPort`, else the port's number.
-    pub target_port: IntOrString,
-    /// Where generated probes go: `spec.probes.port`, else the target port.
+    /// Every port, in spec order: one proxy listener and one port of each Service each.
+    pub ports: Vec<ServedPort<'a>>,
+    /// The first port's target: the container that declares it gets the generated
+    /// probes and the drain gate.
+    pub serving_port: IntOrString,
+    /// The protocol generated probes speak: the first port's.
+    pub probe_protocol: AppProtocol,
+    /// Where generated probes go: `spec.probes.port`, else the first port's target.
     pub probe_port: IntOrString,
     /// `probe_port` as a container port number (a gRPC probe takes no name).
     pub probe_port_number: i32,
@@ -139,23 +155,30 @@ pub fn validate<'a>(
             ),
         );
     }
-    let port = match spec.ports.as_slice() {
-        [port] => Some(port),
-        [] => {
-            fail("spec.ports", "list the port the app serves".to_owned());
-            None
-        }
-        ports => {
-            let n = ports.len();
+    if spec.ports.is_empty() {
+        fail("spec.ports", "list the port the app serves".to_owned());
+    }
+    if spec.ports.len() > MAX_PORTS {
+        fail(
+            "spec.ports",
+            format!(
+                "{} ports given; a BalancedService proxies at most {MAX_PORTS}: give further ports their own BalancedService",
+                spec.ports.len()
+            ),
+        );
+    }
+    for (i, port) in spec.ports.iter().enumerate() {
+        // The proxy container names its listener's port after it.
+        if !is_container_port_name(&port.name) || port.name == "admin" {
             fail(
-                "spec.ports",
+                &format!("spec.ports[{i}].name"),
                 format!(
-                    "{n} ports given; ballast v1alpha1 proxies one port per BalancedService: give each further port its own BalancedService"
+                    "{:?} cannot name the proxy's container port: at most 15 lowercase letters, digits and single '-', with a letter, and not \"admin\"",
+                    port.name
                 ),
             );
-            None
         }
-    };
+    }
 
     let adopted = adopted.filter(|_| spec.workload_ref.is_some());
     let template = match (&spec.template, &spec.workload_ref, adopted) {
@@ -311,10 +334,17 @@ pub fn validate<'a>(
             format!("{} is not a port (1-65535)", spec.proxy.admin_port),
         );
     }
-    if admin_port == Some(PROXY_PORT) {
+    let proxy_ports = proxy_ports(spec.ports.len());
+    if let Some(admin) = admin_port
+        && proxy_ports.contains(&admin)
+    {
         fail(
             "spec.proxy.adminPort",
-            format!("{PROXY_PORT} is the proxy's client port; choose another"),
+            format!(
+                "{admin} is one of the proxy's client ports ({}-{}, one per spec port); choose another",
+                proxy_ports.start,
+                proxy_ports.end.saturating_sub(1)
+            ),
         );
     }
     for (i, container) in containers.iter().enumerate() {
@@ -387,13 +417,15 @@ pub fn validate<'a>(
             .find(|(declared, _)| declared == name)
             .map(|(_, number)| *number),
     };
-    match (port, admin_port, template) {
-        (Some(port), Some(admin_port), Some(template)) if errors.is_empty() => {
-            let target_port = port
-                .target_port
-                .clone()
-                .unwrap_or(IntOrString::Int(port.port));
-            let probe_port = spec.probes.port.clone().unwrap_or(target_port.clone());
+    match (spec.ports.first(), admin_port, template) {
+        (Some(first), Some(admin_port), Some(template)) if errors.is_empty() => {
+            let target = |port: &BalancedPort| {
+                port.target_port
+                    .clone()
+                    .unwrap_or(IntOrString::Int(port.port))
+            };
+            let serving_port = target(first);
+            let probe_port = spec.probes.port.clone().unwrap_or(serving_port.clone());
             let probe_port_number = number(&probe_port).ok_or_else(|| {
                 InvalidSpec(vec![FieldError {
                     field: "spec.probes.port".to_owned(),
@@ -407,8 +439,18 @@ pub fn validate<'a>(
                 template,
                 adopted,
                 front_name,
-                port,
-                target_port,
+                ports: spec
+                    .ports
+                    .iter()
+                    .zip(proxy_ports)
+                    .map(|(port, proxy_port)| ServedPort {
+                        port,
+                        target_port: target(port),
+                        proxy_port,
+                    })
+                    .collect(),
+                serving_port,
+                probe_protocol: first.app_protocol,
                 probe_port,
                 probe_port_number,
                 admin_port,
@@ -417,6 +459,22 @@ pub fn validate<'a>(
         }
         _ => Err(InvalidSpec(errors)),
     }
+}
+
+/// The proxy container's client ports for `count` spec ports: [`PROXY_PORT`] and the
+/// numbers after it.
+pub fn proxy_ports(count: usize) -> std::ops::Range<u16> {
+    let count = u16::try_from(count.min(MAX_PORTS)).unwrap_or(0);
+    PROXY_PORT..PROXY_PORT + count
+}
+
+/// A container port name (IANA_SVC_NAME): at most 15 of `[a-z0-9-]`, at least one
+/// letter, alphanumeric at both ends, no `--`.
+fn is_container_port_name(text: &str) -> bool {
+    text.len() <= 15
+        && is_dns_label(text)
+        && !text.contains("--")
+        && text.bytes().any(|b| b.is_ascii_lowercase())
 }
 
 /// An RFC 1123 label: at most 63 of `[a-z0-9-]`, alphanumeric at both ends.

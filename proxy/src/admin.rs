@@ -1,13 +1,13 @@
 //! The admin listener: health, metrics, endpoint table and the drain API. It is never
 //! exposed on the client-facing Service.
 //!
-//! `POST /drain` drains *the endpoint whose IP is the caller's source IP*: a pod can
-//! drain only itself, with no token to leak. `GET /drain` reports that endpoint's
-//! in-flight requests and open connections.
+//! `POST /drain` drains *the endpoints whose IP is the caller's source IP*, on every
+//! listener's port: a pod can drain only itself, with no token to leak. `GET /drain`
+//! reports that pod's in-flight requests and open connections, summed over its ports.
 
 use crate::forward::ResponseBody;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::Ports;
 use ballast_api::admin::{self as paths, Refusal};
 use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode, header};
@@ -21,11 +21,12 @@ use tokio::time::Instant;
 /// Shared state of the admin endpoints.
 #[derive(Clone, Debug)]
 pub struct Admin {
-    /// The endpoints.
-    pub registry: Arc<Registry>,
+    /// The endpoints, per listener.
+    pub ports: Ports,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// True once discovery delivered its first set and until shutdown begins.
+    /// True once every listener is bound and discovery delivered its first set to each,
+    /// until shutdown begins.
     pub ready: Arc<AtomicBool>,
 }
 
@@ -78,8 +79,8 @@ impl AdminService {
                 );
                 response
             }
-            (&Method::GET, paths::ENDPOINTS) => json(StatusCode::OK, &admin.registry.reports(now)),
-            (&Method::POST, paths::DRAIN) => match admin.registry.request_drain(caller, now) {
+            (&Method::GET, paths::ENDPOINTS) => json(StatusCode::OK, &admin.ports.reports(now)),
+            (&Method::POST, paths::DRAIN) => match admin.ports.request_drain(caller, now) {
                 Some(report) => {
                     admin.metrics.drain_requests.inc();
                     json(StatusCode::OK, &report)
@@ -87,14 +88,14 @@ impl AdminService {
                 None => not_an_endpoint(caller),
             },
             (&Method::POST, paths::DRAIN_TIMEOUT) => {
-                match admin.registry.drain_timed_out(caller, now) {
+                match admin.ports.drain_timed_out(caller, now) {
                     Some(report) => json(StatusCode::OK, &report),
                     None => not_an_endpoint(caller),
                 }
             }
-            (&Method::GET, paths::DRAINS) => json(StatusCode::OK, &admin.registry.drains()),
+            (&Method::GET, paths::DRAINS) => json(StatusCode::OK, &admin.ports.drains()),
             (&Method::GET, paths::DRAIN) => {
-                json(StatusCode::OK, &admin.registry.drain_report(caller, now))
+                json(StatusCode::OK, &admin.ports.drain_report(caller, now))
             }
             (_, path) if paths::PATHS.contains(&path) => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")

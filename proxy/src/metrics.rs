@@ -1,7 +1,7 @@
 //! Prometheus metrics. Per-endpoint numbers are read from the registry's atomics at
 //! scrape time (no label lookups on the request path); the rest are plain counters.
 
-use crate::registry::Registry;
+use crate::registry::Ports;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -42,7 +42,7 @@ pub struct Metrics {
 }
 
 #[derive(Debug)]
-struct EndpointCollector(Arc<Registry>);
+struct EndpointCollector(Ports);
 
 /// A per-endpoint metric: name, help, and how to read it.
 type Reading = (
@@ -54,8 +54,8 @@ type Reading = (
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl Metrics {
-    /// Metrics with the per-endpoint collector reading `endpoints`.
-    pub fn new(endpoints: Arc<Registry>) -> Self {
+    /// Metrics with the per-endpoint collector reading every port's endpoints.
+    pub fn new(endpoints: Ports) -> Self {
         let mut registry = prometheus_client::registry::Registry::with_prefix("ballast");
         let response_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let retries = Counter::default();
@@ -153,16 +153,28 @@ impl Metrics {
 impl Collector for EndpointCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let now = tokio::time::Instant::now();
-        let reports = self.0.reports(now);
-        let states: Vec<_> = reports
-            .iter()
-            .filter_map(|r| self.0.get(r.address))
-            .collect();
-        let labels = |s: &crate::registry::EndpointState| {
-            vec![
+        // Read at scrape time, so the `port` label costs the request path nothing.
+        let mut states = Vec::new();
+        for port in self.0.iter() {
+            let name = port.name.as_deref();
+            states.extend(
+                port.registry
+                    .reports(now)
+                    .iter()
+                    .filter_map(|r| port.registry.get(r.address))
+                    .map(|state| (name, state)),
+            );
+        }
+        // A listener without a port name (a local run) keeps the series unlabelled.
+        let labels = |(port, s): &(Option<&str>, Arc<crate::registry::EndpointState>)| {
+            let mut labels = vec![
                 ("endpoint", s.address.to_string()),
                 ("pod", s.pod().unwrap_or_default()),
-            ]
+            ];
+            if let Some(port) = port {
+                labels.push(("port", (*port).to_owned()));
+            }
+            labels
         };
         {
             let mut family = encoder.encode_descriptor(
@@ -175,7 +187,7 @@ impl Collector for EndpointCollector {
                 for (i, class) in CLASSES.iter().enumerate() {
                     let mut l = labels(s);
                     l.push(("class", (*class).to_owned()));
-                    ConstCounter::new(s.responses[i].load(Relaxed))
+                    ConstCounter::new(s.1.responses[i].load(Relaxed))
                         .encode(family.encode_family(&l)?)?;
                 }
             }
@@ -203,7 +215,7 @@ impl Collector for EndpointCollector {
         for (name, help, read) in counters {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for s in &states {
-                ConstCounter::new(read(s)).encode(family.encode_family(&labels(s))?)?;
+                ConstCounter::new(read(&s.1)).encode(family.encode_family(&labels(s))?)?;
             }
         }
         let gauges: [Reading; 3] = [
@@ -224,7 +236,7 @@ impl Collector for EndpointCollector {
         for (name, help, read) in gauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for s in &states {
-                let value = i64::try_from(read(s)).unwrap_or(i64::MAX);
+                let value = i64::try_from(read(&s.1)).unwrap_or(i64::MAX);
                 ConstGauge::new(value).encode(family.encode_family(&labels(s))?)?;
             }
         }

@@ -146,7 +146,7 @@ impl Pool {
 }
 
 /// Connection settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnectConfig {
     /// Protocol to the backends.
     pub protocol: BackendProtocol,

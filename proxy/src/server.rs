@@ -3,19 +3,20 @@
 use crate::access_log::AccessLog;
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::discovery;
+use crate::discovery::{self, PortFeed};
 use crate::endpoint::EndpointSet;
 use crate::forward::{Proxy, ProxyConfig};
 use crate::load::RetryBudget;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Port, Ports, Registry};
 use crate::workers::Workers;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -43,6 +44,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// No client listener was configured.
+    #[error("no client listener configured")]
+    NoListener,
     /// A listener could not bind.
     #[error("cannot listen on {address}")]
     Bind {
@@ -57,11 +61,15 @@ pub enum StartError {
 /// A started proxy.
 #[derive(Debug)]
 pub struct Running {
-    /// Where clients connect (the real port when 0 was asked).
+    /// Where clients connect to the first listener (the real port when 0 was asked).
     pub listen: SocketAddr,
+    /// Every client listener, in the configuration's order.
+    pub listeners: Vec<SocketAddr>,
     /// Where the admin listener is.
     pub admin: SocketAddr,
-    /// The endpoint registry (for tests and introspection).
+    /// Every listener's endpoints (for tests and introspection).
+    pub ports: Ports,
+    /// The first listener's endpoints: all of them with one listener.
     pub registry: Arc<Registry>,
     shutdown: Arc<Notify>,
     task: JoinHandle<()>,
@@ -109,22 +117,23 @@ fn no_ipv6(e: &std::io::Error) -> bool {
 /// When a listener cannot bind.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let bind = |address: SocketAddr| async move {
-        bind_dual_stack(address)
+        let listener = bind_dual_stack(address)
             .await
-            .map_err(|source| StartError::Bind { address, source })
+            .map_err(|source| StartError::Bind { address, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { address, source })?;
+        Ok::<_, StartError>((listener, bound))
     };
-    let listener = bind(config.listen).await?;
-    let admin_listener = bind(config.admin_listen).await?;
-    let listen = listener.local_addr().map_err(|source| StartError::Bind {
-        address: config.listen,
-        source,
-    })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            address: config.admin_listen,
-            source,
-        })?;
+    let Some(first) = config.listeners.first().cloned() else {
+        return Err(StartError::NoListener);
+    };
+    let mut listeners = Vec::with_capacity(config.listeners.len());
+    for listener in &config.listeners {
+        listeners.push(bind(listener.listen).await?);
+    }
+    let (admin_listener, admin_addr) = bind(config.admin_listen).await?;
+    let listen: Vec<SocketAddr> = listeners.iter().map(|(_, bound)| *bound).collect();
 
     // Threads before any task: a failure here leaves nothing running behind.
     let workers_count = config.workers;
@@ -133,14 +142,28 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         source,
     })?;
 
-    let registry = Arc::new(Registry::new(config.balancer.clone()));
-    let metrics = Arc::new(Metrics::new(registry.clone()));
+    // One registry per listener: each port's endpoints are balanced, ejected and pooled
+    // apart, and the admin API sums a pod's ports.
+    let ports = Ports::new(
+        config
+            .listeners
+            .iter()
+            .map(|listener| Port {
+                name: listener.port_name.clone(),
+                registry: Arc::new(Registry::new(config.balancer.clone())),
+            })
+            .collect(),
+    );
+    let Some(registry) = ports.iter().next().map(|p| p.registry.clone()) else {
+        return Err(StartError::NoListener);
+    };
+    let metrics = Arc::new(Metrics::new(ports.clone()));
     let ready = Arc::new(AtomicBool::new(false));
     let proxy = Proxy::new(
         registry.clone(),
         metrics.clone(),
         ProxyConfig {
-            connect: config.connect,
+            connect: first.connect,
             response_timeout: config.response_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
             retry_body_limit: config.retry_body_limit,
@@ -171,45 +194,77 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         None => (proxy, None),
     };
     let admin = Admin {
-        registry: registry.clone(),
+        ports: ports.clone(),
         metrics,
         ready: ready.clone(),
     };
 
-    let (tx, rx) = watch::channel(EndpointSet::default());
+    // One discovery (one EndpointSlice watch) feeds every listener's registry; the
+    // proxy is ready once each has its first set.
+    let unfed = Arc::new(AtomicUsize::new(config.listeners.len()));
+    let mut feeds = Vec::with_capacity(config.listeners.len());
+    let mut served = Vec::with_capacity(config.listeners.len());
+    for ((listener, port), (socket, _)) in config.listeners.iter().zip(ports.iter()).zip(listeners)
+    {
+        let (tx, rx) = watch::channel(EndpointSet::default());
+        feeds.push(PortFeed {
+            port_name: port.name.clone(),
+            tx,
+        });
+        tokio::spawn(feed(
+            rx,
+            port.registry.clone(),
+            unfed.clone(),
+            ready.clone(),
+        ));
+        tokio::spawn(housekeeping(
+            port.registry.clone(),
+            listener.connect.idle_timeout,
+        ));
+        served.push((
+            socket,
+            proxy.for_port(port.registry.clone(), listener.connect),
+        ));
+    }
     let source = config.source.clone();
     tokio::spawn(async move {
-        if let Err(e) = discovery::run(source, tx).await {
+        if let Err(e) = discovery::run(source, feeds).await {
             tracing::error!(error = %e, "discovery stopped; keeping the last endpoints");
         }
     });
-    tokio::spawn(feed(rx, registry.clone(), ready.clone()));
-    tokio::spawn(housekeeping(registry.clone(), config.connect.idle_timeout));
 
     let shutdown = Arc::new(Notify::new());
     let task = tokio::spawn(serve(
         config,
-        (listener, admin_listener),
+        (served, admin_listener),
         workers,
         proxy,
         admin,
         shutdown.clone(),
         log_writer,
     ));
-    tracing::info!(%listen, admin = %admin_addr, workers = workers_count, "ballast-proxy listening");
+    for (address, port) in listen.iter().zip(ports.iter()) {
+        tracing::info!(%address, port = port.name.as_deref().unwrap_or("-"), "client listener bound");
+    }
+    let first_listen = listen.first().copied().unwrap_or(first.listen);
+    tracing::info!(listen = %first_listen, listeners = listen.len(), admin = %admin_addr, workers = workers_count, "ballast-proxy listening");
     Ok(Running {
-        listen,
+        listen: first_listen,
+        listeners: listen,
         admin: admin_addr,
+        ports,
         registry,
         shutdown,
         task,
     })
 }
 
-/// Applies every discovery update; the proxy is ready after the first one.
+/// Applies every discovery update to one listener's registry; the proxy is ready when
+/// every listener has had its first.
 async fn feed(
     mut rx: watch::Receiver<EndpointSet>,
     registry: Arc<Registry>,
+    unfed: Arc<AtomicUsize>,
     ready: Arc<AtomicBool>,
 ) {
     let mut first = true;
@@ -219,7 +274,9 @@ async fn feed(
         tracing::debug!(endpoints = set.len(), "endpoints updated");
         if first {
             first = false;
-            ready.store(true, Relaxed);
+            if unfed.fetch_sub(1, Relaxed) == 1 {
+                ready.store(true, Relaxed);
+            }
         }
     }
 }
@@ -238,7 +295,7 @@ async fn housekeeping(registry: Arc<Registry>, idle_timeout: Duration) {
 
 async fn serve(
     config: Config,
-    (listener, admin_listener): (TcpListener, TcpListener),
+    (listeners, admin_listener): (Vec<(TcpListener, Proxy)>, TcpListener),
     mut workers: Workers,
     proxy: Proxy,
     admin: Admin,
@@ -258,12 +315,26 @@ async fn serve(
         .max_header_list_size(config.max_header_bytes as u32);
     let builder = Arc::new(builder);
 
-    let registry = admin.registry.clone();
+    let ports = admin.ports.clone();
     let admin_task = tokio::spawn(serve_admin(admin_listener, admin));
     let graceful = GracefulShutdown::new();
     let accept = async {
+        // Polled from a different listener first each time, so a busy one cannot
+        // starve the others.
+        let mut start = 0;
         loop {
-            let (stream, peer) = match listener.accept().await {
+            let (index, accepted) = std::future::poll_fn(|cx| {
+                for offset in 0..listeners.len() {
+                    let index = (start + offset) % listeners.len();
+                    if let Poll::Ready(accepted) = listeners[index].0.poll_accept(cx) {
+                        return Poll::Ready((index, accepted));
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            start = (index + 1) % listeners.len();
+            let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -281,7 +352,7 @@ async fn serve(
                     continue;
                 }
             };
-            let service = proxy.for_client(peer);
+            let service = listeners[index].1.for_client(peer);
             let watcher = graceful.watcher();
             let builder = builder.clone();
             let served = workers.spawn(async move {
@@ -313,7 +384,8 @@ async fn serve(
         () = accept => {}
         () = draining => {}
     }
-    drop(listener);
+    // The listeners' proxies are clones of `proxy`: same shutdown state and tunnels.
+    drop(listeners);
     tracing::info!(
         "closing client connections (HTTP/1.1 Connection: close, HTTP/2 GOAWAY) and finishing in-flight requests"
     );
@@ -323,11 +395,7 @@ async fn serve(
         Err(_) => {
             // Long-lived streams (gRPC, downloads) still open are cut now: counted as
             // forced, like a pod's drain that timed out.
-            let in_flight: u64 = registry
-                .reports(Instant::now())
-                .iter()
-                .map(|r| r.in_flight)
-                .sum();
+            let in_flight = ports.in_flight(Instant::now());
             tracing::warn!(
                 timeout = ?config.drain_timeout,
                 forced = in_flight,

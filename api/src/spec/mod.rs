@@ -32,6 +32,13 @@ pub use balancing::{
 /// them, at least one letter. A string that is not one can never name a container port.
 const CONTAINER_PORT_NAME: &str = "^([0-9]+-)*[0-9]*[a-z][a-z0-9]*(-[a-z0-9]+)*$";
 
+/// Most `spec.ports` of one BalancedService. Each port is a listener of every proxy
+/// replica, with its own endpoint table and per-pod metric series, and takes a proxy
+/// container port from 8080 up (below the default admin port 9901); 8 covers the
+/// services seen (HTTP, gRPC, metrics, a WebSocket port...) with room to spare while
+/// keeping the proxy's state and the CEL rules' cost over the list small.
+pub const MAX_PORTS: usize = 8;
+
 /// A count or a percentage as a string ("2", "25%"); integers are bounded by `minimum`.
 const COUNT_OR_PERCENT: &str = "^[0-9]+%?$";
 
@@ -138,7 +145,7 @@ pub struct BalancedServiceSpec {
 
     /// Ports the app serves. Each becomes a port of the front Service `<name>` (served by
     /// the proxies) and of the headless backends Service `<name>-backends`.
-    #[schemars(length(min = 1, max = 16))]
+    #[schemars(length(min = 1, max = MAX_PORTS))]
     #[schemars(extend("x-kubernetes-validations" = [
         {
             "rule": "self.all(p, self.filter(q, q.name == p.name).size() == 1)",

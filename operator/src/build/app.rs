@@ -39,7 +39,7 @@ fn serving_container(pod: &PodSpec, target: &IntOrString) -> usize {
 fn generated_probes(v: &ValidatedSpec<'_>) -> (Probe, Probe) {
     let probes = &v.bs.spec.probes;
     let port = v.probe_port.clone();
-    let base = match v.port.app_protocol {
+    let base = match v.probe_protocol {
         AppProtocol::Grpc => Probe {
             grpc: Some(GRPCAction {
                 // A gRPC probe takes a number only; a name means the container's port.
@@ -118,7 +118,7 @@ pub(super) fn app_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Deplo
     labels.extend(selector_labels(v.bs, "app"));
     labels.insert(REVISION_LABEL.to_owned(), revision);
     let pod = template.spec.get_or_insert_default();
-    let serving = serving_container(pod, &v.target_port);
+    let serving = serving_container(pod, &v.serving_port);
     if let Some(container) = pod.containers.get_mut(serving)
         && container.readiness_probe.is_none()
         && container.startup_probe.is_none()
@@ -180,7 +180,7 @@ pub(super) fn app_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Deplo
 fn adopted_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext, live: &Deployment) -> Deployment {
     let spec = &v.bs.spec;
     let live_pod = v.template.spec.clone().unwrap_or_default();
-    let serving = serving_container(&live_pod, &v.target_port);
+    let serving = serving_container(&live_pod, &v.serving_port);
     let mut pod = PodSpec {
         containers: Vec::new(),
         readiness_gates: live_pod.readiness_gates.clone(),

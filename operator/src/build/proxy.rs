@@ -1,7 +1,8 @@
 //! The proxy Deployment and the command line of `ballast-proxy`.
 
 use ballast_api::settings::{
-    AffinitySettings, BackendProtocol, LogFormat, OutlierSettings, ProxySettings, RetrySettings,
+    AffinitySettings, BackendProtocol, ListenerSettings, LogFormat, OutlierSettings, ProxySettings,
+    RetrySettings,
 };
 use ballast_api::spec::AppProtocol;
 use k8s_openapi::api::apps::v1::{
@@ -23,7 +24,7 @@ use super::{
     BuildContext, backends_name, common_labels, meta, proxy_name, restricted_container_security,
     selector_labels, spread,
 };
-use crate::validate::{PROXY_PORT, ValidatedSpec};
+use crate::validate::ValidatedSpec;
 
 /// How long the proxy keeps serving after SIGTERM with /ready failing.
 const PROXY_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
@@ -41,14 +42,20 @@ pub fn proxy_settings(v: &ValidatedSpec<'_>) -> ProxySettings {
     let limit = |s: i32| (s > 0).then(|| seconds(s));
     let base_ejection = seconds(od.base_ejection_seconds);
     ProxySettings {
-        listen: SocketAddr::from((Ipv6Addr::UNSPECIFIED, PROXY_PORT)),
+        listeners: v
+            .ports
+            .iter()
+            .map(|served| ListenerSettings {
+                name: served.port.name.clone(),
+                listen: SocketAddr::from((Ipv6Addr::UNSPECIFIED, served.proxy_port)),
+                protocol: match served.port.app_protocol {
+                    AppProtocol::Http => BackendProtocol::Http1,
+                    AppProtocol::H2c | AppProtocol::Grpc => BackendProtocol::H2c,
+                },
+            })
+            .collect(),
         admin_listen: SocketAddr::from((Ipv6Addr::UNSPECIFIED, v.admin_port)),
         kube_service: backends_name(v),
-        port_name: v.port.name.clone(),
-        backend_protocol: match v.port.app_protocol {
-            AppProtocol::Http => BackendProtocol::Http1,
-            AppProtocol::H2c | AppProtocol::Grpc => BackendProtocol::H2c,
-        },
         algorithm: balancing.algorithm,
         connect_timeout: Duration::from_millis(u64::try_from(timeouts.connect_millis).unwrap_or(0)),
         response_timeout: limit(timeouts.response_seconds),
@@ -154,18 +161,23 @@ pub(super) fn proxy_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Dep
                 ..EnvVar::default()
             },
         ]),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("proxy".to_owned()),
-                container_port: i32::from(PROXY_PORT),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some("admin".to_owned()),
-                container_port: v.bs.spec.proxy.admin_port,
-                ..ContainerPort::default()
-            },
-        ]),
+        // One per listener, named after the spec port (the front Service targets
+        // it by that name), then the admin port.
+        ports: Some(
+            v.ports
+                .iter()
+                .map(|served| ContainerPort {
+                    name: Some(served.port.name.clone()),
+                    container_port: i32::from(served.proxy_port),
+                    ..ContainerPort::default()
+                })
+                .chain([ContainerPort {
+                    name: Some("admin".to_owned()),
+                    container_port: v.bs.spec.proxy.admin_port,
+                    ..ContainerPort::default()
+                }])
+                .collect(),
+        ),
         readiness_probe: Some(Probe {
             http_get: Some(http("/ready")),
             period_seconds: Some(2),

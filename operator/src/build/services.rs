@@ -20,22 +20,27 @@ fn app_protocol(protocol: AppProtocol) -> &'static str {
     }
 }
 
-/// Headless Service over the app pods: Kubernetes keeps its EndpointSlices.
+/// Headless Service over the app pods: Kubernetes keeps its EndpointSlices, whose
+/// named ports the proxies' listeners pick.
 pub(super) fn backends_service(v: &ValidatedSpec<'_>) -> Service {
-    let port = v.port;
+    let ports = v
+        .ports
+        .iter()
+        .map(|served| ServicePort {
+            name: Some(served.port.name.clone()),
+            port: served.port.port,
+            target_port: Some(served.target_port.clone()),
+            app_protocol: Some(app_protocol(served.port.app_protocol).to_owned()),
+            protocol: Some("TCP".to_owned()),
+            ..ServicePort::default()
+        })
+        .collect();
     Service {
         metadata: meta(v, backends_name(v)),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
             selector: Some(backends_selector(v)),
-            ports: Some(vec![ServicePort {
-                name: Some(port.name.clone()),
-                port: port.port,
-                target_port: Some(v.target_port.clone()),
-                app_protocol: Some(app_protocol(port.app_protocol).to_owned()),
-                protocol: Some("TCP".to_owned()),
-                ..ServicePort::default()
-            }]),
+            ports: Some(ports),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -90,9 +95,20 @@ pub(super) fn proxy_admin_service(v: &ValidatedSpec<'_>) -> Service {
     }
 }
 
-/// What clients use: selects the proxies.
+/// What clients use: selects the proxies, each port to its listener's container port.
 pub(super) fn front_service(v: &ValidatedSpec<'_>) -> Service {
-    let port = v.port;
+    let ports = v
+        .ports
+        .iter()
+        .map(|served| ServicePort {
+            name: Some(served.port.name.clone()),
+            port: served.port.port,
+            target_port: Some(IntOrString::String(served.port.name.clone())),
+            app_protocol: Some(app_protocol(served.port.app_protocol).to_owned()),
+            protocol: Some("TCP".to_owned()),
+            ..ServicePort::default()
+        })
+        .collect();
     let service = &v.bs.spec.service;
     let mut metadata = meta(v, v.front_name.to_owned());
     if !service.annotations.is_empty() {
@@ -103,14 +119,7 @@ pub(super) fn front_service(v: &ValidatedSpec<'_>) -> Service {
         spec: Some(ServiceSpec {
             type_: Some(format!("{:?}", service.type_)),
             selector: Some(selector_labels(v.bs, "proxy")),
-            ports: Some(vec![ServicePort {
-                name: Some(port.name.clone()),
-                port: port.port,
-                target_port: Some(IntOrString::String("proxy".to_owned())),
-                app_protocol: Some(app_protocol(port.app_protocol).to_owned()),
-                protocol: Some("TCP".to_owned()),
-                ..ServicePort::default()
-            }]),
+            ports: Some(ports),
             ..ServiceSpec::default()
         }),
         ..Service::default()

@@ -222,7 +222,10 @@ fn grpc_ports_get_grpc_probes_and_an_h2c_proxy() {
         .clone()
         .unwrap();
     assert_eq!(probe.grpc.unwrap().port, 8080);
-    assert_eq!(proxy_settings(&bs).backend_protocol, BackendProtocol::H2c);
+    assert_eq!(
+        proxy_settings(&bs).listeners[0].protocol,
+        BackendProtocol::H2c
+    );
     let front = objects.front_service.spec.unwrap().ports.unwrap();
     assert_eq!(front[0].app_protocol.as_deref(), Some("grpc"));
 }
@@ -320,11 +323,9 @@ fn proxy_runs_restricted_watches_the_backends_and_is_found_by_the_drain_helper()
     let args = container.args.clone().unwrap();
     for want in [
         "--kube-service=demo-backends",
-        "--port-name=http",
-        "--listen=[::]:8080",
+        "--port=http=[::]:8080,protocol=http1",
         "--admin-listen=[::]:9901",
         "--drain-ttl=60s",
-        "--backend-protocol=http1",
     ] {
         assert!(args.contains(&want.to_owned()), "{want} in {args:?}");
     }
@@ -591,4 +592,98 @@ fn the_proxy_settings_follow_the_spec_and_the_proxy_accepts_them() {
         .unwrap_or_else(|e| panic!("the proxy refuses the operator's arguments {args:?}: {e}"));
     assert_eq!(config.max_in_flight, Some(500));
     assert_eq!(config.response_timeout, None);
+}
+
+#[test]
+fn two_ports_make_two_listeners_and_two_ports_on_each_service() {
+    let mut bs = balanced_service();
+    let mut grpc = bs.spec.ports[0].clone();
+    grpc.name = "grpc".into();
+    grpc.port = 9090;
+    grpc.target_port = Some(IntOrString::Int(50051));
+    grpc.app_protocol = AppProtocol::Grpc;
+    bs.spec.ports.push(grpc);
+    let objects = build(&bs, &ctx());
+
+    let args = proxy_settings(&bs).to_args();
+    let listeners: Vec<&String> = args.iter().filter(|a| a.starts_with("--port=")).collect();
+    assert_eq!(
+        listeners,
+        [
+            "--port=http=[::]:8080,protocol=http1",
+            "--port=grpc=[::]:8081,protocol=h2c"
+        ]
+    );
+    let container = &objects
+        .proxy_deployment
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0];
+    let container_ports: Vec<(Option<&str>, i32)> = container
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.as_deref(), p.container_port))
+        .collect();
+    assert_eq!(
+        container_ports,
+        [
+            (Some("http"), 8080),
+            (Some("grpc"), 8081),
+            (Some("admin"), 9901)
+        ]
+    );
+
+    let ports = |service: Service| -> Vec<(String, i32, IntOrString, String)> {
+        service
+            .spec
+            .unwrap()
+            .ports
+            .unwrap()
+            .into_iter()
+            .map(|p| {
+                (
+                    p.name.unwrap(),
+                    p.port,
+                    p.target_port.unwrap(),
+                    p.app_protocol.unwrap(),
+                )
+            })
+            .collect()
+    };
+    let named = |n: &str| IntOrString::String(n.to_owned());
+    assert_eq!(
+        ports(objects.front_service),
+        [
+            ("http".to_owned(), 80, named("http"), "http".to_owned()),
+            ("grpc".to_owned(), 9090, named("grpc"), "grpc".to_owned()),
+        ]
+    );
+    assert_eq!(
+        ports(objects.backends_service),
+        [
+            (
+                "http".to_owned(),
+                80,
+                IntOrString::Int(8080),
+                "http".to_owned()
+            ),
+            (
+                "grpc".to_owned(),
+                9090,
+                IntOrString::Int(50051),
+                "grpc".to_owned()
+            ),
+        ]
+    );
+    // The generated probes still go to the first port, over HTTP.
+    let probe = app_pod(&build(&bs, &ctx())).containers[1]
+        .readiness_probe
+        .clone()
+        .unwrap();
+    assert!(probe.grpc.is_none());
+    assert_eq!(probe.http_get.unwrap().port, IntOrString::Int(8080));
 }

@@ -124,6 +124,7 @@ fn requests_and_failures_are_counted_by_revision_from_deltas() {
     // The old pod leaves: its last requests come from the drain record, once.
     let drain = DrainRecord {
         address: "10.0.0.1:8080".parse().unwrap(),
+        port: None,
         reason: DrainReason::Terminating,
         pod: Some("old-1".to_owned()),
         since: t + 1.5,
@@ -163,6 +164,7 @@ fn a_pod_drained_on_two_proxies_counts_once_and_a_forced_drain_raises_one_event(
     let s = run(&mut memory, t, &pods, &[], None).last_rollout.unwrap();
     let record = |ms, forced| DrainRecord {
         address: "10.0.0.1:8080".parse().unwrap(),
+        port: None,
         reason: DrainReason::Terminating,
         pod: Some("old-1".to_owned()),
         since: t + 1.0,
@@ -221,6 +223,7 @@ fn a_new_leader_does_not_count_drains_already_on_status() {
     summary.pods_drained = 1;
     let drained = DrainRecord {
         address: "10.0.0.1:8080".parse().unwrap(),
+        port: None,
         reason: DrainReason::Terminating,
         pod: Some("old-1".to_owned()),
         since: t + 1.0,
@@ -410,6 +413,7 @@ fn the_last_drain_counts_before_the_proxies_file_it() {
     // When `/drains` has it later, it is not counted twice (the rollout is over anyway).
     let filed = DrainRecord {
         address: "10.0.0.1:8080".parse().unwrap(),
+        port: None,
         reason: DrainReason::Terminating,
         pod: Some("a".to_owned()),
         since: t0 + 1.0,
@@ -486,4 +490,55 @@ fn memory_stays_flat_over_many_rollouts() {
     // Six pods and one proxy at a time: a few dozen entries, never one per pod ever seen
     // (1,800 pod names went by).
     assert!(most <= 40, "memory grew to {most} entries");
+}
+
+#[test]
+fn a_pod_serving_two_ports_is_one_pod_with_its_ports_summed() {
+    let mut memory = Memory::default();
+    let t = 1_800_000_000.0;
+    let pods = [pod("old-1", "old", 1), pod("new-1", "new", 2)];
+    let s = run(&mut memory, t, &pods, &[], None).last_rollout.unwrap();
+    // One proxy, one row per port of old-1 (different addresses, same IP and pod).
+    let on_port = |port: &str, number: u16, in_flight: u64, connections: u64| {
+        let mut row = endpoint("old-1", 1, 10, 1);
+        row.address = format!("10.0.0.1:{number}").parse().unwrap();
+        row.port = Some(port.to_owned());
+        row.state = EndpointStatus::Draining;
+        row.draining_since = Some(t + 1.0);
+        row.in_flight = in_flight;
+        row.connections = connections;
+        row
+    };
+    let proxies = [proxy(
+        "p",
+        vec![on_port("http", 8080, 2, 1), on_port("grpc", 9090, 3, 2)],
+        vec![],
+    )];
+    let tracked = run(&mut memory, t + 2.0, &pods, &proxies, Some(&s));
+    assert_eq!(tracked.draining.len(), 1, "one pod, not one per port");
+    let draining = &tracked.draining[0];
+    assert_eq!(
+        (
+            draining.pod.as_str(),
+            draining.in_flight,
+            draining.connections
+        ),
+        ("old-1", 5, 3),
+        "in flight and connections summed over the ports"
+    );
+
+    // Both ports finish; the pod counts as drained once.
+    let done = |port, number| {
+        let mut row = on_port(port, number, 0, 0);
+        row.drained_after_ms = Some(700);
+        row
+    };
+    let proxies = [proxy(
+        "p",
+        vec![done("http", 8080), done("grpc", 9090)],
+        vec![],
+    )];
+    let tracked = run(&mut memory, t + 3.0, &pods, &proxies, Some(&s));
+    assert_eq!(tracked.last_rollout.unwrap().pods_drained, 1);
+    assert!(tracked.draining.is_empty());
 }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::fixtures::balanced_service;
+use ballast_api::spec::MAX_PORTS;
 
 fn errors(bs: &BalancedService) -> Vec<String> {
     match validate(bs, None, &Limits::default()) {
@@ -36,13 +37,74 @@ fn a_target_port_name_no_container_exposes() {
 }
 
 #[test]
-fn more_ports_than_one_proxy_serves() {
+fn every_port_gets_a_listener_up_to_the_limit() {
+    let mut bs = balanced_service();
+    let mut second = bs.spec.ports[0].clone();
+    second.name = "grpc".into();
+    second.port = 9090;
+    bs.spec.ports.push(second);
+    let v = validate(&bs, None, &Limits::default()).expect("two ports are valid");
+    assert_eq!(
+        v.ports
+            .iter()
+            .map(|p| (p.port.name.as_str(), p.proxy_port))
+            .collect::<Vec<_>>(),
+        [("http", 8080), ("grpc", 8081)]
+    );
+
+    for i in 2..=MAX_PORTS {
+        let mut more = bs.spec.ports[0].clone();
+        more.name = format!("extra-{i}");
+        more.port = 10_000 + i32::try_from(i).unwrap();
+        bs.spec.ports.push(more);
+    }
+    assert_eq!(bs.spec.ports.len(), MAX_PORTS + 1);
+    assert_eq!(
+        errors(&bs),
+        [
+            "spec.ports: 9 ports given; a BalancedService proxies at most 8: give further ports their own BalancedService"
+        ]
+    );
+}
+
+#[test]
+fn port_names_must_name_the_proxys_container_ports() {
     let mut bs = balanced_service();
     let mut second = bs.spec.ports[0].clone();
     second.name = "admin".into();
     second.port = 81;
+    bs.spec.ports.push(second.clone());
+    second.name = "8080".into();
+    second.port = 82;
     bs.spec.ports.push(second);
-    assert!(errors(&bs)[0].starts_with("spec.ports: 2 ports given"));
+    let e = errors(&bs);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(
+        e[0].starts_with("spec.ports[1].name: \"admin\" cannot name"),
+        "{e:?}"
+    );
+    assert!(
+        e[1].starts_with("spec.ports[2].name: \"8080\" cannot name"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn the_admin_port_may_not_be_a_client_port() {
+    let mut bs = balanced_service();
+    let mut second = bs.spec.ports[0].clone();
+    second.name = "grpc".into();
+    second.port = 9090;
+    bs.spec.ports.push(second);
+    bs.spec.proxy.admin_port = 8081;
+    assert_eq!(
+        errors(&bs),
+        [
+            "spec.proxy.adminPort: 8081 is one of the proxy's client ports (8080-8081, one per spec port); choose another"
+        ]
+    );
+    bs.spec.proxy.admin_port = 8082;
+    assert_eq!(errors(&bs), Vec::<String>::new());
 }
 
 #[test]

@@ -27,7 +27,16 @@ use std::time::Duration;
 )]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
-    /// Client-facing listener [default: [::]:8080, IPv6 and IPv4].
+    /// A client listener for one backend port: `NAME=IP:PORT[,protocol=http1|h2c]`
+    /// (e.g. `grpc=[::]:8081,protocol=h2c`; protocol http1 unless given). Repeat it, one
+    /// per port: each listener balances over the EndpointSlice port named NAME (more
+    /// than one needs --kube-service; BALLAST_PORTS takes them space-separated).
+    /// Replaces --listen, --port-name and --backend-protocol, which describe the one
+    /// listener of a local run [default: that one listener].
+    #[arg(long = "port", env = "BALLAST_PORTS", value_delimiter = ' ')]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port: Vec<String>,
+    /// The one client listener without --port [default: [::]:8080, IPv6 and IPv4].
     #[arg(long, env = "BALLAST_LISTEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
@@ -51,7 +60,8 @@ pub struct Settings {
     #[arg(long, env = "BALLAST_NAMESPACE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// EndpointSlice port name to use [default: the first port].
+    /// EndpointSlice port name of the one listener without --port [default: the first
+    /// port].
     #[arg(long, env = "BALLAST_PORT_NAME")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port_name: Option<String>,
@@ -59,7 +69,8 @@ pub struct Settings {
     #[arg(long, env = "BALLAST_ALGORITHM")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<Algorithm>,
-    /// Protocol to the backends: http1 or h2c (also for gRPC) [default: http1].
+    /// Protocol to the backends of the one listener without --port: http1 or h2c (also
+    /// for gRPC) [default: http1].
     #[arg(long, env = "BALLAST_BACKEND_PROTOCOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_protocol: Option<BackendProtocol>,
@@ -204,19 +215,29 @@ pub struct Settings {
     pub config: Option<PathBuf>,
 }
 
+/// One client listener and the backend port it balances over.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listener {
+    /// The EndpointSlice port it sends to; `None`: the first port (or, with a static
+    /// list or file, the port listed there).
+    pub port_name: Option<String>,
+    /// Where it accepts clients.
+    pub listen: SocketAddr,
+    /// How it reaches the pods on that port.
+    pub connect: ConnectConfig,
+}
+
 /// Validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Client-facing listener.
-    pub listen: SocketAddr,
+    /// Client listeners, at least one; each has its own endpoints and balancer state.
+    pub listeners: Vec<Listener>,
     /// Admin listener.
     pub admin_listen: SocketAddr,
     /// Where endpoints come from.
     pub source: Source,
     /// Balancer.
     pub balancer: BalancerConfig,
-    /// Backend connections.
-    pub connect: ConnectConfig,
     /// Response head limit, from the end of the request body.
     pub response_timeout: Option<Duration>,
     /// Idle limit of a request/response stream.

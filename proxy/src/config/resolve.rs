@@ -1,11 +1,11 @@
 //! From the settings as given to a checked [`Config`] with defaults applied.
 
-use super::{Config, InvalidConfig, Settings};
+use super::{Config, InvalidConfig, Listener, Settings};
 use crate::discovery::Source;
 use crate::load::EjectionPolicy;
 use crate::pool::{BackendProtocol, ConnectConfig};
 use crate::registry::{Algorithm, BalancerConfig};
-use ballast_api::settings::SameSite;
+use ballast_api::settings::{ListenerSettings, SameSite};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -23,10 +23,11 @@ impl Settings {
                 SocketAddr::from(([0, 0, 0, 0], 0))
             })
         };
-        let listen = addr("listen", &self.listen, "[::]:8080");
         let admin_listen = addr("admin-listen", &self.admin_listen, "[::]:9901");
-        if listen == admin_listen && listen.port() != 0 {
-            problems.push("--listen and --admin-listen must differ".to_owned());
+        let mut listeners = self.listeners(&mut problems);
+        let in_use = |a: SocketAddr, b: SocketAddr| a.port() != 0 && a == b;
+        if listeners.iter().any(|l| in_use(l.listen, admin_listen)) {
+            problems.push("--admin-listen must differ from every client listener".to_owned());
         }
 
         let mut duration = |name: &str, value: &Option<String>, default: Duration| -> Duration {
@@ -50,6 +51,10 @@ impl Settings {
             Duration::from_secs(60),
         );
         let idle_timeout = duration("idle-timeout", &self.idle_timeout, Duration::from_secs(30));
+        for listener in &mut listeners {
+            listener.connect.connect_timeout = connect_timeout;
+            listener.connect.idle_timeout = idle_timeout;
+        }
         let stream_idle_timeout = duration(
             "stream-idle-timeout",
             &self.stream_idle_timeout,
@@ -197,6 +202,12 @@ impl Settings {
                 );
                 None
             }
+            1 if listeners.len() > 1 && self.kube_service.is_none() => {
+                problems.push(
+                    "several --port listeners need --kube-service: --endpoints and --endpoints-file list one port".to_owned(),
+                );
+                None
+            }
             1 => self.source(&mut problems),
             _ => {
                 problems.push(
@@ -209,7 +220,7 @@ impl Settings {
 
         match source {
             Some(source) if problems.is_empty() => Ok(Config {
-                listen,
+                listeners,
                 admin_listen,
                 source,
                 balancer: BalancerConfig {
@@ -224,11 +235,6 @@ impl Settings {
                         max_ejected_ratio: f64::from(max_ejected) / 100.0,
                     },
                     drain_ttl,
-                },
-                connect: ConnectConfig {
-                    protocol: self.backend_protocol.unwrap_or(BackendProtocol::Http1),
-                    connect_timeout,
-                    idle_timeout,
                 },
                 response_timeout: (!response_timeout.is_zero()).then_some(response_timeout),
                 stream_idle_timeout: (!stream_idle_timeout.is_zero())
@@ -281,8 +287,62 @@ impl Settings {
             .map(|service| Source::Kubernetes {
                 service: service.clone(),
                 namespace: self.namespace.clone(),
-                port_name: self.port_name.clone(),
             })
+    }
+
+    /// The client listeners: one per `--port`, else the one `--listen` describes. Their
+    /// connect and idle timeouts are filled in by the caller.
+    fn listeners(&self, problems: &mut Vec<String>) -> Vec<Listener> {
+        let connect = |protocol| ConnectConfig {
+            protocol,
+            connect_timeout: Duration::ZERO,
+            idle_timeout: Duration::ZERO,
+        };
+        if self.port.is_empty() {
+            let text = self.listen.as_deref().unwrap_or("[::]:8080");
+            let listen = text.parse().unwrap_or_else(|_| {
+                problems.push(format!("--listen: {text:?} is not an IP:port address"));
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            });
+            return vec![Listener {
+                port_name: self.port_name.clone(),
+                listen,
+                connect: connect(self.backend_protocol.unwrap_or(BackendProtocol::Http1)),
+            }];
+        }
+        for (flag, given) in [
+            ("--listen", self.listen.is_some()),
+            ("--port-name", self.port_name.is_some()),
+            ("--backend-protocol", self.backend_protocol.is_some()),
+        ] {
+            if given {
+                problems.push(format!(
+                    "{flag} describes the one listener without --port; give it inside --port instead"
+                ));
+            }
+        }
+        let mut listeners: Vec<Listener> = Vec::with_capacity(self.port.len());
+        for text in &self.port {
+            match text.parse::<ListenerSettings>() {
+                Err(e) => problems.push(format!("--port: {e}")),
+                Ok(l)
+                    if listeners
+                        .iter()
+                        .any(|o| o.port_name.as_ref() == Some(&l.name)) =>
+                {
+                    problems.push(format!("--port: the port {:?} is given twice", l.name));
+                }
+                Ok(l) if l.listen.port() != 0 && listeners.iter().any(|o| o.listen == l.listen) => {
+                    problems.push(format!("--port: {} is listened on twice", l.listen));
+                }
+                Ok(l) => listeners.push(Listener {
+                    port_name: Some(l.name),
+                    listen: l.listen,
+                    connect: connect(l.protocol),
+                }),
+            }
+        }
+        listeners
     }
 }
 

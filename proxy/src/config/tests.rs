@@ -1,7 +1,8 @@
 use super::*;
 use crate::balance::affinity::KeySource;
 use ballast_api::settings::{
-    AffinitySettings, LogFormat, OutlierSettings, ProxySettings, RetrySettings, SameSite,
+    AffinitySettings, ListenerSettings, LogFormat, OutlierSettings, ProxySettings, RetrySettings,
+    SameSite,
 };
 use clap::Parser;
 use std::time::Duration;
@@ -117,11 +118,20 @@ fn defaults_and_file_layering() {
 /// Everything the operator can set, each to a value that is not the proxy's default.
 fn operator_settings() -> ProxySettings {
     ProxySettings {
-        listen: "[::]:8081".parse().expect("address"),
+        listeners: vec![
+            ListenerSettings {
+                name: "grpc".to_owned(),
+                listen: "[::]:8081".parse().expect("address"),
+                protocol: BackendProtocol::H2c,
+            },
+            ListenerSettings {
+                name: "web".to_owned(),
+                listen: "[::]:8082".parse().expect("address"),
+                protocol: BackendProtocol::Http1,
+            },
+        ],
         admin_listen: "[::]:9902".parse().expect("address"),
         kube_service: "web-backends".to_owned(),
-        port_name: "grpc".to_owned(),
-        backend_protocol: BackendProtocol::H2c,
         algorithm: Algorithm::LeastRequest,
         connect_timeout: Duration::from_millis(250),
         response_timeout: None,
@@ -159,24 +169,35 @@ fn operator_settings() -> ProxySettings {
 /// The settings a resolved configuration carries out, the inverse of `to_args` and
 /// `resolve` together.
 fn settings_of(config: &Config) -> ProxySettings {
-    let Source::Kubernetes {
-        service, port_name, ..
-    } = &config.source
-    else {
+    let Source::Kubernetes { service, .. } = &config.source else {
         panic!("the operator's proxies discover through Kubernetes: {config:?}");
     };
     let percent = |ratio: f64| (ratio * 100.0).round() as u32;
+    let first = &config.listeners[0];
+    for other in &config.listeners {
+        assert_eq!(
+            (other.connect.connect_timeout, other.connect.idle_timeout),
+            (first.connect.connect_timeout, first.connect.idle_timeout),
+            "every listener connects alike"
+        );
+    }
     ProxySettings {
-        listen: config.listen,
+        listeners: config
+            .listeners
+            .iter()
+            .map(|l| ListenerSettings {
+                name: l.port_name.clone().unwrap_or_default(),
+                listen: l.listen,
+                protocol: l.connect.protocol,
+            })
+            .collect(),
         admin_listen: config.admin_listen,
         kube_service: service.clone(),
-        port_name: port_name.clone().unwrap_or_default(),
-        backend_protocol: config.connect.protocol,
         algorithm: config.balancer.algorithm,
-        connect_timeout: config.connect.connect_timeout,
+        connect_timeout: first.connect.connect_timeout,
         response_timeout: config.response_timeout,
         stream_idle_timeout: config.stream_idle_timeout,
-        idle_timeout: config.connect.idle_timeout,
+        idle_timeout: first.connect.idle_timeout,
         retries: RetrySettings {
             attempts: config.retry_attempts,
             budget_percent: percent(config.retry_budget_ratio),
@@ -226,7 +247,10 @@ fn the_proxy_parses_every_setting_the_operator_renders_to_the_same_value() {
     let config = parse_and_resolve(&settings.to_args());
     assert_eq!(settings_of(&config), settings);
 
+    assert_eq!(config.listeners.len(), 2, "one listener per --port");
+
     let plain = ProxySettings {
+        listeners: settings.listeners[..1].to_vec(),
         affinity: None,
         response_timeout: Some(Duration::from_secs(60)),
         stream_idle_timeout: None,
@@ -234,4 +258,62 @@ fn the_proxy_parses_every_setting_the_operator_renders_to_the_same_value() {
         ..operator_settings()
     };
     assert_eq!(settings_of(&parse_and_resolve(&plain.to_args())), plain);
+}
+
+#[test]
+fn one_listener_from_the_local_flags_or_one_per_port() {
+    let config = parse_and_resolve(&[
+        "--listen=127.0.0.1:8080".to_owned(),
+        "--endpoints=127.0.0.2:80".to_owned(),
+        "--backend-protocol=h2c".to_owned(),
+    ]);
+    assert_eq!(
+        config.listeners,
+        [Listener {
+            port_name: None,
+            listen: "127.0.0.1:8080".parse().unwrap(),
+            connect: ConnectConfig {
+                protocol: BackendProtocol::H2c,
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(30),
+            },
+        }]
+    );
+
+    let refused = |args: &[&str]| {
+        Settings::parse_from(std::iter::once("ballast-proxy").chain(args.iter().copied()))
+            .resolve()
+            .unwrap_err()
+            .to_string()
+    };
+    let text = refused(&[
+        "--kube-service=web",
+        "--port=http=127.0.0.1:8080",
+        "--port=http=127.0.0.1:8081",
+        "--port=grpc=127.0.0.1:8080,protocol=h2c",
+        "--port=admin=127.0.0.1:9901",
+        "--admin-listen=127.0.0.1:9901",
+        "--listen=127.0.0.1:7000",
+    ]);
+    assert!(text.contains("the port \"http\" is given twice"), "{text}");
+    assert!(
+        text.contains("127.0.0.1:8080 is listened on twice"),
+        "{text}"
+    );
+    assert!(text.contains("--admin-listen must differ"), "{text}");
+    assert!(
+        text.contains("--listen describes the one listener"),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 4, "{text}");
+
+    let text = refused(&[
+        "--endpoints=127.0.0.2:80",
+        "--port=http=127.0.0.1:8080",
+        "--port=grpc=127.0.0.1:8081,protocol=h2c",
+    ]);
+    assert!(
+        text.contains("several --port listeners need --kube-service"),
+        "{text}"
+    );
 }

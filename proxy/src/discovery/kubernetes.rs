@@ -5,6 +5,7 @@
 //! while the watch was broken disappears, and nothing partial is ever published;
 //! `Apply` and `Delete` change one slice and publish at once.
 
+use super::PortFeed;
 use crate::endpoint::{Endpoint, EndpointSet};
 use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -13,13 +14,13 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use tokio::sync::watch;
 
 /// Label the EndpointSlice controller puts on every slice of a Service.
 const SERVICE_LABEL: &str = "kubernetes.io/service-name";
 
-/// Publishes the endpoints of `service`'s EndpointSlices into `tx` until every receiver
-/// is gone, reading the API through `client`.
+/// Publishes the endpoints of `service`'s EndpointSlices into every port's feed until
+/// every receiver is gone, reading the API through `client`. One watch serves every
+/// port: each feed gets the endpoints on its port, and only when they changed.
 ///
 /// The first set is published when the initial list is complete (an empty Service
 /// publishes an empty set, so the proxy can report ready with nothing to route to);
@@ -28,14 +29,13 @@ const SERVICE_LABEL: &str = "kubernetes.io/service-name";
 /// backoff, and the last published set stays in force meanwhile.
 ///
 /// `namespace` defaults to the client's (the pod's own namespace in a cluster, the
-/// kubeconfig context's namespace outside); `port_name` picks the slice port by name,
-/// the first port when unset.
+/// kubeconfig context's namespace outside); a feed's `port_name` picks the slice port
+/// by name, the first port when unset.
 pub async fn watch_endpoint_slices(
     client: Client,
     service: &str,
     namespace: Option<&str>,
-    port_name: Option<&str>,
-    tx: watch::Sender<EndpointSet>,
+    ports: Vec<PortFeed>,
 ) {
     let api: Api<EndpointSlice> = match namespace {
         Some(ns) => Api::namespaced(client, ns),
@@ -45,10 +45,12 @@ pub async fn watch_endpoint_slices(
     let mut events = watcher(api, config).default_backoff().boxed();
     let mut cache = SliceCache::default();
     let mut published = false;
+    let all_closed = futures::future::join_all(ports.iter().map(|p| p.tx.closed()));
+    tokio::pin!(all_closed);
     loop {
         let next = tokio::select! {
             next = events.next() => next,
-            () = tx.closed() => return,
+            _ = &mut all_closed => return,
         };
         let event = match next {
             // The watcher restarts itself; an end only comes with the runtime's.
@@ -65,15 +67,17 @@ pub async fn watch_endpoint_slices(
         if !cache.apply(event) {
             continue;
         }
-        let set = cache.endpoints(port_name);
         // The first set is sent even when empty: receivers treat it as "discovery works".
         let first = !published;
         published = true;
-        tx.send_if_modified(|current| {
-            let changed = first || *current != set;
-            *current = set;
-            changed
-        });
+        for port in &ports {
+            let set = cache.endpoints(port.port_name.as_deref());
+            port.tx.send_if_modified(|current| {
+                let changed = first || *current != set;
+                *current = set;
+                changed
+            });
+        }
     }
 }
 

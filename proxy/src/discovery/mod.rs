@@ -26,9 +26,16 @@ pub enum Source {
         service: String,
         /// Its namespace; the pod's own namespace when unset.
         namespace: Option<String>,
-        /// Port name to pick from each slice; the first port when unset.
-        port_name: Option<String>,
     },
+}
+
+/// Where one listener's endpoint sets go: the endpoints on one backend port.
+#[derive(Debug)]
+pub struct PortFeed {
+    /// The EndpointSlice port name; the first port of each slice when `None`.
+    pub port_name: Option<String>,
+    /// The listener's registry is fed from the other end.
+    pub tx: watch::Sender<EndpointSet>,
 }
 
 /// Why discovery stopped.
@@ -39,41 +46,39 @@ pub enum DiscoveryError {
     KubeClient(#[source] kube::Error),
 }
 
-/// Publishes endpoint sets from `source` into `tx` until the receivers are gone.
-/// A source that fails transiently keeps the last good set and retries.
+/// Publishes endpoint sets from `source` into every port's feed until the receivers
+/// are gone. A source that fails transiently keeps the last good set and retries.
+///
+/// Kubernetes feeds every port from one watch, each its own port's endpoints. A static
+/// list or a file names one port per address, so it feeds the first port only (the
+/// configuration refuses more than one with them).
 ///
 /// # Errors
 /// Only when the source cannot start at all.
-pub async fn run(source: Source, tx: watch::Sender<EndpointSet>) -> Result<(), DiscoveryError> {
+pub async fn run(source: Source, ports: Vec<PortFeed>) -> Result<(), DiscoveryError> {
     match source {
         Source::Static(addresses) => {
-            tx.send_replace(EndpointSet::new(
+            let Some(port) = ports.into_iter().next() else {
+                return Ok(());
+            };
+            port.tx.send_replace(EndpointSet::new(
                 addresses.into_iter().map(Endpoint::ready).collect(),
             ));
-            tx.closed().await;
+            port.tx.closed().await;
             Ok(())
         }
         Source::File(path) => {
-            file::watch(&path, Duration::from_millis(200), tx).await;
+            if let Some(port) = ports.into_iter().next() {
+                file::watch(&path, Duration::from_millis(200), port.tx).await;
+            }
             Ok(())
         }
-        Source::Kubernetes {
-            service,
-            namespace,
-            port_name,
-        } => {
+        Source::Kubernetes { service, namespace } => {
             // KUBECONFIG when set (local runs, the test stand-in), in-cluster otherwise.
             let client = kube::Client::try_default()
                 .await
                 .map_err(DiscoveryError::KubeClient)?;
-            watch_endpoint_slices(
-                client,
-                &service,
-                namespace.as_deref(),
-                port_name.as_deref(),
-                tx,
-            )
-            .await;
+            watch_endpoint_slices(client, &service, namespace.as_deref(), ports).await;
             Ok(())
         }
     }

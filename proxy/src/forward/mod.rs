@@ -141,6 +141,18 @@ impl Proxy {
         }
     }
 
+    /// This proxy for another listener: its own endpoints, reached with `connect`;
+    /// the in-flight limit, retry budget, access log, shutdown and tunnels stay shared.
+    pub fn for_port(&self, registry: Arc<Registry>, connect: ConnectConfig) -> Self {
+        let mut config = (*self.config).clone();
+        config.connect = connect;
+        Self {
+            registry,
+            config: Arc::new(config),
+            ..self.clone()
+        }
+    }
+
     /// Counts a request against `--max-in-flight`: `Err` when the proxy is full, `None`
     /// when there is no limit (and nothing to count).
     fn admit(&self) -> Result<Option<Admission>, ()> {

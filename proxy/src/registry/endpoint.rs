@@ -233,6 +233,8 @@ impl EndpointState {
         let requests = self.requests.load(Relaxed);
         EndpointReport {
             address: self.address,
+            // A registry serves one port; `Ports` names it.
+            port: None,
             pod: discovered.name,
             zone: discovered.zone,
             state: self.status(now),
@@ -294,6 +296,7 @@ impl EndpointState {
         let drained_at = progress.drained_at.unwrap_or(now);
         Some(DrainRecord {
             address: self.address,
+            port: None,
             pod: self.pod(),
             reason: mark.reason,
             since: unix_seconds(mark.since_wall),

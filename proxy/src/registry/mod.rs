@@ -9,6 +9,7 @@
 
 mod drain;
 mod endpoint;
+mod ports;
 
 pub use ballast_api::admin::{
     DrainReason, DrainRecord, DrainReport, EndpointReport, EndpointStatus, OpenCounts,
@@ -16,6 +17,7 @@ pub use ballast_api::admin::{
 pub use ballast_api::settings::Algorithm;
 pub use drain::DrainMark;
 pub use endpoint::EndpointState;
+pub use ports::{Port, Ports};
 
 use crate::balance::affinity::BoundedLoadHash;
 use crate::balance::{Balancer, Pick, Select};

@@ -485,3 +485,63 @@ async fn a_seeded_registry_selects_the_same_sequence() {
         "the choice depends on the draw: {first:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pod_drains_on_every_port_and_reports_their_sum() {
+    let port = |name: &str, number: u16| {
+        let registry = Arc::new(Registry::new(config(Algorithm::RoundRobin)));
+        registry.apply(
+            &set(&[
+                Endpoint::ready(SocketAddr::from(([127, 0, 0, 2], number))),
+                Endpoint::ready(SocketAddr::from(([127, 0, 0, 3], number))),
+            ]),
+            Instant::now(),
+        );
+        Port {
+            name: Some(name.to_owned()),
+            registry,
+        }
+    };
+    let ports = Ports::new(vec![port("http", 8080), port("grpc", 9090)]);
+    let pod = addr(2).ip();
+    for (i, p) in ports.iter().enumerate() {
+        let endpoint = p.registry.snapshot().endpoints[0].clone();
+        endpoint.in_flight.fetch_add(i as u64 + 1, Relaxed);
+        endpoint.connections.fetch_add(1, Relaxed);
+    }
+
+    let report = ports
+        .request_drain(pod, Instant::now())
+        .expect("a known pod");
+    assert_eq!(
+        (report.in_flight, report.connections, report.state),
+        (3, 2, Some(EndpointStatus::Draining)),
+        "summed over both ports"
+    );
+    for p in ports.iter() {
+        let chosen = p
+            .registry
+            .select(Instant::now(), &[])
+            .expect("the other pod");
+        assert_eq!(
+            chosen.address.ip(),
+            addr(3).ip(),
+            "{:?} still routes to it",
+            p.name
+        );
+    }
+    let rows = ports.reports(Instant::now());
+    assert_eq!(rows.len(), 4, "one row per pod and port");
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.address.ip() == pod)
+            .map(|r| (r.port.as_deref(), r.state))
+            .collect::<Vec<_>>(),
+        [
+            (Some("http"), EndpointStatus::Draining),
+            (Some("grpc"), EndpointStatus::Draining)
+        ]
+    );
+    assert!(ports.request_drain(addr(9).ip(), Instant::now()).is_none());
+    assert!(!ports.drain_report(addr(9).ip(), Instant::now()).known);
+}

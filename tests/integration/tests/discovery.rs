@@ -7,7 +7,7 @@
 
 use ballast_integration::apiserver::{ApiServer, Fault, RequestRecord, Verb};
 use ballast_integration::{Process, free_port, workspace_bin};
-use ballast_proxy::discovery::watch_endpoint_slices;
+use ballast_proxy::discovery::{PortFeed, watch_endpoint_slices};
 use ballast_proxy::endpoint::EndpointSet;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{Value, json};
@@ -90,7 +90,11 @@ impl Discovery {
             }
         });
         let discovery = tokio::spawn(async move {
-            watch_endpoint_slices(client, "web", None, Some("http"), tx).await;
+            let http = PortFeed {
+                port_name: Some("http".to_owned()),
+                tx,
+            };
+            watch_endpoint_slices(client, "web", None, vec![http]).await;
         });
         Self {
             rx,
@@ -473,8 +477,9 @@ async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, out))
 }
 
-/// The proxy as the operator starts it: `--kube-service`, `--namespace`, `--port-name`,
-/// and a Kubernetes client configured from the environment (KUBECONFIG here).
+/// The proxy with `--kube-service`, `--namespace` and the one-listener `--port-name`,
+/// and a Kubernetes client configured from the environment (KUBECONFIG here). The
+/// operator's own `--port` listeners run in `tests/multiport.rs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_with_kube_service_becomes_ready_and_routes_to_the_slices() {
     let server = stand_in().await;

@@ -15,7 +15,7 @@
 //!   `targetRef` to the pod) in the API stand-in ([`crate::apiserver`]), or in process
 //!   to the kube-proxy stand-in ([`feed`], [`crate::l4`]);
 //! * the API server's read path ([`crate::apiserver`]): the proxies run exactly as the
-//!   operator renders them (`--kube-service <name>-backends --port-name ...`, the
+//!   operator renders them (`--kube-service <name>-backends --port=...`, the
 //!   namespace from the pod's environment) and list/watch their EndpointSlices through
 //!   kube's client and watcher; every container gets a `KUBECONFIG` for it, where a
 //!   cluster gives the API server's address and a service-account token;
