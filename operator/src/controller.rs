@@ -474,29 +474,11 @@ async fn converge(
     now: k8s_openapi::jiff::Timestamp,
 ) -> Result<(Observed, Option<Blocked>), ReconcileError> {
     let bs = valid.bs;
-    if let Some(deployment) = valid.adopted {
-        let cached = ctx.caches.pods_of(bs, namespace, "app").len();
-        pods::label_adopted_pods(ctx, bs, namespace, deployment, cached).await?;
-    }
-    let (pods, proxies) = pods::observe(ctx, bs, namespace).await?;
-    let now_unix = now.as_millisecond() as f64 / 1000.0;
-    let replica_sets = ctx.caches.replica_sets_of(bs, namespace);
-    let mut tracked = track(ctx, bs, &pods, &proxies, &replica_sets, now_unix);
-    let action = rollout::decide(
-        &mut tracked,
-        &Policy {
-            thresholds: &bs.spec.rollout.pause_when,
-            generation: bs.metadata.generation.unwrap_or_default(),
-            resume_requested: bs.annotations().contains_key(RESUME_ANNOTATION),
-            now: now_unix,
-        },
-    );
-    let mut objects = build(valid, &ctx.build);
-    steer(&mut objects.app_deployment, &action, &replica_sets);
-
     // An adopted Deployment: its front Service may be the user's, switched to the
     // proxies once they route to every ready pod; ballast's fields go onto the
-    // Deployment only once the traffic goes through the proxies.
+    // Deployment only once the traffic goes through the proxies. A Service that may not
+    // be taken over stops the reconcile before anything (a pod's label included) is
+    // written.
     let front = match valid.adopted {
         None => adoption::Front::Ours,
         Some(_) => adoption::front_of(
@@ -521,6 +503,26 @@ async fn converge(
         };
         return Ok((Observed::default(), Some(conflict)));
     }
+    if let Some(deployment) = valid.adopted {
+        let cached = ctx.caches.pods_of(bs, namespace, "app").len();
+        pods::label_adopted_pods(ctx, bs, namespace, deployment, cached).await?;
+    }
+    let (pods, proxies) = pods::observe(ctx, bs, namespace).await?;
+    let now_unix = now.as_millisecond() as f64 / 1000.0;
+    let replica_sets = ctx.caches.replica_sets_of(bs, namespace);
+    let mut tracked = track(ctx, bs, &pods, &proxies, &replica_sets, now_unix);
+    let action = rollout::decide(
+        &mut tracked,
+        &Policy {
+            thresholds: &bs.spec.rollout.pause_when,
+            generation: bs.metadata.generation.unwrap_or_default(),
+            resume_requested: bs.annotations().contains_key(RESUME_ANNOTATION),
+            now: now_unix,
+        },
+    );
+    let mut objects = build(valid, &ctx.build);
+    steer(&mut objects.app_deployment, &action, &replica_sets);
+
     let plan = apply::ApplyPlan {
         front_service: matches!(front, adoption::Front::Ours),
         app_deployment: !matches!(front, adoption::Front::Theirs(_)),
@@ -575,6 +577,14 @@ async fn converge(
                                 service = valid.front_name,
                                 "front Service switched to the proxies"
                             );
+                        }
+                        if !plan.app_deployment {
+                            // Switched just now: ballast's fields go onto the Deployment
+                            // in this reconcile, not one requeue later.
+                            match apply::apply_app_deployment(ctx, bs, namespace, &objects).await {
+                                Ok(app) => observed.app = Some(app),
+                                Err(refused) => return Ok((Observed::default(), Some(refused))),
+                            }
                         }
                         Ok(true)
                     }
@@ -738,5 +748,7 @@ mod watches;
 
 pub use adoption::{ADOPTED_BY, Adoption, FINALIZER, ORIGINAL};
 pub use watches::run;
+#[cfg(test)]
+mod adopt_tests;
 #[cfg(test)]
 mod tests;

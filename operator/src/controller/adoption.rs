@@ -274,12 +274,24 @@ pub(super) async fn give_back(
         .filter(|p| p.gated)
         .count();
     let pods_selector = deployment.map(deployment_match_labels).unwrap_or_default();
-    let returned = match &front {
-        Front::Switched(_) => false,
-        Front::Theirs(_) => true,
-        Front::Ours => true,
+    // Ballast's own front Service (or none) has nothing to give back: it goes with the
+    // proxies. The user's must reach the app pods before the proxies go; with no app pod
+    // ready there is nothing it could reach, and waiting would hold the deletion forever.
+    let (returned, reaches_pods) = match &front {
+        Front::Switched(_) => (false, false),
+        Front::Ours => (true, true),
+        Front::Theirs(_) => {
+            let pods_ready = deployment
+                .and_then(|d| d.status.as_ref())
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0);
+            let reaches = service_reaches_pods(ctx, bs, namespace, &front_name).await?;
+            (
+                true,
+                reaches.no_proxy && (reaches.pods > 0 || pods_ready == 0),
+            )
+        }
     };
-    let reaches_pods = returned && service_reaches_pods(ctx, bs, namespace, &front_name).await?;
     let step = GiveBack::next(released, gated, returned, reaches_pods);
     tracing::info!(step = step.describe(), "giving the adopted Deployment back");
     match step {
@@ -289,7 +301,7 @@ pub(super) async fn give_back(
                 // pods of the owner's template (without ballast's labels) are balanced too.
                 let backends = format!("{}-backends", bs.name_any());
                 let patch = json!({"spec": {"selector": selector_with_nulls(
-                    &crate::build::BACKEND_LABEL, &pods_selector)}});
+                    crate::build::BACKEND_LABEL, &pods_selector)}});
                 patch_service(ctx, namespace, &backends, &patch).await?;
                 release_deployment(ctx, namespace, deployment).await?;
             }
@@ -353,13 +365,21 @@ async fn release_deployment(
     Ok(())
 }
 
-/// True when the front Service's endpoints are app pods and no proxy.
+/// What the front Service's EndpointSlices list.
+struct Reach {
+    /// No endpoint is a proxy pod (or anything but a pod).
+    no_proxy: bool,
+    /// How many endpoints are pods that are not proxies.
+    pods: usize,
+}
+
+/// What the front Service's endpoints are: app pods, proxies, or nothing.
 async fn service_reaches_pods(
     ctx: &Context,
     bs: &BalancedService,
     namespace: &str,
     front_name: &str,
-) -> Result<bool, ReconcileError> {
+) -> Result<Reach, ReconcileError> {
     let slices = Api::<EndpointSlice>::namespaced(ctx.client.clone(), namespace)
         .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={front_name}")))
         .await
@@ -382,10 +402,12 @@ async fn service_reaches_pods(
             )
         })
         .collect();
-    Ok(!targets.is_empty()
-        && targets
-            .iter()
-            .all(|(kind, name)| kind == "Pod" && !proxies.contains(name)))
+    let is_app_pod = |(kind, name): &&(String, String)| kind == "Pod" && !proxies.contains(name);
+    let pods = targets.iter().filter(is_app_pod).count();
+    Ok(Reach {
+        no_proxy: pods == targets.len(),
+        pods,
+    })
 }
 
 /// The adoption's state for its condition, from what converge saw.

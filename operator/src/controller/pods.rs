@@ -61,7 +61,10 @@ pub(super) async fn set_gates(
 ) -> Result<Vec<(String, String)>, ReconcileError> {
     let api = Api::<Pod>::namespaced(ctx.client.clone(), namespace);
     let mut waiting = Vec::new();
-    for pod in pods {
+    // A pod without the readiness gate (an adopted Deployment's, started before the
+    // adoption) has no use for the condition; counting it would also spend the first
+    // rollout's allowance of gates on a pod that has none.
+    for pod in pods.iter().filter(|p| p.gated) {
         let mut verdict = gate::decide(pod, proxies);
         if verdict == Verdict::Routable && pod.routable != Some(true) {
             // The first rollout of an adopted Deployment opens gates only as old pods
