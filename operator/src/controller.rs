@@ -550,7 +550,11 @@ async fn converge(
                 let switch = matches!(front, adoption::Front::Switched(_))
                     .then_some(())
                     .ok_or(())
-                    .or_else(|()| crate::adopt::ready_to_switch(ready, wanted, &pods, &proxies));
+                    .or_else(|()| {
+                        all_ready_pods_seen(deployment, &pods).and_then(|()| {
+                            crate::adopt::ready_to_switch(ready, wanted, &pods, &proxies)
+                        })
+                    });
                 match switch {
                     Ok(()) => {
                         // Switching again undoes a change of selector by somebody else.
@@ -626,6 +630,26 @@ async fn converge(
     observed.gate_waiting = pods::set_gates(ctx, namespace, &pods, &proxies, guard.open).await?;
     observed.tracked = Some(tracked);
     Ok((observed, None))
+}
+
+/// `Err` while the pod cache holds fewer ready pods of an adopted Deployment than it
+/// counts (pods not labelled yet, or their labels not yet seen): `ready_to_switch`
+/// checks the proxies against the pods it is given, and switching the Service to
+/// proxies that miss a pod nobody checked would take traffic away from it.
+fn all_ready_pods_seen(deployment: &Deployment, pods: &[AppPod]) -> Result<(), String> {
+    let counted = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let seen = pods.iter().filter(|p| p.ready && !p.deleting).count();
+    if usize::try_from(counted).unwrap_or(0) > seen {
+        return Err(format!(
+            "{seen}/{counted} ready pods of Deployment {} are labelled and seen",
+            deployment.name_any()
+        ));
+    }
+    Ok(())
 }
 
 /// A count or percentage of `total`, rounded down (as the Deployment controller

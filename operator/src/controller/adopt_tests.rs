@@ -251,15 +251,51 @@ async fn a_deployment_and_its_service_are_adopted_once_the_proxies_route_to_ever
     assert_condition(&status, "Adopted", "False", "WaitingForProxies");
     assert_eq!(
         adopted_message(&status),
-        "Deployment web adopted; Service web switches to the proxies once 0/2 proxies ready"
+        "Deployment web adopted; Service web switches to the proxies once 0/2 ready pods of Deployment web are labelled and seen"
     );
     // Neither the Service nor the Deployment is written while the proxies are not ready.
     assert_eq!(serve_status_and_events(&mut api).await, None);
     finish(run).await.unwrap();
     api.assert_idle().await;
 
-    // The proxies are ready and list both pods, ready.
+    // The proxies are ready and list the pod the caches hold; the other one's label
+    // is not seen yet, so nobody checked the proxies route to it: no switch.
     let proxy = RealProxy::start("adopt", &[]).await;
+    proxy.list_ready(&["127.0.0.5:8080"]).await;
+    let proxies = json!([proxy.pod("demo-proxy-a"), proxy.pod("demo-proxy-b")]);
+    api.seed(
+        json!([web_pod("web-a", "127.0.0.5", false, Some("true"), true)]),
+        proxies.clone(),
+        json!([]),
+    );
+    let mut bs = with_finalizer(bs);
+    bs.status = Some(serde_json::from_value(status).unwrap());
+    let run = start(&bs, &ctx);
+    api.expect(Method::GET, DEPLOYMENT_PATH)
+        .await
+        .reply(&deployment(false));
+    api.expect(Method::GET, SERVICE_PATH)
+        .await
+        .reply(&user_service());
+    // Listed again (fewer cached than the Deployment has); both are labelled already.
+    api.expect(Method::GET, PODS_PATH).await.reply(&json!({
+        "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "301"},
+        "items": [web_pod("web-a", "127.0.0.5", false, Some("true"), true),
+                  web_pod("web-b", "127.0.0.6", false, Some("true"), true)],
+    }));
+    serve_owned(&mut api, 2, None).await;
+    let status = serve_status_and_events(&mut api)
+        .await
+        .expect("status written");
+    assert_condition(&status, "Adopted", "False", "WaitingForProxies");
+    assert_eq!(
+        adopted_message(&status),
+        "Deployment web adopted; Service web switches to the proxies once 1/2 ready pods of Deployment web are labelled and seen"
+    );
+    finish(run).await.unwrap();
+    api.assert_idle().await;
+
+    // Both pods seen, both listed ready by every proxy: the switch.
     proxy
         .list_ready(&["127.0.0.5:8080", "127.0.0.6:8080"])
         .await;
@@ -268,10 +304,9 @@ async fn a_deployment_and_its_service_are_adopted_once_the_proxies_route_to_ever
             web_pod("web-a", "127.0.0.5", false, Some("true"), true),
             web_pod("web-b", "127.0.0.6", false, Some("true"), true),
         ]),
-        json!([proxy.pod("demo-proxy-a"), proxy.pod("demo-proxy-b")]),
+        proxies,
         json!([]),
     );
-    let mut bs = with_finalizer(bs);
     bs.status = Some(serde_json::from_value(status).unwrap());
     let run = start(&bs, &ctx);
     api.expect(Method::GET, DEPLOYMENT_PATH)
