@@ -119,7 +119,16 @@ pub fn compute(
         BalancedServiceStatus::default()
     };
     status.observed_generation = generation;
-    let desired = bs.spec.replicas;
+    // With workloadRef the replicas are the adopted Deployment's (its owner's, or its
+    // autoscaler's); spec.replicas is not used.
+    let desired = match &bs.spec.workload_ref {
+        None => bs.spec.replicas,
+        Some(_) => observed
+            .app
+            .as_ref()
+            .and_then(|d| d.spec.as_ref())
+            .map_or(bs.spec.replicas, |s| s.replicas.unwrap_or(1)),
+    };
 
     if blocked.is_none() {
         if let Some(app) = observed.app.as_ref().and_then(|d| d.status.as_ref()) {
