@@ -357,6 +357,11 @@ async fn a_deployment_and_its_service_are_adopted_once_the_proxies_route_to_ever
         body["metadata"].get("ownerReferences").is_none(),
         "deleting the BalancedService must not delete the Deployment"
     );
+    assert_eq!(
+        body["metadata"]["labels"],
+        json!({"ballast.dev/service": "demo"}),
+        "the app.kubernetes.io labels stay the owner's"
+    );
     assert_eq!(spec["selector"], json!({"matchLabels": {"app": "web"}}));
     let pod = &spec["template"]["spec"];
     let container = &pod["containers"][0];
