@@ -754,3 +754,60 @@ async fn deleting_when_the_deployment_and_service_are_gone_removes_the_finalizer
     assert_eq!(finish(run).await.unwrap(), Action::await_change());
     api.assert_idle().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switched_service_someone_reverted_is_switched_again() {
+    let (ctx, mut api) = context();
+    let bs = with_finalizer(adopting(true));
+    let proxy = RealProxy::start("adopt-drift", &["127.0.0.7:8080", "127.0.0.8:8080"]).await;
+    // The first rollout is over: every pod runs with the gate, routable.
+    let routable = |name: &str, ip: &str| {
+        let mut pod = web_pod(name, ip, true, Some("true"), true);
+        pod["status"]["conditions"].as_array_mut().unwrap().push(
+            json!({"type": crate::observe::ROUTABLE_CONDITION, "status": "True",
+                         "message": "every ready proxy replica lists this pod"}),
+        );
+        pod
+    };
+    api.seed(
+        json!([
+            routable("web-n1", "127.0.0.7"),
+            routable("web-n2", "127.0.0.8")
+        ]),
+        json!([proxy.pod("demo-proxy-a")]),
+        json!([]),
+    );
+    // Its owner re-applied the Service: selector and targetPort are back, ballast's
+    // annotations stayed (a client-side apply leaves annotations it did not set).
+    let mut reverted = switched_service();
+    reverted["spec"]["selector"] = json!({"app": "web"});
+    reverted["spec"]["ports"] = original_ports();
+    let run = start(&bs, &ctx);
+    api.expect(Method::GET, DEPLOYMENT_PATH)
+        .await
+        .reply(&deployment(true));
+    api.expect(Method::GET, SERVICE_PATH).await.reply(&reverted);
+    serve_owned(&mut api, 1, Some(&deployment(true))).await;
+    let req = api.expect(Method::PATCH, SERVICE_PATH).await;
+    let patch = req.body().clone();
+    assert_eq!(
+        patch["spec"]["selector"],
+        json!({"app": null, "ballast.dev/service": "demo", "ballast.dev/role": "proxy"})
+    );
+    assert_eq!(patch["spec"]["ports"][0]["targetPort"], "proxy");
+    // The record of what it was before is the first one, kept as it was.
+    assert_eq!(
+        patch["metadata"]["annotations"][ORIGINAL],
+        switched_service()["metadata"]["annotations"][ORIGINAL]
+    );
+    req.reply(&switched_service());
+    let status = serve_status_and_events(&mut api).await.unwrap();
+    assert_condition(&status, "Adopted", "True", "Adopted");
+    assert_eq!(
+        adopted_message(&status),
+        "Deployment web and Service web adopted; every pod runs with the drain gate"
+    );
+    finish(run).await.unwrap();
+    api.assert_idle().await;
+    proxy.running.shutdown().await;
+}
