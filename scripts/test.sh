@@ -35,7 +35,14 @@ trap 'rm -rf "$rendered"' EXIT
 # The binary `cargo test` just built (its render test ran it); `cargo run` would
 # resolve features differently and rebuild the operator's dependencies.
 operator_bin="${CARGO_TARGET_DIR:-target}/debug/ballast-operator"
-for sample in config/samples/demo-http.yaml config/samples/demo-grpc.yaml config/samples/demo-multiport.yaml; do
+samples=(config/samples/demo-http.yaml config/samples/demo-grpc.yaml config/samples/demo-multiport.yaml config/samples/adopt-deployment.yaml)
+for sample in "${samples[@]}"; do
   "$operator_bin" render -f "$sample" >"$rendered/$(basename "$sample")"
 done
-bash .ci/validate-manifests.sh config/samples/demo-http.yaml config/samples/demo-grpc.yaml config/samples/demo-multiport.yaml "$rendered"/*.yaml
+# The adopt sample's rendered Deployment is ballast's part only (no replicas, no
+# image): server-side apply merges it into the owner's. It is validated as rendered
+# (strict: no unknown field) and, merged into the sample's own Deployment, as the
+# object the API server will hold.
+bash .ci/merge-adopted.sh config/samples/adopt-deployment.yaml \
+  "$rendered/adopt-deployment.yaml" >"$rendered/adopt-deployment-merged.yaml"
+bash .ci/validate-manifests.sh "${samples[@]}" "$rendered"/*.yaml

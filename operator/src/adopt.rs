@@ -18,6 +18,13 @@
 //! flight and no connection to it (bounded by `drainTimeoutSeconds`). A gate opens only
 //! while the deletions it would cause are all of retired, drained pods.
 
+use ballast_api::BalancedService;
+use k8s_openapi::api::core::v1::Service;
+use kube::ResourceExt;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+use crate::build::selector_labels;
 use crate::observe::{AppPod, ProxyObservation};
 
 /// Value of `controller.kubernetes.io/pod-deletion-cost` on a retired pod: the lowest,
@@ -212,6 +219,144 @@ impl GiveBack {
             Self::Done => "done: removing the proxies",
         }
     }
+}
+
+// --- The front Service's switch: merge patches, pure. ---
+
+/// Annotation on an adopted front Service: the BalancedService that switched it.
+pub const ADOPTED_BY: &str = "ballast.dev/adopted-by";
+/// Annotation on an adopted front Service: its selector and ports before the switch,
+/// as JSON, to switch it back.
+pub const ORIGINAL: &str = "ballast.dev/original";
+
+/// The merge patch switching `service` to the proxies: its selector becomes the
+/// proxies', each port's targetPort the proxy's client port; the values before are kept
+/// in an annotation. `Err` when a port of the Service is not one of `spec.ports` (the
+/// proxies would not serve it).
+pub fn switch_patch(
+    bs: &BalancedService,
+    service: &Service,
+    built: &Service,
+) -> Result<Value, String> {
+    let built_ports = built
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
+    let spec = service.spec.clone().unwrap_or_default();
+    let original = match service.annotations().get(ORIGINAL) {
+        // Already switched once (drift being undone): keep the first record.
+        Some(text) => serde_json::from_str(text).unwrap_or(Value::Null),
+        None => json!({"selector": spec.selector, "ports": spec.ports}),
+    };
+    let mut selector: BTreeMap<String, Value> = spec
+        .selector
+        .unwrap_or_default()
+        .into_keys()
+        .map(|k| (k, Value::Null))
+        .collect();
+    for (k, v) in selector_labels(bs, "proxy") {
+        selector.insert(k, Value::String(v));
+    }
+    let mut ports = Vec::new();
+    for port in spec.ports.unwrap_or_default() {
+        // The Service's port is the same as one of spec.ports by name, else by number.
+        let served = built_ports
+            .iter()
+            .find(|p| p.name.is_some() && p.name == port.name)
+            .or_else(|| built_ports.iter().find(|p| p.port == port.port));
+        let Some(served) = served else {
+            return Err(format!(
+                "port {} ({}) of Service {} is not in spec.ports; add it there so the proxies serve it",
+                port.port,
+                port.name.clone().unwrap_or_default(),
+                service.name_any()
+            ));
+        };
+        let mut port = serde_json::to_value(&port).unwrap_or_default();
+        port["targetPort"] = json!(served.target_port);
+        ports.push(port);
+    }
+    Ok(json!({
+        "metadata": {"annotations": {
+            ADOPTED_BY: bs.name_any(),
+            ORIGINAL: original.to_string(),
+        }},
+        "spec": {"selector": selector, "ports": ports},
+    }))
+}
+
+/// True when `service` selects this BalancedService's proxies (switched, not drifted).
+pub fn is_switched(bs: &BalancedService, service: &Service) -> bool {
+    service.annotations().get(ADOPTED_BY) == Some(&bs.name_any())
+        && service
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .is_some_and(|s| *s == selector_labels(bs, "proxy"))
+}
+
+/// The merge patch switching an adopted Service back to what it was.
+pub fn return_patch(bs: &BalancedService, service: &Service) -> Value {
+    let original: Value = service
+        .annotations()
+        .get(ORIGINAL)
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or(Value::Null);
+    let mut selector: BTreeMap<String, Value> = selector_labels(bs, "proxy")
+        .into_keys()
+        .map(|k| (k, Value::Null))
+        .collect();
+    if let Some(before) = original["selector"].as_object() {
+        for (k, v) in before {
+            selector.insert(k.clone(), v.clone());
+        }
+    }
+    json!({
+        "metadata": {"annotations": {ADOPTED_BY: null, ORIGINAL: null}},
+        "spec": {"selector": selector, "ports": original["ports"]},
+    })
+}
+
+/// The merge patch leaving a front Service ballast created to the app: it selects the
+/// Deployment's pods on their own ports and no longer has ballast's ownerReference, so
+/// garbage collection keeps it for the clients that use its name.
+pub fn release_patch(bs: &BalancedService, pods: &BTreeMap<String, String>) -> Value {
+    let mut selector: BTreeMap<String, Value> = selector_labels(bs, "proxy")
+        .into_keys()
+        .map(|k| (k, Value::Null))
+        .collect();
+    for (k, v) in pods {
+        selector.insert(k.clone(), Value::String(v.clone()));
+    }
+    let ports: Vec<Value> = bs
+        .spec
+        .ports
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "port": p.port,
+                "protocol": "TCP",
+                "targetPort": p.target_port.clone().unwrap_or(
+                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p.port)),
+            })
+        })
+        .collect();
+    json!({
+        "metadata": {"ownerReferences": null},
+        "spec": {"selector": selector, "ports": ports},
+    })
+}
+
+/// `selector` with `drop` set to null (a merge patch removing that key).
+pub fn selector_with_nulls(drop: &str, selector: &BTreeMap<String, String>) -> Value {
+    let mut out: BTreeMap<String, Value> = selector
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    out.insert(drop.to_owned(), Value::Null);
+    json!(out)
 }
 
 #[cfg(test)]

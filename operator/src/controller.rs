@@ -490,29 +490,11 @@ async fn converge(
     now: k8s_openapi::jiff::Timestamp,
 ) -> Result<(Observed, Option<Blocked>), ReconcileError> {
     let bs = valid.bs;
-    if let Some(deployment) = valid.adopted {
-        let cached = ctx.caches.pods_of(bs, namespace, "app").len();
-        pods::label_adopted_pods(ctx, bs, namespace, deployment, cached).await?;
-    }
-    let (pods, proxies) = pods::observe(ctx, bs, namespace).await?;
-    let now_unix = now.as_millisecond() as f64 / 1000.0;
-    let replica_sets = ctx.caches.replica_sets_of(bs, namespace);
-    let mut tracked = track(ctx, bs, &pods, &proxies, &replica_sets, now_unix);
-    let action = rollout::decide(
-        &mut tracked,
-        &Policy {
-            thresholds: &bs.spec.rollout.pause_when,
-            generation: bs.metadata.generation.unwrap_or_default(),
-            resume_requested: bs.annotations().contains_key(RESUME_ANNOTATION),
-            now: now_unix,
-        },
-    );
-    let mut objects = build(valid, &ctx.build);
-    steer(&mut objects.app_deployment, &action, &replica_sets);
-
     // An adopted Deployment: its front Service may be the user's, switched to the
     // proxies once they route to every ready pod; ballast's fields go onto the
-    // Deployment only once the traffic goes through the proxies.
+    // Deployment only once the traffic goes through the proxies. A Service that may not
+    // be taken over stops the reconcile before anything (a pod's label included) is
+    // written.
     let front = match valid.adopted {
         None => adoption::Front::Ours,
         Some(_) => adoption::front_of(
@@ -537,6 +519,26 @@ async fn converge(
         };
         return Ok((Observed::default(), Some(conflict)));
     }
+    if let Some(deployment) = valid.adopted {
+        let cached = ctx.caches.pods_of(bs, namespace, "app").len();
+        pods::label_adopted_pods(ctx, bs, namespace, deployment, cached).await?;
+    }
+    let (pods, proxies) = pods::observe(ctx, bs, namespace).await?;
+    let now_unix = now.as_millisecond() as f64 / 1000.0;
+    let replica_sets = ctx.caches.replica_sets_of(bs, namespace);
+    let mut tracked = track(ctx, bs, &pods, &proxies, &replica_sets, now_unix);
+    let action = rollout::decide(
+        &mut tracked,
+        &Policy {
+            thresholds: &bs.spec.rollout.pause_when,
+            generation: bs.metadata.generation.unwrap_or_default(),
+            resume_requested: bs.annotations().contains_key(RESUME_ANNOTATION),
+            now: now_unix,
+        },
+    );
+    let mut objects = build(valid, &ctx.build);
+    steer(&mut objects.app_deployment, &action, &replica_sets);
+
     let plan = apply::ApplyPlan {
         front_service: matches!(front, adoption::Front::Ours),
         app_deployment: !matches!(front, adoption::Front::Theirs(_)),
@@ -564,11 +566,15 @@ async fn converge(
                 let switch = matches!(front, adoption::Front::Switched(_))
                     .then_some(())
                     .ok_or(())
-                    .or_else(|()| crate::adopt::ready_to_switch(ready, wanted, &pods, &proxies));
+                    .or_else(|()| {
+                        all_ready_pods_seen(deployment, &pods).and_then(|()| {
+                            crate::adopt::ready_to_switch(ready, wanted, &pods, &proxies)
+                        })
+                    });
                 match switch {
                     Ok(()) => {
                         // Switching again undoes a change of selector by somebody else.
-                        let patch = adoption::switch_patch(bs, service, &objects.front_service);
+                        let patch = crate::adopt::switch_patch(bs, service, &objects.front_service);
                         let patch = match patch {
                             Ok(patch) => patch,
                             Err(why) => {
@@ -584,13 +590,21 @@ async fn converge(
                                 ));
                             }
                         };
-                        if !adoption::is_switched(bs, service) {
+                        if !crate::adopt::is_switched(bs, service) {
                             adoption::patch_service(ctx, namespace, valid.front_name, &patch)
                                 .await?;
                             tracing::info!(
                                 service = valid.front_name,
                                 "front Service switched to the proxies"
                             );
+                        }
+                        if !plan.app_deployment {
+                            // Switched just now: ballast's fields go onto the Deployment
+                            // in this reconcile, not one requeue later.
+                            match apply::apply_app_deployment(ctx, bs, namespace, &objects).await {
+                                Ok(app) => observed.app = Some(app),
+                                Err(refused) => return Ok((Observed::default(), Some(refused))),
+                            }
                         }
                         Ok(true)
                     }
@@ -632,6 +646,26 @@ async fn converge(
     observed.gate_waiting = pods::set_gates(ctx, namespace, &pods, &proxies, guard.open).await?;
     observed.tracked = Some(tracked);
     Ok((observed, None))
+}
+
+/// `Err` while the pod cache holds fewer ready pods of an adopted Deployment than it
+/// counts (pods not labelled yet, or their labels not yet seen): `ready_to_switch`
+/// checks the proxies against the pods it is given, and switching the Service to
+/// proxies that miss a pod nobody checked would take traffic away from it.
+fn all_ready_pods_seen(deployment: &Deployment, pods: &[AppPod]) -> Result<(), String> {
+    let counted = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let seen = pods.iter().filter(|p| p.ready && !p.deleting).count();
+    if usize::try_from(counted).unwrap_or(0) > seen {
+        return Err(format!(
+            "{seen}/{counted} ready pods of Deployment {} are labelled and seen",
+            deployment.name_any()
+        ));
+    }
+    Ok(())
 }
 
 /// A count or percentage of `total`, rounded down (as the Deployment controller
@@ -752,7 +786,10 @@ mod apply;
 mod pods;
 mod watches;
 
-pub use adoption::{ADOPTED_BY, Adoption, FINALIZER, ORIGINAL};
+pub use crate::adopt::{ADOPTED_BY, ORIGINAL};
+pub use adoption::{Adoption, FINALIZER};
 pub use watches::run;
+#[cfg(test)]
+mod adopt_tests;
 #[cfg(test)]
 mod tests;

@@ -71,7 +71,8 @@ pub fn decide(pod: &AppPod, proxies: &[ProxyObservation]) -> Verdict {
     }
 }
 
-/// [`decide`] for every pod, opening at most `may_open` gates that are closed now:
+/// [`decide`] for every pod with the readiness gate, opening at most `may_open` gates
+/// that are closed now (a pod without the gate is left alone and counts for nothing):
 /// the first rollout of an adopted Deployment opens one only as an old pod without
 /// the drain gate has been retired and drained (see `adopt::guard`). `None`: no limit.
 pub fn decide_all(
@@ -81,6 +82,9 @@ pub fn decide_all(
 ) -> Vec<Verdict> {
     pods.iter()
         .map(|pod| {
+            if !pod.gated {
+                return Verdict::Keep("the pod has no readiness gate".to_owned());
+            }
             let verdict = decide(pod, proxies);
             if verdict != Verdict::Routable || pod.routable == Some(true) {
                 return verdict;

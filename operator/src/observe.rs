@@ -66,17 +66,16 @@ impl AppPod {
             ready: status
                 .and_then(|s| s.conditions.as_ref())
                 .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+            // Only a value the operator wrote: anything else read as "retired at 0"
+            // would count as drained at once (its drain timeout long past), letting a
+            // gate open while the pod still serves requests.
             retired: pod
                 .metadata
                 .labels
                 .as_ref()
                 .and_then(|l| l.get(crate::build::BACKEND_LABEL))
-                .filter(|v| *v != crate::build::BACKEND_SERVING)
-                .map(|v| {
-                    v.strip_prefix(crate::adopt::RETIRED_PREFIX)
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0)
-                }),
+                .and_then(|v| v.strip_prefix(crate::adopt::RETIRED_PREFIX))
+                .and_then(|s| s.parse().ok()),
         }
     }
 }
@@ -226,5 +225,30 @@ impl ProxyReader {
         tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| format!("GET {admin}{path}: no answer within {:?}", self.timeout))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_backend(value: &str) -> AppPod {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-a", "labels": {crate::build::BACKEND_LABEL: value}},
+        }))
+        .unwrap();
+        AppPod::from_pod(&pod)
+    }
+
+    #[test]
+    fn only_the_operators_retired_label_marks_a_retired_pod() {
+        assert_eq!(
+            with_backend("retired-1800000000").retired,
+            Some(1_800_000_000)
+        );
+        assert_eq!(with_backend("true").retired, None);
+        // Somebody else's value: not retired by the operator, so never "drained" by it.
+        assert_eq!(with_backend("false").retired, None);
+        assert_eq!(with_backend("retired-soon").retired, None);
     }
 }

@@ -2,6 +2,7 @@
 
 use ballast_api::BalancedService;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
 use std::fmt::Write as _;
 
 use crate::build::{BuildContext, build};
@@ -47,6 +48,12 @@ pub fn render(yaml: &str, ctx: &BuildContext, limits: &Limits) -> Result<String,
         .map(|v| serde_json::from_value(v.clone()))
         .collect::<Result<_, _>>()
         .map_err(|e| RenderError::ParseInput(e.to_string()))?;
+    let services: Vec<Service> = documents
+        .iter()
+        .filter(|v| v["kind"] == "Service" && v["apiVersion"] == "v1")
+        .map(|v| serde_json::from_value(v.clone()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| RenderError::ParseInput(e.to_string()))?;
     for value in documents {
         if value.is_null() || value["kind"] != "BalancedService" {
             continue;
@@ -80,9 +87,35 @@ pub fn render(yaml: &str, ctx: &BuildContext, limits: &Limits) -> Result<String,
             name: name.clone(),
             message: e.to_string(),
         })?;
-        let documents = build(&valid, ctx)
+        let objects = build(&valid, ctx);
+        let mut documents = objects
             .to_documents()
             .map_err(|e| RenderError::Serialize(e.to_string()))?;
+        // An adopted Service of the input is not replaced by ballast's own: the operator
+        // switches it in place (a merge patch), shown here as it will then read.
+        let theirs = services
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(valid.front_name))
+            .filter(|_| bs.spec.workload_ref.is_some() && bs.spec.service.adopt);
+        if let Some(service) = theirs {
+            let patch = crate::adopt::switch_patch(&bs, service, &objects.front_service).map_err(
+                |message| RenderError::InvalidSpec {
+                    name: name.clone(),
+                    message,
+                },
+            )?;
+            let mut switched =
+                serde_json::to_value(service).map_err(|e| RenderError::Serialize(e.to_string()))?;
+            merge_patch(&mut switched, &patch);
+            switched["apiVersion"] = "v1".into();
+            switched["kind"] = "Service".into();
+            let front = documents
+                .iter_mut()
+                .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == valid.front_name);
+            if let Some(front) = front {
+                *front = switched;
+            }
+        }
         for document in documents {
             let text = serde_norway::to_string(&document)
                 .map_err(|e| RenderError::Serialize(e.to_string()))?;
@@ -96,6 +129,25 @@ pub fn render(yaml: &str, ctx: &BuildContext, limits: &Limits) -> Result<String,
         ));
     }
     Ok(out)
+}
+
+/// RFC 7386 JSON merge patch: what the API server does with a merge patch.
+fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (target, patch) {
+        (serde_json::Value::Object(target), serde_json::Value::Object(patch)) => {
+            for (key, value) in patch {
+                if value.is_null() {
+                    target.remove(key);
+                } else {
+                    merge_patch(
+                        target.entry(key.clone()).or_insert(serde_json::Value::Null),
+                        value,
+                    );
+                }
+            }
+        }
+        (target, patch) => *target = patch.clone(),
+    }
 }
 
 #[cfg(test)]

@@ -119,10 +119,15 @@ pub fn compute(
         BalancedServiceStatus::default()
     };
     status.observed_generation = generation;
-    // An adopted Deployment's size is its owner's (or its autoscaler's).
-    let desired = match (&bs.spec.workload_ref, &observed.app) {
-        (Some(_), Some(app)) => app.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
-        _ => bs.spec.replicas,
+    // With workloadRef the replicas are the adopted Deployment's (its owner's, or its
+    // autoscaler's); spec.replicas is not used.
+    let desired = match &bs.spec.workload_ref {
+        None => bs.spec.replicas,
+        Some(_) => observed
+            .app
+            .as_ref()
+            .and_then(|d| d.spec.as_ref())
+            .map_or(bs.spec.replicas, |s| s.replicas.unwrap_or(1)),
     };
 
     if blocked.is_none() {

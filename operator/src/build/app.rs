@@ -13,10 +13,11 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use std::collections::BTreeMap;
 
 use super::drain_gate::{DRAIN_BINARY, add_routable_gate, apply_drain_gate};
 use super::{
-    BACKEND_LABEL, BuildContext, REVISION_LABEL, common_labels, meta, selector_labels,
+    BACKEND_LABEL, BuildContext, REVISION_LABEL, SERVICE_LABEL, meta, selector_labels,
     template_revision,
 };
 use crate::validate::ValidatedSpec;
@@ -218,7 +219,12 @@ fn adopted_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext, live: &Deployme
     // Never an ownerReference: deleting the BalancedService must not delete the
     // Deployment (the finalizer gives it back instead).
     metadata.owner_references = None;
-    metadata.labels = Some(common_labels(v));
+    // Only ballast's own label: the app.kubernetes.io ones are the owner's (Helm checks
+    // `managed-by: Helm` before every upgrade, and a forced apply would take them over).
+    metadata.labels = Some(BTreeMap::from([(
+        SERVICE_LABEL.to_owned(),
+        v.name.to_owned(),
+    )]));
     Deployment {
         metadata,
         spec: Some(DeploymentSpec {

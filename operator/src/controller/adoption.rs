@@ -9,21 +9,14 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
 
 use super::{Context, ReconcileError};
-use crate::adopt::{self, GiveBack};
-use crate::build::{MANAGER, deployment_match_labels, selector_labels};
+use crate::adopt::{self, ADOPTED_BY, GiveBack, release_patch, return_patch, selector_with_nulls};
+use crate::build::{MANAGER, deployment_match_labels};
 
 /// Finalizer of a BalancedService that adopted a Deployment: deleting it gives the
 /// Deployment and the front Service back first.
 pub const FINALIZER: &str = "ballast.dev/give-back";
-/// Annotation on an adopted front Service: the BalancedService that switched it.
-pub const ADOPTED_BY: &str = "ballast.dev/adopted-by";
-/// Annotation on an adopted front Service: its selector and ports before the switch,
-/// as JSON, to switch it back.
-pub const ORIGINAL: &str = "ballast.dev/original";
-
 /// What the adoption looks like, for the `Adopted` condition.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Adoption {
@@ -123,95 +116,6 @@ pub(super) fn front_of(bs: &BalancedService, service: Option<Service>) -> Front 
     }
 }
 
-/// The merge patch switching `service` to the proxies: its selector becomes the
-/// proxies', each port's targetPort the proxy's client port; the values before are kept
-/// in an annotation. `Err` when a port of the Service is not one of `spec.ports` (the
-/// proxies would not serve it).
-pub(super) fn switch_patch(
-    bs: &BalancedService,
-    service: &Service,
-    built: &Service,
-) -> Result<Value, String> {
-    let built_ports = built
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.clone())
-        .unwrap_or_default();
-    let spec = service.spec.clone().unwrap_or_default();
-    let original = match service.annotations().get(ORIGINAL) {
-        // Already switched once (drift being undone): keep the first record.
-        Some(text) => serde_json::from_str(text).unwrap_or(Value::Null),
-        None => json!({"selector": spec.selector, "ports": spec.ports}),
-    };
-    let mut selector: BTreeMap<String, Value> = spec
-        .selector
-        .unwrap_or_default()
-        .into_keys()
-        .map(|k| (k, Value::Null))
-        .collect();
-    for (k, v) in selector_labels(bs, "proxy") {
-        selector.insert(k, Value::String(v));
-    }
-    let mut ports = Vec::new();
-    for port in spec.ports.unwrap_or_default() {
-        // The Service's port is the same as one of spec.ports by name, else by number.
-        let served = built_ports
-            .iter()
-            .find(|p| p.name.is_some() && p.name == port.name)
-            .or_else(|| built_ports.iter().find(|p| p.port == port.port));
-        let Some(served) = served else {
-            return Err(format!(
-                "port {} ({}) of Service {} is not in spec.ports; add it there so the proxies serve it",
-                port.port,
-                port.name.clone().unwrap_or_default(),
-                service.name_any()
-            ));
-        };
-        let mut port = serde_json::to_value(&port).unwrap_or_default();
-        port["targetPort"] = json!(served.target_port);
-        ports.push(port);
-    }
-    Ok(json!({
-        "metadata": {"annotations": {
-            ADOPTED_BY: bs.name_any(),
-            ORIGINAL: original.to_string(),
-        }},
-        "spec": {"selector": selector, "ports": ports},
-    }))
-}
-
-/// True when `service` selects this BalancedService's proxies (switched, not drifted).
-pub(super) fn is_switched(bs: &BalancedService, service: &Service) -> bool {
-    service.annotations().get(ADOPTED_BY) == Some(&bs.name_any())
-        && service
-            .spec
-            .as_ref()
-            .and_then(|s| s.selector.as_ref())
-            .is_some_and(|s| *s == selector_labels(bs, "proxy"))
-}
-
-/// The merge patch switching an adopted Service back to what it was.
-fn return_patch(bs: &BalancedService, service: &Service) -> Value {
-    let original: Value = service
-        .annotations()
-        .get(ORIGINAL)
-        .and_then(|t| serde_json::from_str(t).ok())
-        .unwrap_or(Value::Null);
-    let mut selector: BTreeMap<String, Value> = selector_labels(bs, "proxy")
-        .into_keys()
-        .map(|k| (k, Value::Null))
-        .collect();
-    if let Some(before) = original["selector"].as_object() {
-        for (k, v) in before {
-            selector.insert(k.clone(), v.clone());
-        }
-    }
-    json!({
-        "metadata": {"annotations": {ADOPTED_BY: null, ORIGINAL: null}},
-        "spec": {"selector": selector, "ports": original["ports"]},
-    })
-}
-
 pub(super) async fn patch_service(
     ctx: &Context,
     namespace: &str,
@@ -278,14 +182,26 @@ pub(super) async fn give_back(
         .filter(|p| p.gated)
         .count();
     let pods_selector = deployment.map(deployment_match_labels).unwrap_or_default();
-    let returned = match &front {
-        Front::Switched(_) => false,
-        Front::Theirs(_) => true,
-        // A front Service ballast created is left behind, pointing at the pods, for
-        // the clients that use its name.
-        Front::Ours => own_selector.is_none_or(|s| s == pods_selector),
+    // The user's Service must reach the app pods before the proxies go; with no app pod
+    // ready there is nothing it could reach, and waiting would hold the deletion
+    // forever. A front Service ballast created is left behind pointing at the pods, for
+    // the clients that use its name; with none there is nothing to give back.
+    let (returned, reaches_pods) = match (&front, &own_selector) {
+        (Front::Switched(_), _) => (false, false),
+        (Front::Ours, None) => (true, true),
+        (Front::Ours, Some(selector)) if *selector != pods_selector => (false, false),
+        (Front::Ours | Front::Theirs(_), _) => {
+            let pods_ready = deployment
+                .and_then(|d| d.status.as_ref())
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0);
+            let reaches = service_reaches_pods(ctx, bs, namespace, &front_name).await?;
+            (
+                true,
+                reaches.no_proxy && (reaches.pods > 0 || pods_ready == 0),
+            )
+        }
     };
-    let reaches_pods = returned && service_reaches_pods(ctx, bs, namespace, &front_name).await?;
     let step = GiveBack::next(released, gated, returned, reaches_pods);
     tracing::info!(step = step.describe(), "giving the adopted Deployment back");
     match step {
@@ -333,47 +249,6 @@ pub(super) async fn give_back(
     }))
 }
 
-/// The merge patch leaving a front Service ballast created to the app: it selects the
-/// Deployment's pods on their own ports and no longer has ballast's ownerReference, so
-/// garbage collection keeps it for the clients that use its name.
-fn release_patch(bs: &BalancedService, pods: &BTreeMap<String, String>) -> Value {
-    let mut selector: BTreeMap<String, Value> = selector_labels(bs, "proxy")
-        .into_keys()
-        .map(|k| (k, Value::Null))
-        .collect();
-    for (k, v) in pods {
-        selector.insert(k.clone(), Value::String(v.clone()));
-    }
-    let ports: Vec<Value> = bs
-        .spec
-        .ports
-        .iter()
-        .map(|p| {
-            json!({
-                "name": p.name,
-                "port": p.port,
-                "protocol": "TCP",
-                "targetPort": p.target_port.clone().unwrap_or(
-                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p.port)),
-            })
-        })
-        .collect();
-    json!({
-        "metadata": {"ownerReferences": null},
-        "spec": {"selector": selector, "ports": ports},
-    })
-}
-
-/// `selector` with `drop` set to null (a merge patch removing that key).
-fn selector_with_nulls(drop: &str, selector: &BTreeMap<String, String>) -> Value {
-    let mut out: BTreeMap<String, Value> = selector
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
-    out.insert(drop.to_owned(), Value::Null);
-    json!(out)
-}
-
 /// Removes every field ballast applied to the Deployment: an apply of an empty body
 /// under ballast's field manager drops what only it owned (the owner's own values of
 /// shared fields stay). The Deployment rolls back to its owner's template.
@@ -395,13 +270,21 @@ async fn release_deployment(
     Ok(())
 }
 
-/// True when the front Service's endpoints are app pods and no proxy.
+/// What the front Service's EndpointSlices list.
+struct Reach {
+    /// No endpoint is a proxy pod (or anything but a pod).
+    no_proxy: bool,
+    /// How many endpoints are pods that are not proxies.
+    pods: usize,
+}
+
+/// What the front Service's endpoints are: app pods, proxies, or nothing.
 async fn service_reaches_pods(
     ctx: &Context,
     bs: &BalancedService,
     namespace: &str,
     front_name: &str,
-) -> Result<bool, ReconcileError> {
+) -> Result<Reach, ReconcileError> {
     let slices = Api::<EndpointSlice>::namespaced(ctx.client.clone(), namespace)
         .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={front_name}")))
         .await
@@ -424,10 +307,12 @@ async fn service_reaches_pods(
             )
         })
         .collect();
-    Ok(!targets.is_empty()
-        && targets
-            .iter()
-            .all(|(kind, name)| kind == "Pod" && !proxies.contains(name)))
+    let is_app_pod = |(kind, name): &&(String, String)| kind == "Pod" && !proxies.contains(name);
+    let pods = targets.iter().filter(is_app_pod).count();
+    Ok(Reach {
+        no_proxy: pods == targets.len(),
+        pods,
+    })
 }
 
 /// The adoption's state for its condition, from what converge saw.

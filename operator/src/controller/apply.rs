@@ -231,6 +231,24 @@ pub(super) async fn apply(
     })
 }
 
+/// Applies the app Deployment alone: ballast's fields of an adopted Deployment, once
+/// its front Service has been switched to the proxies after the other objects were
+/// applied.
+pub(super) async fn apply_app_deployment(
+    ctx: &Context,
+    bs: &BalancedService,
+    namespace: &str,
+    objects: &OwnedObjects,
+) -> Result<k8s_openapi::api::apps::v1::Deployment, Blocked> {
+    Target {
+        ctx,
+        owner: ObjectRef::from(bs),
+        namespace,
+    }
+    .apply(&ctx.caches.owned.deployments, &objects.app_deployment)
+    .await
+}
+
 /// Where owned objects are applied: one BalancedService's namespace.
 struct Target<'a> {
     ctx: &'a Context,

@@ -61,7 +61,14 @@ pub(super) async fn set_gates(
 ) -> Result<Vec<(String, String)>, ReconcileError> {
     let api = Api::<Pod>::namespaced(ctx.client.clone(), namespace);
     let mut waiting = Vec::new();
-    for (pod, verdict) in pods.iter().zip(gate::decide_all(pods, proxies, may_open)) {
+    // A pod without the readiness gate (an adopted Deployment's, started before the
+    // adoption) has no use for the condition; counting it would also spend the first
+    // rollout's allowance of gates on a pod that has none.
+    let gated: Vec<AppPod> = pods.iter().filter(|p| p.gated).cloned().collect();
+    for (pod, verdict) in gated
+        .iter()
+        .zip(gate::decide_all(&gated, proxies, may_open))
+    {
         if let Verdict::NotRoutable(why) = &verdict {
             waiting.push((pod.name.clone(), why.clone()));
         }

@@ -38,6 +38,9 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
     let labelled = watcher::Config::default().labels(crate::build::SERVICE_LABEL);
+    // An adopted Deployment carries ballast's service label only (its app.kubernetes.io
+    // labels are its owner's); it is watched for the apply cache, never owned.
+    let deployments = labelled.clone();
     // One watch per kind for all BalancedServices; reconciles read the caches they fill.
     let mut changes = PodChanges::default();
     let pods = watcher(api::<Pod>(&client, namespace), labelled.clone())
@@ -80,7 +83,7 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
     let controller = controller
         .owns_stream(reflected(
             api::<Deployment>(&client, namespace),
-            &owned,
+            &deployments,
             writers.deployments,
         ))
         .owns_stream(reflected(

@@ -207,3 +207,23 @@ fn slow_user_probes_are_a_warning_not_a_degradation() {
     let events = transitions(&BalancedServiceStatus::default(), &s);
     assert!(events.iter().any(|e| e.reason == "SlowProbes" && e.warning));
 }
+
+#[test]
+fn an_adopted_deployment_is_counted_against_its_own_replicas() {
+    // spec.replicas keeps its default (2); the adopted Deployment wants 3.
+    let mut bs = balanced_service();
+    bs.spec.template = None;
+    bs.spec.workload_ref = Some(
+        serde_json::from_value(
+            serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"}),
+        )
+        .unwrap(),
+    );
+    bs.spec.replicas = 2;
+    let mut app = deployment(3, 3, 2);
+    app.spec.get_or_insert_default().replicas = Some(3);
+    let s = compute(&bs, &observed(app, proxies(2)), None, at(0));
+    assert_eq!(s.ready.as_deref(), Some("2/3"));
+    assert_eq!(cond(&s, "Available").status, "False");
+    assert_eq!(cond(&s, "Available").reason, "PodsUnavailable");
+}

@@ -253,3 +253,95 @@ fn no_container() {
             .any(|e| e.starts_with("spec.template.spec.containers"))
     );
 }
+
+/// `demo` adopting Deployment `web` (selected by `app: web`).
+fn adopting() -> (BalancedService, Deployment) {
+    let mut bs = balanced_service();
+    bs.spec.template = None;
+    bs.spec.workload_ref = Some(
+        serde_json::from_value(
+            serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"}),
+        )
+        .unwrap(),
+    );
+    let deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "web", "image": "web:1",
+                         "ports": [{"name": "http", "containerPort": 8080}]}]},
+            },
+        },
+    }))
+    .unwrap();
+    (bs, deployment)
+}
+
+fn adopt_errors(bs: &BalancedService, deployment: &Deployment) -> Vec<String> {
+    match validate(bs, Some(deployment), &Limits::default()) {
+        Ok(_) => Vec::new(),
+        Err(InvalidSpec(errors)) => errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
+#[test]
+fn an_adopted_deployment_is_valid() {
+    let (bs, deployment) = adopting();
+    assert_eq!(adopt_errors(&bs, &deployment), Vec::<String>::new());
+}
+
+#[test]
+fn rollback_is_refused_with_a_workload_ref() {
+    let (mut bs, deployment) = adopting();
+    bs.spec.rollout.pause_when.rollback = true;
+    let e = adopt_errors(&bs, &deployment);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("spec.rollout.pauseWhen.rollback: rollback needs spec.template"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_deployment_selector_with_expressions_is_refused() {
+    let (bs, mut deployment) = adopting();
+    deployment.spec.as_mut().unwrap().selector.match_expressions = Some(vec![
+        serde_json::from_value(
+            serde_json::json!({"key": "tier", "operator": "In", "values": ["web"]}),
+        )
+        .unwrap(),
+    ]);
+    let e = adopt_errors(&bs, &deployment);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("spec.workloadRef: the Deployment's selector must be matchLabels only"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_front_service_name_colliding_with_ballasts_own_is_refused() {
+    for taken in ["demo-backends", "demo-proxy-admin", "demo-proxy"] {
+        let (mut bs, deployment) = adopting();
+        bs.spec.service.name = Some(taken.to_owned());
+        let e = adopt_errors(&bs, &deployment);
+        assert_eq!(
+            e,
+            vec![format!(
+                "spec.service.name: {taken:?} is the name of a Service or Deployment ballast creates; choose another"
+            )]
+        );
+    }
+}
+
+#[test]
+fn a_workload_ref_without_its_deployment_is_refused() {
+    let (bs, _) = adopting();
+    assert_eq!(
+        errors(&bs),
+        vec!["spec.workloadRef: Deployment \"web\" was not given"]
+    );
+}
