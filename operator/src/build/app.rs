@@ -2,7 +2,7 @@
 //! probes, grace period and drain gate.
 
 use ballast_api::settings::AfterDrain;
-use ballast_api::spec::{AppProtocol, ProbeScheme};
+use ballast_api::spec::{AppProtocol, ProbeScheme, RolloutSpec};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
@@ -144,20 +144,8 @@ pub(super) fn app_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Deplo
                 match_labels: Some(selector),
                 ..LabelSelector::default()
             },
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".to_owned()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(spec.rollout.max_surge.clone()),
-                    max_unavailable: Some(spec.rollout.max_unavailable.clone()),
-                }),
-            }),
-            // A new pod counts as available once its slow-start ramp is over, so the
-            // old pod it replaces leaves only when the new one takes its full share.
-            min_ready_seconds: Some(
-                spec.rollout
-                    .min_ready_seconds
-                    .max(spec.rollout.warmup_seconds),
-            ),
+            strategy: Some(strategy(&spec.rollout)),
+            min_ready_seconds: Some(min_ready_seconds(&spec.rollout)),
             progress_deadline_seconds: Some(spec.rollout.progress_deadline_seconds),
             revision_history_limit: Some(10),
             template,
@@ -228,18 +216,8 @@ fn adopted_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext, live: &Deployme
     Deployment {
         metadata,
         spec: Some(DeploymentSpec {
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".to_owned()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(spec.rollout.max_surge.clone()),
-                    max_unavailable: Some(spec.rollout.max_unavailable.clone()),
-                }),
-            }),
-            min_ready_seconds: Some(
-                spec.rollout
-                    .min_ready_seconds
-                    .max(spec.rollout.warmup_seconds),
-            ),
+            strategy: Some(strategy(&spec.rollout)),
+            min_ready_seconds: Some(min_ready_seconds(&spec.rollout)),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
@@ -258,6 +236,23 @@ fn adopted_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext, live: &Deployme
         }),
         ..Deployment::default()
     }
+}
+
+/// The rolling update `spec.rollout` asks for.
+fn strategy(rollout: &RolloutSpec) -> DeploymentStrategy {
+    DeploymentStrategy {
+        type_: Some("RollingUpdate".to_owned()),
+        rolling_update: Some(RollingUpdateDeployment {
+            max_surge: Some(rollout.max_surge.clone()),
+            max_unavailable: Some(rollout.max_unavailable.clone()),
+        }),
+    }
+}
+
+/// A new pod counts as available once its slow-start ramp is over, so the old pod it
+/// replaces leaves only when the new one takes its full share.
+fn min_ready_seconds(rollout: &RolloutSpec) -> i32 {
+    rollout.min_ready_seconds.max(rollout.warmup_seconds)
 }
 
 /// Value of [`BACKEND_LABEL`] on a pod the proxies balance over.

@@ -16,6 +16,7 @@ use crate::apiserver::ApiServer;
 use crate::apiserver::merge::merge;
 use crate::cluster::Deployment;
 use crate::cluster::feed::{EndpointFeed, SliceWriter};
+use crate::cluster::operator::{app_pod, ready_proxies};
 use crate::cluster::plan::DeploymentPlan;
 use crate::l4::L4Balancer;
 use crate::load::{Load, LoadPlan, LoadStats};
@@ -25,7 +26,7 @@ use ballast_api::BalancedService;
 use ballast_operator::adopt;
 use ballast_operator::build::{BuildContext, build};
 use ballast_operator::gate;
-use ballast_operator::observe::{AppPod, ProxyPod, ProxyReader, ROUTABLE_CONDITION};
+use ballast_operator::observe::{AppPod, ProxyReader, ROUTABLE_CONDITION};
 use ballast_operator::validate::{Limits, validate};
 use k8s_openapi::api::apps::v1::Deployment as K8sDeployment;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -269,19 +270,13 @@ pub async fn run(cfg: &ScenarioConfig, variant: AdoptVariant) -> Result<Adoption
     .map_err(|_| "the user's Service did not list every pod".to_owned())?
     .map_err(|e| e.to_string())?;
 
-    let load = Load::start(&LoadPlan {
-        target: front.addr,
-        rate: cfg.rate,
-        clients: cfg.clients,
-        long_clients: 0,
-        long_ms: 0..=0,
-        long_pause: Duration::ZERO,
-        ws_clients: 0,
-        ws_session: Duration::ZERO,
-        long_ws: false,
-        seed: cfg.seed,
-        deadline: Duration::from_secs(150),
-    });
+    let load = Load::start(&LoadPlan::short(
+        front.addr,
+        cfg.rate,
+        cfg.clients,
+        cfg.seed,
+        Duration::from_secs(150),
+    ));
     let load_started = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -324,34 +319,10 @@ pub async fn run(cfg: &ScenarioConfig, variant: AdoptVariant) -> Result<Adoption
                 app.describe()
             ));
         }
-        let ready: Vec<ProxyPod> = proxies
-            .pods()
-            .iter()
-            .filter(|p| p.ready() && p.status().deleted_at.is_none())
-            .map(|p| ProxyPod {
-                name: p.identity.name.clone(),
-                admin: SocketAddr::new(IpAddr::V4(p.identity.ip), admin_port),
-            })
-            .collect();
+        let ready = ready_proxies(&proxies, admin_port);
         let observations = reader.observe(&ready).await;
         let pods = app.pods();
-        let seen: Vec<AppPod> = pods
-            .iter()
-            .map(|p| {
-                let s = p.status();
-                AppPod {
-                    name: p.identity.name.clone(),
-                    ip: Some(IpAddr::V4(p.identity.ip)),
-                    revision: Some(p.revision.clone()),
-                    deleting: s.deleted_at.is_some(),
-                    routable: s.gates.get(ROUTABLE_CONDITION).copied(),
-                    routable_message: None,
-                    gated: p.has_gate(ROUTABLE_CONDITION),
-                    ready: p.ready(),
-                    retired: p.retired(),
-                }
-            })
-            .collect();
+        let seen: Vec<AppPod> = pods.iter().map(|p| app_pod(p)).collect();
         if switched_after.is_none() {
             let wanted = bs.spec.proxy.replicas;
             let count = i32::try_from(ready.len()).unwrap_or(0);
@@ -372,17 +343,10 @@ pub async fn run(cfg: &ScenarioConfig, variant: AdoptVariant) -> Result<Adoption
                 // Long requests, through the proxies (their connections are opened
                 // now): what an old pod without a drain gate loses when it exits.
                 long_load = Some(Load::start(&LoadPlan {
-                    target: front.addr,
-                    rate: 1,
-                    clients: 0,
                     long_clients: 2,
                     long_ms: 500..=2500,
                     long_pause: Duration::from_millis(100),
-                    ws_clients: 0,
-                    ws_session: Duration::ZERO,
-                    long_ws: false,
-                    seed: cfg.seed + 7,
-                    deadline: Duration::from_secs(150),
+                    ..LoadPlan::short(front.addr, 1, 0, cfg.seed + 7, Duration::from_secs(150))
                 }));
                 if let Some(long) = &long_load {
                     long.set_long_requests(true);

@@ -68,19 +68,13 @@ pub async fn run(
         ..
     } = stage(Variant::Ballast, cfg, &live, Some(thresholds)).await?;
     let status = status.ok_or("the ballast variant has an operator stand-in")?;
-    let load = Load::start(&LoadPlan {
-        target: front.addr,
-        rate: cfg.rate,
-        clients: cfg.clients,
-        long_clients: 0,
-        long_ms: 0..=0,
-        long_pause: Duration::ZERO,
-        ws_clients: 0,
-        ws_session: Duration::ZERO,
-        long_ws: false,
-        seed: cfg.seed,
-        deadline: NOTICE_LIMIT + ROLLBACK_LIMIT + Duration::from_secs(30),
-    });
+    let load = Load::start(&LoadPlan::short(
+        front.addr,
+        cfg.rate,
+        cfg.clients,
+        cfg.seed,
+        NOTICE_LIMIT + ROLLBACK_LIMIT + Duration::from_secs(30),
+    ));
 
     let old_revision = app.plan().pod.revision;
     let mut failing = app_next;

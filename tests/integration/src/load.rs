@@ -53,6 +53,32 @@ pub struct LoadPlan {
     pub deadline: Duration,
 }
 
+impl LoadPlan {
+    /// `clients` keep-alive connections sharing `rate` short GETs per second to
+    /// `target`, nothing else, for at most `deadline`.
+    pub fn short(
+        target: SocketAddr,
+        rate: u32,
+        clients: u32,
+        seed: u64,
+        deadline: Duration,
+    ) -> Self {
+        Self {
+            target,
+            rate,
+            clients,
+            long_clients: 0,
+            long_ms: 0..=0,
+            long_pause: Duration::ZERO,
+            ws_clients: 0,
+            ws_session: Duration::ZERO,
+            long_ws: false,
+            seed,
+            deadline,
+        }
+    }
+}
+
 /// What the clients saw.
 #[derive(Clone, Debug, Default)]
 pub struct LoadStats {

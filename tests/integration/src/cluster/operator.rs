@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::Deployment;
+use super::pod::Pod;
 
 /// How often the stand-in looks, like the operator while pods wait or drain.
 const PERIOD: Duration = Duration::from_secs(1);
@@ -50,6 +51,35 @@ pub async fn next_round(view: &Mutex<StatusView>, rounds: u64) -> bool {
     true
 }
 
+/// The ready proxy replicas of `proxies`, with their admin addresses.
+pub fn ready_proxies(proxies: &Deployment, admin_port: u16) -> Vec<ProxyPod> {
+    proxies
+        .pods()
+        .iter()
+        .filter(|p| p.ready() && p.status().deleted_at.is_none())
+        .map(|p| ProxyPod {
+            name: p.identity.name.clone(),
+            admin: SocketAddr::new(IpAddr::V4(p.identity.ip), admin_port),
+        })
+        .collect()
+}
+
+/// A stand-in pod as the operator sees it.
+pub fn app_pod(p: &Pod) -> AppPod {
+    let s = p.status();
+    AppPod {
+        name: p.identity.name.clone(),
+        ip: Some(IpAddr::V4(p.identity.ip)),
+        revision: Some(p.revision.clone()),
+        deleting: s.deleted_at.is_some(),
+        routable: s.gates.get(ROUTABLE_CONDITION).copied(),
+        routable_message: None,
+        gated: p.has_gate(ROUTABLE_CONDITION),
+        ready: p.ready(),
+        retired: p.retired(),
+    }
+}
+
 /// Starts the gate and tracking over `app`'s pods, reading the proxies of `proxies` on
 /// `admin_port`, pausing `app` when a rollout crosses `pause_when`. Runs until the
 /// runtime ends.
@@ -68,32 +98,10 @@ pub fn start(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let ready: Vec<ProxyPod> = proxies
-                .pods()
-                .iter()
-                .filter(|p| p.ready() && p.status().deleted_at.is_none())
-                .map(|p| ProxyPod {
-                    name: p.identity.name.clone(),
-                    admin: SocketAddr::new(IpAddr::V4(p.identity.ip), admin_port),
-                })
-                .collect();
+            let ready = ready_proxies(&proxies, admin_port);
             let observations = reader.observe(&ready).await;
             let pods = app.pods();
-            let app_pods: Vec<AppPod> = pods
-                .iter()
-                .map(|p| {
-                    let s = p.status();
-                    AppPod {
-                        name: p.identity.name.clone(),
-                        ip: Some(IpAddr::V4(p.identity.ip)),
-                        revision: Some(p.revision.clone()),
-                        deleting: s.deleted_at.is_some(),
-                        routable: s.gates.get(ROUTABLE_CONDITION).copied(),
-                        routable_message: None,
-                        ..AppPod::default()
-                    }
-                })
-                .collect();
+            let app_pods: Vec<AppPod> = pods.iter().map(|p| app_pod(p)).collect();
             for (pod, seen) in pods.iter().zip(&app_pods) {
                 let verdict = gate::decide(seen, &observations);
                 if let Some((value, _)) = gate::change(seen, &verdict) {
