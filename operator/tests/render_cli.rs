@@ -112,7 +112,7 @@ fn an_adopted_deployment_renders_as_ballasts_fields_only() {
         serde_json::json!({"ballast.dev/service": "web", "ballast.dev/role": "proxy"})
     );
     assert_eq!(service["spec"]["ports"][0]["port"], 80);
-    assert_eq!(service["spec"]["ports"][0]["targetPort"], "http");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], 8080);
     assert!(service["metadata"].get("ownerReferences").is_none());
     assert_eq!(
         service["metadata"]["annotations"]["ballast.dev/adopted-by"],

@@ -95,7 +95,11 @@ pub(super) fn proxy_admin_service(v: &ValidatedSpec<'_>) -> Service {
     }
 }
 
-/// What clients use: selects the proxies, each port to its listener's container port.
+/// What clients use: selects the proxies, each port to its listener's container port,
+/// by number: proxy pods of an older operator named their one client port `proxy`, and a
+/// target by the new name would leave the front Service without endpoints until the
+/// first new proxy is ready, while one by number reaches old and new pods alike (the
+/// first listener has always been 8080).
 pub(super) fn front_service(v: &ValidatedSpec<'_>) -> Service {
     let ports = v
         .ports
@@ -103,7 +107,7 @@ pub(super) fn front_service(v: &ValidatedSpec<'_>) -> Service {
         .map(|served| ServicePort {
             name: Some(served.port.name.clone()),
             port: served.port.port,
-            target_port: Some(IntOrString::String(served.port.name.clone())),
+            target_port: Some(IntOrString::Int(i32::from(served.proxy_port))),
             app_protocol: Some(app_protocol(served.port.app_protocol).to_owned()),
             protocol: Some("TCP".to_owned()),
             ..ServicePort::default()

@@ -654,12 +654,22 @@ fn two_ports_make_two_listeners_and_two_ports_on_each_service() {
             })
             .collect()
     };
-    let named = |n: &str| IntOrString::String(n.to_owned());
     assert_eq!(
         ports(objects.front_service),
         [
-            ("http".to_owned(), 80, named("http"), "http".to_owned()),
-            ("grpc".to_owned(), 9090, named("grpc"), "grpc".to_owned()),
+            // By number: older proxy pods named their one client port `proxy`.
+            (
+                "http".to_owned(),
+                80,
+                IntOrString::Int(8080),
+                "http".to_owned()
+            ),
+            (
+                "grpc".to_owned(),
+                9090,
+                IntOrString::Int(8081),
+                "grpc".to_owned()
+            ),
         ]
     );
     assert_eq!(

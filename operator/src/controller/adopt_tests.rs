@@ -334,8 +334,8 @@ async fn a_deployment_and_its_service_are_adopted_once_the_proxies_route_to_ever
     assert_eq!(ports.len(), 1);
     assert_eq!(ports[0]["port"], 80);
     assert_eq!(ports[0]["name"], "http");
-    // The proxy container's port of that name.
-    assert_eq!(ports[0]["targetPort"], "http");
+    // The proxy container's client port, by number.
+    assert_eq!(ports[0]["targetPort"], 8080);
     let annotations = &patch["metadata"]["annotations"];
     assert_eq!(annotations[ADOPTED_BY], "demo");
     let original: Value = serde_json::from_str(annotations[ORIGINAL].as_str().unwrap()).unwrap();
@@ -792,7 +792,7 @@ async fn a_switched_service_someone_reverted_is_switched_again() {
         patch["spec"]["selector"],
         json!({"app": null, "ballast.dev/service": "demo", "ballast.dev/role": "proxy"})
     );
-    assert_eq!(patch["spec"]["ports"][0]["targetPort"], "http");
+    assert_eq!(patch["spec"]["ports"][0]["targetPort"], 8080);
     // The record of what it was before is the first one, kept as it was.
     assert_eq!(
         patch["metadata"]["annotations"][ORIGINAL],
