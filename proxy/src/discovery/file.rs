@@ -117,7 +117,16 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ballast-file-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("endpoints.yaml");
-        std::fs::write(&path, "- address: 127.0.0.2:80\n").unwrap();
+        // As a writer that others read must (and as Kubernetes swaps a ConfigMap's
+        // files): the whole new text at once. A plain write truncates first, and a poll
+        // between the truncation and the write reads an empty file, which is an empty
+        // set: that made this test flaky.
+        let write = |text: &str| {
+            let next = dir.join("endpoints.yaml.next");
+            std::fs::write(&next, text).unwrap();
+            std::fs::rename(&next, &path).unwrap();
+        };
+        write("- address: 127.0.0.2:80\n");
         let (tx, mut rx) = watch::channel(EndpointSet::default());
         let task = tokio::spawn({
             let path = path.clone();
@@ -126,7 +135,7 @@ mod tests {
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow_and_update().len(), 1);
 
-        std::fs::write(&path, "- address: [broken\n").unwrap();
+        write("- address: [broken\n");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(
             rx.borrow().len(),
@@ -134,12 +143,11 @@ mod tests {
             "an invalid write keeps the last good set"
         );
 
-        std::fs::write(&path, "- address: 127.0.0.2:80\n- address: 127.0.0.3:80\n").unwrap();
-        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        write("- address: 127.0.0.2:80\n- address: 127.0.0.3:80\n");
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|set| set.len() == 2))
             .await
-            .unwrap()
+            .expect("the new set is published")
             .unwrap();
-        assert_eq!(rx.borrow().len(), 2);
         task.abort();
         std::fs::remove_dir_all(&dir).unwrap();
     }
