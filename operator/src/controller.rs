@@ -448,15 +448,26 @@ async fn clear_resume(
     namespace: &str,
 ) -> Result<(), ReconcileError> {
     let patch = serde_json::json!({"metadata": {"annotations": {RESUME_ANNOTATION: null}}});
+    merge_patch(ctx, bs, namespace, &patch)
+        .await
+        .map_err(ReconcileError::ClearResume)
+}
+
+/// A JSON merge patch of the BalancedService itself (its metadata).
+async fn merge_patch(
+    ctx: &Context,
+    bs: &BalancedService,
+    namespace: &str,
+    patch: &serde_json::Value,
+) -> Result<(), kube::Error> {
     Api::<BalancedService>::namespaced(ctx.client.clone(), namespace)
         .patch(
             &bs.name_any(),
             &PatchParams::default(),
-            &Patch::Merge(&patch),
+            &Patch::Merge(patch),
         )
         .await
-        .map_err(ReconcileError::ClearResume)?;
-    Ok(())
+        .map(drop)
 }
 
 /// Publishes one Event per transition. An Event is best effort: a failure is logged,

@@ -83,15 +83,9 @@ async fn patch_finalizers(
         "finalizers": finalizers,
         "resourceVersion": bs.resource_version(),
     }});
-    Api::<BalancedService>::namespaced(ctx.client.clone(), namespace)
-        .patch(
-            &bs.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+    super::merge_patch(ctx, bs, namespace, &patch)
         .await
-        .map_err(ReconcileError::Finalizer)?;
-    Ok(())
+        .map_err(ReconcileError::Finalizer)
 }
 
 /// Whose the front Service is, for an adopting BalancedService.
