@@ -66,9 +66,8 @@ async fn a_ten_times_slower_pod_gets_far_fewer_requests() {
         l[l.len() / 2],
         l[l.len() * 9 / 10]
     );
-    assert!(
-        p99 < Duration::from_millis(10 * FAST_MS),
-        "p99 {p99:?} should stay near the fast pods' 2 ms"
-    );
+    // Latency is printed, not asserted: a timed assertion measures the shared machine
+    // (this one failed at p99 51.7 ms with p50 8.4 ms against 5 ms pods on a loaded CI
+    // run). The p99 with a slow pod is measured by `bench/proxy.sh --sections 3`.
     running.shutdown().await;
 }
