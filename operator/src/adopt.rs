@@ -20,6 +20,7 @@
 
 use ballast_api::BalancedService;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -126,16 +127,26 @@ fn open_on(pod: &AppPod, proxies: &[ProxyObservation]) -> Option<String> {
 
 /// Whether the front Service may switch to the proxies: every ready proxy is read and
 /// lists every ready app pod (so the first request through a proxy finds the same pods
-/// the Service reached directly). `Err` says what is missing.
+/// the Service reached directly), and `pods` holds as many ready pods as the Deployment
+/// `deployment` counts (`pods_counted`): a ready pod not labelled or not seen yet is one nobody
+/// checked, and switching would take its traffic away. `Err` says what is missing.
 ///
 /// # Errors
 /// Why not yet.
 pub fn ready_to_switch(
     proxies_ready: i32,
     proxies_wanted: i32,
+    deployment: &str,
+    pods_counted: i32,
     pods: &[AppPod],
     proxies: &[ProxyObservation],
 ) -> Result<(), String> {
+    let seen = pods.iter().filter(|p| p.ready && !p.deleting).count();
+    if usize::try_from(pods_counted).unwrap_or(0) > seen {
+        return Err(format!(
+            "{seen}/{pods_counted} ready pods of Deployment {deployment} are labelled and seen"
+        ));
+    }
     if proxies_ready < proxies_wanted || proxies.is_empty() {
         return Err(format!("{proxies_ready}/{proxies_wanted} proxies ready"));
     }
@@ -160,6 +171,18 @@ pub fn ready_to_switch(
         }
     }
     Ok(())
+}
+
+/// A count or percentage of `total`, rounded down (as the Deployment controller
+/// resolves `maxUnavailable`).
+pub fn resolve_count(value: &IntOrString, total: i32) -> i32 {
+    match value {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(text) => match text.strip_suffix('%') {
+            Some(percent) => percent.parse::<i32>().unwrap_or(0) * total / 100,
+            None => text.parse().unwrap_or(0),
+        },
+    }
 }
 
 /// The steps of giving an adopted Deployment and Service back, in order. The rollout to

@@ -565,7 +565,7 @@ async fn converge(
     let mut guard = crate::adopt::Guard::default();
     if let Some(deployment) = valid.adopted {
         let switched = match &front {
-            adoption::Front::Ours => Ok(true),
+            adoption::Front::Ours => Ok(()),
             adoption::Front::Switched(service) | adoption::Front::Theirs(service) => {
                 let wanted = bs.spec.proxy.replicas;
                 let ready = observed
@@ -574,14 +574,22 @@ async fn converge(
                     .and_then(|p| p.status.as_ref())
                     .and_then(|s| s.ready_replicas)
                     .unwrap_or(0);
-                let switch = matches!(front, adoption::Front::Switched(_))
-                    .then_some(())
-                    .ok_or(())
-                    .or_else(|()| {
-                        all_ready_pods_seen(deployment, &pods).and_then(|()| {
-                            crate::adopt::ready_to_switch(ready, wanted, &pods, &proxies)
-                        })
-                    });
+                let pods_counted = deployment
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.ready_replicas)
+                    .unwrap_or(0);
+                let switch = match front {
+                    adoption::Front::Switched(_) => Ok(()),
+                    _ => crate::adopt::ready_to_switch(
+                        ready,
+                        wanted,
+                        &deployment.name_any(),
+                        pods_counted,
+                        &pods,
+                        &proxies,
+                    ),
+                };
                 match switch {
                     Ok(()) => {
                         // Switching again undoes a change of selector by somebody else.
@@ -617,7 +625,7 @@ async fn converge(
                                 Err(refused) => return Ok((Observed::default(), Some(refused))),
                             }
                         }
-                        Ok(true)
+                        Ok(())
                     }
                     Err(why) => Err(why),
                 }
@@ -628,7 +636,8 @@ async fn converge(
             .as_ref()
             .and_then(|s| s.replicas)
             .unwrap_or(1);
-        let max_unavailable = resolve_count(&bs.spec.rollout.max_unavailable, desired);
+        let max_unavailable =
+            crate::adopt::resolve_count(&bs.spec.rollout.max_unavailable, desired);
         guard = crate::adopt::guard(
             desired,
             max_unavailable,
@@ -657,42 +666,6 @@ async fn converge(
     observed.gate_waiting = pods::set_gates(ctx, namespace, &pods, &proxies, guard.open).await?;
     observed.tracked = Some(tracked);
     Ok((observed, None))
-}
-
-/// `Err` while the pod cache holds fewer ready pods of an adopted Deployment than it
-/// counts (pods not labelled yet, or their labels not yet seen): `ready_to_switch`
-/// checks the proxies against the pods it is given, and switching the Service to
-/// proxies that miss a pod nobody checked would take traffic away from it.
-fn all_ready_pods_seen(deployment: &Deployment, pods: &[AppPod]) -> Result<(), String> {
-    let counted = deployment
-        .status
-        .as_ref()
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0);
-    let seen = pods.iter().filter(|p| p.ready && !p.deleting).count();
-    if usize::try_from(counted).unwrap_or(0) > seen {
-        return Err(format!(
-            "{seen}/{counted} ready pods of Deployment {} are labelled and seen",
-            deployment.name_any()
-        ));
-    }
-    Ok(())
-}
-
-/// A count or percentage of `total`, rounded down (as the Deployment controller
-/// resolves `maxUnavailable`).
-fn resolve_count(
-    value: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
-    total: i32,
-) -> i32 {
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    match value {
-        IntOrString::Int(n) => *n,
-        IntOrString::String(text) => match text.strip_suffix('%') {
-            Some(percent) => percent.parse::<i32>().unwrap_or(0) * total / 100,
-            None => text.parse().unwrap_or(0),
-        },
-    }
 }
 
 /// `at` without its fraction: what a `metav1.Time` keeps through the API server, so a

@@ -1,6 +1,7 @@
 use super::*;
 use crate::observe::ProxyReport;
 use ballast_api::admin::{EndpointReport, EndpointStatus};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 fn pod(name: &str, n: u8, gated: bool) -> AppPod {
     AppPod {
@@ -182,18 +183,50 @@ fn property_no_old_pod_is_deleted_before_it_is_drained() {
 fn the_service_switches_once_every_proxy_routes_to_every_ready_pod() {
     let pods = [pod("old-1", 1, false), pod("old-2", 2, false)];
     assert_eq!(
-        ready_to_switch(1, 2, &pods, &[proxy(&[(&pods[0], 0), (&pods[1], 0)])]),
+        ready_to_switch(
+            1,
+            2,
+            "web",
+            2,
+            &pods,
+            &[proxy(&[(&pods[0], 0), (&pods[1], 0)])]
+        ),
         Err("1/2 proxies ready".to_owned())
     );
     let partial = proxy(&[(&pods[0], 0)]);
     assert!(
-        ready_to_switch(1, 1, &pods, &[partial])
+        ready_to_switch(1, 1, "web", 2, &pods, &[partial])
             .unwrap_err()
             .contains("old-2")
     );
     assert_eq!(
-        ready_to_switch(1, 1, &pods, &[proxy(&[(&pods[0], 0), (&pods[1], 0)])]),
+        ready_to_switch(
+            1,
+            1,
+            "web",
+            2,
+            &pods,
+            &[proxy(&[(&pods[0], 0), (&pods[1], 0)])]
+        ),
         Ok(())
+    );
+    // A ready pod the caller has not seen yet (not labelled): no switch.
+    assert!(
+        ready_to_switch(
+            1,
+            1,
+            "web",
+            3,
+            &pods,
+            &[proxy(&[(&pods[0], 0), (&pods[1], 0)])]
+        )
+        .unwrap_err()
+        .contains("2/3 ready pods")
+    );
+    assert_eq!(
+        resolve_count(&IntOrString::String("25%".into()), 6),
+        1,
+        "rounded down, as maxUnavailable"
     );
 }
 

@@ -313,7 +313,7 @@ async fn service_reaches_pods(
 pub(super) fn adopted(
     deployment: &str,
     front: &str,
-    switched: Result<bool, String>,
+    switched: Result<(), String>,
     guard: &adopt::Guard,
     old_pods: usize,
 ) -> Adoption {
@@ -325,7 +325,7 @@ pub(super) fn adopted(
                 "Deployment {deployment} adopted; Service {front} switches to the proxies once {why}"
             ),
         },
-        Ok(_) if old_pods > 0 => Adoption {
+        Ok(()) if old_pods > 0 => Adoption {
             healthy: true,
             reason: "FirstRollout",
             message: format!(
@@ -337,7 +337,7 @@ pub(super) fn adopted(
                     .unwrap_or_default()
             ),
         },
-        Ok(_) => Adoption {
+        Ok(()) => Adoption {
             healthy: true,
             reason: "Adopted",
             message: format!(

@@ -326,7 +326,9 @@ pub async fn run(cfg: &ScenarioConfig, variant: AdoptVariant) -> Result<Adoption
         if switched_after.is_none() {
             let wanted = bs.spec.proxy.replicas;
             let count = i32::try_from(ready.len()).unwrap_or(0);
-            if adopt::ready_to_switch(count, wanted, &seen, &observations).is_ok() {
+            // Every pod of the stand-in is seen: the Deployment counts what `seen` holds.
+            let counted = i32::try_from(seen.iter().filter(|p| p.ready).count()).unwrap_or(0);
+            if adopt::ready_to_switch(count, wanted, "web", counted, &seen, &observations).is_ok() {
                 switched.store(true, std::sync::atomic::Ordering::Relaxed);
                 // kube-proxy's view of the Service moves to the proxies: connections
                 // opened until then still go straight to a pod.
