@@ -104,6 +104,33 @@ pub enum LogFormat {
 }
 named_enum!(LogFormat { Text => "text", Json => "json" });
 
+/// Whether a proxy prefers the endpoints in its own topology zone.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ZoneRouting {
+    /// Every eligible endpoint, whatever its zone.
+    #[default]
+    Off,
+    /// Endpoints in the proxy's zone while they can carry its share of the traffic,
+    /// spilling to the other zones when they cannot (too few, overloaded, ejected or
+    /// draining), so no zone's pods sit idle.
+    PreferSameZone,
+}
+named_enum!(ZoneRouting { Off => "off", PreferSameZone => "prefer-same-zone" });
+
+/// Zone-aware routing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ZoneSettings {
+    /// On or off.
+    pub routing: ZoneRouting,
+    /// The proxy's own zone, overriding what `proxy_service` says.
+    pub zone: Option<String>,
+    /// The Service over every proxy replica (the admin Service): its EndpointSlices
+    /// give each proxy pod's zone, hence this proxy's own (found by its pod name,
+    /// `BALLAST_POD_NAME`) and how the proxies spread over the zones.
+    pub proxy_service: Option<String>,
+}
+
 /// Retries of requests the pod cannot have processed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RetrySettings {
@@ -250,6 +277,8 @@ pub struct ProxySettings {
     pub log_format: LogFormat,
     /// Session affinity, when on.
     pub affinity: Option<AffinitySettings>,
+    /// Zone-aware routing.
+    pub zones: ZoneSettings,
 }
 
 impl ProxySettings {
@@ -292,6 +321,15 @@ impl ProxySettings {
             arg("drain-timeout", duration(self.drain_timeout)),
             arg("log-format", self.log_format),
         ]);
+        if self.zones.routing != ZoneRouting::Off {
+            args.push(arg("zone-routing", self.zones.routing));
+        }
+        if let Some(zone) = &self.zones.zone {
+            args.push(arg("zone", zone));
+        }
+        if let Some(service) = &self.zones.proxy_service {
+            args.push(arg("proxy-service", service));
+        }
         if let Some(affinity) = &self.affinity {
             args.extend([
                 arg("affinity", &affinity.key),

@@ -2,7 +2,7 @@
 
 use ballast_api::settings::{
     AffinitySettings, BackendProtocol, ListenerSettings, LogFormat, OutlierSettings, ProxySettings,
-    RetrySettings,
+    RetrySettings, ZoneSettings,
 };
 use ballast_api::spec::AppProtocol;
 use k8s_openapi::api::apps::v1::{
@@ -82,6 +82,7 @@ pub fn proxy_settings(v: &ValidatedSpec<'_>) -> ProxySettings {
         drain_timeout: PROXY_DRAIN_TIMEOUT,
         log_format: LogFormat::Json,
         affinity: affinity_settings(v),
+        zones: ZoneSettings::default(),
     }
 }
 

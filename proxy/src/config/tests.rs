@@ -2,7 +2,7 @@ use super::*;
 use crate::balance::affinity::KeySource;
 use ballast_api::settings::{
     AffinitySettings, ListenerSettings, LogFormat, OutlierSettings, ProxySettings, RetrySettings,
-    SameSite,
+    SameSite, ZoneSettings,
 };
 use clap::Parser;
 use std::time::Duration;
@@ -163,6 +163,7 @@ fn operator_settings() -> ProxySettings {
             cookie_same_site: SameSite::Strict,
             trust_forwarded_for: true,
         }),
+        zones: ZoneSettings::default(),
     }
 }
 
@@ -228,6 +229,7 @@ fn settings_of(config: &Config) -> ProxySettings {
             cookie_same_site: a.cookie_same_site,
             trust_forwarded_for: a.trust_forwarded_for,
         }),
+        zones: ZoneSettings::default(),
     }
 }
 
