@@ -35,7 +35,7 @@ trap 'rm -rf "$rendered"' EXIT
 # The binary `cargo test` just built (its render test ran it); `cargo run` would
 # resolve features differently and rebuild the operator's dependencies.
 operator_bin="${CARGO_TARGET_DIR:-target}/debug/ballast-operator"
-samples=(config/samples/demo-http.yaml config/samples/demo-grpc.yaml config/samples/demo-multiport.yaml config/samples/adopt-deployment.yaml)
+samples=(config/samples/demo-http.yaml config/samples/demo-grpc.yaml config/samples/demo-multiport.yaml config/samples/adopt-deployment.yaml config/samples/demo-gke.yaml config/samples/demo-gke-gateway.yaml)
 for sample in "${samples[@]}"; do
   "$operator_bin" render -f "$sample" >"$rendered/$(basename "$sample")"
 done
@@ -46,3 +46,14 @@ done
 bash .ci/merge-adopted.sh config/samples/adopt-deployment.yaml \
   "$rendered/adopt-deployment.yaml" >"$rendered/adopt-deployment-merged.yaml"
 bash .ci/validate-manifests.sh "${samples[@]}" "$rendered"/*.yaml
+
+step "GKE and Gateway API objects (rendered and sampled) against their published CRD schemas"
+bash .ci/validate-crd-kinds.sh "${samples[@]}" "$rendered"/*.yaml
+# The check must be able to fail: known-bad objects are refused.
+if bash .ci/validate-crd-kinds.sh .ci/fixtures/invalid-gke-kinds.yaml >/dev/null; then
+  echo "validate-crd-kinds accepted .ci/fixtures/invalid-gke-kinds.yaml" >&2
+  exit 1
+fi
+
+step "the one image setting reaches the proxies (config/default)"
+bash .ci/check-image-setting.sh

@@ -444,6 +444,17 @@ fn rule_cases() -> Vec<RuleCase> {
                 || json!({"minAvailable": 1, "maxUnavailable": 1}),
             )],
         },
+        RuleCase {
+            rule_contains: "self.healthCheck.timeoutSeconds <= self.healthCheck.checkIntervalSeconds",
+            passing: &[(
+                "/spec/proxy/loadBalancer",
+                || json!({"type": "Ingress", "healthCheck": {"checkIntervalSeconds": 10, "timeoutSeconds": 5}}),
+            )],
+            failing: &[(
+                "/spec/proxy/loadBalancer",
+                || json!({"type": "Gateway", "healthCheck": {"checkIntervalSeconds": 2, "timeoutSeconds": 5}}),
+            )],
+        },
     ]
 }
 

@@ -30,6 +30,7 @@ fn main() {
         .collect();
     let ctx = BuildContext {
         proxy_image: "ghcr.io/ballast-dev/ballast:bench".to_owned(),
+        operator_namespace: "ballast-system".to_owned(),
     };
     let limits = Limits::default();
     let started = Instant::now();

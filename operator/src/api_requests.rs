@@ -17,7 +17,7 @@ pub struct ApiRequest {
 }
 
 /// Resources ballast reads or writes; anything else is counted as `other`.
-const RESOURCES: [&str; 16] = [
+const RESOURCES: [&str; 22] = [
     "balancedservices",
     "balancedservices/status",
     "deployments",
@@ -29,6 +29,12 @@ const RESOURCES: [&str; 16] = [
     "roles",
     "rolebindings",
     "poddisruptionbudgets",
+    "networkpolicies",
+    "backendconfigs",
+    "gcpbackendpolicies",
+    "healthcheckpolicies",
+    "httproutes",
+    "grpcroutes",
     "events",
     "leases",
     "endpointslices",

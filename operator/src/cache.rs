@@ -5,8 +5,10 @@
 use ballast_api::BalancedService;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
@@ -25,6 +27,21 @@ pub struct Caches {
     pub(crate) pods: Store<Pod>,
     pub(crate) replica_sets: Store<ReplicaSet>,
     pub(crate) owned: OwnedStores,
+    /// Gateway API routes (`HTTPRoute`, `GRPCRoute`), to find one that goes around
+    /// the proxies; empty where the Gateway API is not installed.
+    pub(crate) routes: [(&'static str, Store<DynamicObject>); 2],
+}
+
+/// The Gateway API route kinds watched, with their plural.
+pub const ROUTE_KINDS: [(&str, &str); 2] =
+    [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")];
+
+/// The `gateway.networking.k8s.io/v1` resource of a route kind.
+pub fn route_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind),
+        plural,
+    )
 }
 
 /// The objects the operator owns, as its `owns` watches see them: an apply whose body
@@ -37,6 +54,7 @@ pub(crate) struct OwnedStores {
     pub(crate) service_accounts: Store<ServiceAccount>,
     pub(crate) roles: Store<Role>,
     pub(crate) role_bindings: Store<RoleBinding>,
+    pub(crate) network_policies: Store<NetworkPolicy>,
 }
 
 /// What fills [`Caches`]: the watches in [`crate::controller::run`], or a test.
@@ -48,7 +66,8 @@ pub struct CacheWriters {
     pub replica_sets: Writer<ReplicaSet>,
     /// Owned Deployments.
     pub deployments: Writer<Deployment>,
-    /// Owned Services.
+    /// Every Service (the owned ones are applied, the others checked for a NEG on the
+    /// app pods).
     pub services: Writer<Service>,
     /// Owned PodDisruptionBudgets.
     pub budgets: Writer<PodDisruptionBudget>,
@@ -58,6 +77,10 @@ pub struct CacheWriters {
     pub roles: Writer<Role>,
     /// Owned RoleBindings.
     pub role_bindings: Writer<RoleBinding>,
+    /// Owned NetworkPolicies.
+    pub network_policies: Writer<NetworkPolicy>,
+    /// HTTPRoutes and GRPCRoutes.
+    pub routes: [Writer<DynamicObject>; 2],
 }
 
 impl Caches {
@@ -71,6 +94,10 @@ impl Caches {
         let (service_accounts, sa_writer) = reflector::store();
         let (roles, role_writer) = reflector::store();
         let (role_bindings, rb_writer) = reflector::store();
+        let (network_policies, np_writer) = reflector::store();
+        let route_writers =
+            ROUTE_KINDS.map(|(kind, plural)| Writer::new(route_resource(kind, plural)));
+        let routes = [0, 1].map(|i| (ROUTE_KINDS[i].0, route_writers[i].as_reader()));
         (
             Self {
                 pods,
@@ -82,7 +109,9 @@ impl Caches {
                     service_accounts,
                     roles,
                     role_bindings,
+                    network_policies,
                 },
+                routes,
             },
             CacheWriters {
                 pods: pod_writer,
@@ -93,6 +122,8 @@ impl Caches {
                 service_accounts: sa_writer,
                 roles: role_writer,
                 role_bindings: rb_writer,
+                network_policies: np_writer,
+                routes: route_writers,
             },
         )
     }
@@ -127,6 +158,28 @@ impl Caches {
         self.pods_of(bs, namespace, "proxy")
             .iter()
             .filter_map(|p| ProxyPod::from_pod(p, bs.spec.proxy.admin_port))
+            .collect()
+    }
+
+    /// Every Service in `namespace`.
+    pub(crate) fn services_in(&self, namespace: &str) -> Vec<Arc<Service>> {
+        self.owned
+            .services
+            .state_filter(|s| s.metadata.namespace.as_deref() == Some(namespace))
+    }
+
+    /// The routes of each kind in `namespace`.
+    pub(crate) fn routes_in(&self, namespace: &str) -> Vec<(&'static str, Vec<DynamicObject>)> {
+        self.routes
+            .iter()
+            .map(|(kind, store)| {
+                let routes = store
+                    .state_filter(|r| r.metadata.namespace.as_deref() == Some(namespace))
+                    .iter()
+                    .map(|r| DynamicObject::clone(r))
+                    .collect();
+                (*kind, routes)
+            })
             .collect()
     }
 

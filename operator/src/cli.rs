@@ -8,6 +8,9 @@ use std::path::PathBuf;
 pub const DEFAULT_PROXY_IMAGE: &str =
     concat!("ghcr.io/ballast-dev/ballast:", env!("CARGO_PKG_VERSION"));
 
+/// Where `config/default` installs the operator.
+pub const DEFAULT_OPERATOR_NAMESPACE: &str = "ballast-system";
+
 /// ballast-operator: zero-downtime rollouts and per-request balancing for Kubernetes.
 #[derive(Debug, Parser)]
 #[command(name = "ballast-operator", version, about)]
@@ -35,6 +38,10 @@ pub enum Command {
         /// Largest spec.replicas accepted.
         #[arg(long, env = "BALLAST_MAX_REPLICAS", default_value_t = 1000)]
         max_replicas: i32,
+        /// The operator's namespace, admitted to the proxies' admin port by their
+        /// NetworkPolicy.
+        #[arg(long, env = "POD_NAMESPACE", default_value = DEFAULT_OPERATOR_NAMESPACE)]
+        operator_namespace: String,
     },
     /// Run the controller.
     Run(RunArgs),
@@ -67,4 +74,8 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long, env = "BALLAST_LOG_FORMAT", default_value = "text")]
     pub log_format: ballast_api::settings::LogFormat,
+    /// The operator's own namespace, admitted to the proxies' admin port by their
+    /// NetworkPolicy (the operator reads the proxies' `/endpoints`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = DEFAULT_OPERATOR_NAMESPACE)]
+    pub operator_namespace: String,
 }

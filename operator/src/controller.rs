@@ -662,10 +662,39 @@ async fn converge(
         }
     }
     observed.slow_probes = slow_probes(valid);
+    observed.bypassed = bypasses(ctx, valid, namespace);
     observed.replica_sets = replica_sets;
     observed.gate_waiting = pods::set_gates(ctx, namespace, &pods, &proxies, guard.open).await?;
     observed.tracked = Some(tracked);
     Ok((observed, None))
+}
+
+/// Whatever sends to the app pods around the proxies, from the watches' caches.
+fn bypasses(
+    ctx: &Context,
+    valid: &ValidatedSpec<'_>,
+    namespace: &str,
+) -> Vec<crate::bypass::Bypass> {
+    let services: Vec<_> = ctx
+        .caches
+        .services_in(namespace)
+        .iter()
+        .map(|s| k8s_openapi::api::core::v1::Service::clone(s))
+        .collect();
+    let app_pods: Vec<_> = ctx
+        .caches
+        .pods_of(valid.bs, namespace, "app")
+        .iter()
+        .filter_map(|p| p.metadata.labels.clone())
+        .collect();
+    let mut found = crate::bypass::neg_services(&services, valid.front_name, &app_pods);
+    let backends = crate::build::backends_name(valid);
+    for (kind, routes) in ctx.caches.routes_in(namespace) {
+        found.extend(crate::bypass::routes_to(
+            &routes, kind, namespace, &backends,
+        ));
+    }
+    found
 }
 
 /// `at` without its fraction: what a `metav1.Time` keeps through the API server, so a

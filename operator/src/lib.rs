@@ -10,6 +10,7 @@ pub mod admin;
 pub mod adopt;
 pub mod api_requests;
 pub mod build;
+pub mod bypass;
 pub mod cache;
 pub mod cli;
 pub mod controller;

@@ -30,6 +30,7 @@ fn main() -> ExitCode {
             file,
             proxy_image,
             max_replicas,
+            operator_namespace,
         } => {
             let input = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())
@@ -45,7 +46,10 @@ fn main() -> ExitCode {
             };
             match render::render(
                 &input,
-                &BuildContext { proxy_image },
+                &BuildContext {
+                    proxy_image,
+                    operator_namespace,
+                },
                 &Limits { max_replicas },
             ) {
                 Ok(yaml) => write_stdout(&yaml),
@@ -106,6 +110,7 @@ async fn run(args: RunArgs) -> ExitCode {
             client.clone(),
             BuildContext {
                 proxy_image: args.proxy_image.clone(),
+                operator_namespace: args.operator_namespace.clone(),
             },
             Limits {
                 max_replicas: args.max_replicas,

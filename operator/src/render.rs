@@ -157,6 +157,7 @@ mod tests {
     fn ctx() -> BuildContext {
         BuildContext {
             proxy_image: "img".to_owned(),
+            operator_namespace: "ballast-system".to_owned(),
         }
     }
 
@@ -168,11 +169,81 @@ mod tests {
             let out = render(&yaml, &ctx(), &Limits::default()).unwrap();
             assert_eq!(
                 out.matches("\n---\n").count() + 1,
-                10,
-                "{sample}: ten objects"
+                11,
+                "{sample}: eleven objects"
             );
             assert!(out.contains("kind: PodDisruptionBudget"));
+            assert!(out.contains("kind: NetworkPolicy"));
         }
+    }
+
+    /// The rendered objects of a sample, as JSON.
+    fn rendered(sample: &str) -> Vec<serde_json::Value> {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/samples/");
+        let yaml = std::fs::read_to_string(format!("{root}{sample}")).unwrap();
+        let out = render(&yaml, &ctx(), &Limits::default()).unwrap();
+        serde_norway::Deserializer::from_str(&out)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect()
+    }
+
+    fn find<'a>(docs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    }
+
+    #[test]
+    fn the_gke_ingress_sample_renders_the_neg_the_backend_config_and_a_long_enough_grace() {
+        let docs = rendered("demo-gke.yaml");
+        let front = find(&docs, "Service", "shop");
+        assert_eq!(
+            front["metadata"]["annotations"]["cloud.google.com/neg"],
+            r#"{"ingress":true}"#
+        );
+        assert_eq!(
+            front["metadata"]["annotations"]["cloud.google.com/backend-config"],
+            r#"{"default":"shop-proxy"}"#
+        );
+        let config = find(&docs, "BackendConfig", "shop-proxy");
+        let draining = config["spec"]["connectionDraining"]["drainingTimeoutSec"]
+            .as_i64()
+            .unwrap();
+        assert_eq!(draining, 30);
+        assert_eq!(config["spec"]["healthCheck"]["requestPath"], "/ready");
+        assert_eq!(config["spec"]["healthCheck"]["port"], 9901);
+        let proxy = &find(&docs, "Deployment", "shop-proxy")["spec"]["template"]["spec"];
+        let grace = proxy["terminationGracePeriodSeconds"].as_i64().unwrap();
+        assert!(
+            grace > draining,
+            "grace {grace}s must outlast {draining}s of draining"
+        );
+        assert_eq!(
+            proxy["readinessGates"][0]["conditionType"],
+            "cloud.google.com/load-balancer-neg-ready"
+        );
+        // The backends Service never gets a NEG.
+        assert!(find(&docs, "Service", "shop-backends")["metadata"]["annotations"].is_null());
+    }
+
+    #[test]
+    fn the_gke_gateway_sample_renders_both_policies_and_closes_the_app_pods() {
+        let docs = rendered("demo-gke-gateway.yaml");
+        let policy = find(&docs, "GCPBackendPolicy", "api-proxy");
+        assert_eq!(
+            policy["spec"]["default"]["connectionDraining"]["drainingTimeoutSec"],
+            60
+        );
+        assert_eq!(policy["spec"]["targetRef"]["name"], "api");
+        let check = find(&docs, "HealthCheckPolicy", "api-proxy");
+        assert_eq!(
+            check["spec"]["default"]["config"]["httpHealthCheck"]["requestPath"],
+            "/ready"
+        );
+        let app = find(&docs, "NetworkPolicy", "api-app");
+        assert_eq!(app["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+        let proxy = &find(&docs, "Deployment", "api-proxy")["spec"]["template"]["spec"];
+        assert!(proxy["terminationGracePeriodSeconds"].as_i64().unwrap() > 60);
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct Observed {
     pub tracked: Option<crate::rollout::Tracked>,
     /// The state of an adopted Deployment (`spec.workloadRef`), for `Adopted`.
     pub adoption: Option<crate::controller::Adoption>,
+    /// What sends to the app pods around the proxies.
+    pub bypassed: Vec<crate::bypass::Bypass>,
 }
 
 /// A status change worth an Event.
@@ -231,6 +233,16 @@ pub fn compute(
                 "no proxy replica is ready: clients cannot reach the app".to_owned(),
             )
         }
+        (None, false) if !observed.bypassed.is_empty() => (
+            true,
+            "ProxyBypassed",
+            observed
+                .bypassed
+                .iter()
+                .map(crate::bypass::Bypass::describe)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
         (None, false) if !observed.slow_probes.is_empty() => (
             false,
             "SlowProbes",
@@ -393,6 +405,7 @@ pub fn transitions(
                 "InvalidSpec" => "InvalidSpec",
                 "Conflict" => "Conflict",
                 "ApplyFailed" => "ApplyFailed",
+                "ProxyBypassed" => "ProxyBypassed",
                 _ => "Degraded",
             };
             out.push(Transition {

@@ -247,6 +247,37 @@ pub fn validate<'a>(
             );
         }
     }
+    let lb = spec.proxy.load_balancer.as_ref();
+    for annotation in [
+        crate::build::NEG_ANNOTATION,
+        crate::build::BACKEND_CONFIG_ANNOTATION,
+    ] {
+        if !spec.service.annotations.contains_key(annotation) {
+            continue;
+        }
+        let why = match lb.map(|lb| lb.type_) {
+            Some(ballast_api::spec::LoadBalancerType::Ingress) => {
+                "ballast sets it from spec.proxy.loadBalancer; remove it from spec.service.annotations"
+            }
+            _ => {
+                "a Google load balancer sending to the proxies needs spec.proxy.loadBalancer, so that a stopping proxy outlasts the load balancer's draining (else every proxy rollout is 502s); set that instead of the annotation"
+            }
+        };
+        fail(
+            &format!("spec.service.annotations[{annotation}]"),
+            why.to_owned(),
+        );
+    }
+    if let Some(lb) = lb
+        && lb.health_check.timeout_seconds > lb.health_check.check_interval_seconds
+    {
+        // The CRD's CEL rule refuses this; `render` reads files the API server never saw.
+        fail(
+            "spec.proxy.loadBalancer.healthCheck.timeoutSeconds",
+            "cannot exceed checkIntervalSeconds (Google Cloud refuses such a health check)"
+                .to_owned(),
+        );
+    }
     let containers = template
         .and_then(|t| t.spec.as_ref())
         .map(|s| s.containers.as_slice())

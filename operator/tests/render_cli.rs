@@ -102,6 +102,7 @@ fn an_adopted_deployment_renders_as_ballasts_fields_only() {
             "Service/web",
             "Deployment/web",
             "PodDisruptionBudget/web-proxy",
+            "NetworkPolicy/web-proxy",
         ]
     );
     // The user's Service is shown as the operator leaves it after the switch: its own

@@ -27,6 +27,25 @@ pub struct BalancingSpec {
     /// WebSockets). Off unless set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity: Option<AffinitySpec>,
+
+    /// Zone-aware routing: `PreferSameZone` (each proxy sends to the app pods in its
+    /// own zone while they can carry its share of the traffic, and spills over to the
+    /// other zones when they are too few, slow, ejected or draining: no zone's pods sit
+    /// idle), `Off`, or `FromService` (the default: on when `service.trafficDistribution`
+    /// prefers the same zone or node).
+    pub zone_routing: ZoneRouting,
+}
+
+/// Whether the proxies prefer app pods in their own zone.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ZoneRouting {
+    /// On when the front Service's `trafficDistribution` is set.
+    #[default]
+    FromService,
+    /// Every pod alike, whatever its zone.
+    Off,
+    /// Pods in the proxy's own zone first, spilling over when they cannot keep up.
+    PreferSameZone,
 }
 
 /// Session affinity: consistent hashing with bounded loads. A key always goes to the

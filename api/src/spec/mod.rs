@@ -5,7 +5,7 @@
 //! functions so the API server (through the generated schema) and the operator (through
 //! serde) agree on them.
 
-use k8s_openapi::api::core::v1::{PodTemplateSpec, ResourceRequirements};
+use k8s_openapi::api::core::v1::{PodTemplateSpec, ResourceRequirements, TopologySpreadConstraint};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -13,12 +13,16 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 mod balancing;
+mod network;
 
 pub use crate::settings::{Algorithm, SameSite};
 use crate::status::BalancedServiceStatus;
 pub use balancing::{
     AffinityCookie, AffinitySpec, AffinityType, BalancingSpec, OutlierDetectionSpec, RetrySpec,
-    TimeoutSpec,
+    TimeoutSpec, ZoneRouting,
+};
+pub use network::{
+    AppIngress, LoadBalancerHealthCheck, LoadBalancerSpec, LoadBalancerType, NetworkPolicySpec,
 };
 
 // The int-or-string fields are checked with OpenAPI value validations, not CEL: for CEL
@@ -182,6 +186,10 @@ pub struct BalancedServiceSpec {
     /// The front Service: the name clients and gateways use, served by the proxies.
     #[serde(default)]
     pub service: FrontServiceSpec,
+
+    /// NetworkPolicies admitting ballast's own traffic (on by default).
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
 }
 
 /// The Deployment a BalancedService adopts.
@@ -437,6 +445,19 @@ pub struct ProxySpec {
     /// 0 sets no limit.
     #[schemars(range(min = 0, max = 1000000))]
     pub max_in_flight: i32,
+
+    /// A Google Cloud load balancer sending straight to the proxy pods (GKE Ingress or
+    /// Gateway with network endpoint groups). Unset: clients reach the proxies through
+    /// the front Service only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerSpec>,
+
+    /// How the proxy pods spread over the cluster. Unset: as evenly as possible over
+    /// zones, then nodes, never leaving a replica unscheduled for it. A constraint
+    /// without `labelSelector` selects this service's proxy pods.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
 }
 
 /// The front Service.
@@ -463,9 +484,40 @@ pub struct FrontServiceSpec {
     #[serde(rename = "type")]
     pub type_: ServiceType,
 
-    /// Annotations for the front Service (cloud load-balancer settings, NEGs, ...).
+    /// Annotations for the front Service (cloud load-balancer settings, ...). With
+    /// `proxy.loadBalancer`, ballast sets the NEG and BackendConfig annotations itself.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+
+    /// The front Service's `trafficDistribution`: `PreferClose` or `PreferSameZone`
+    /// (same meaning; the latter needs Kubernetes 1.34) keep a client's connection to
+    /// the proxies in its zone, `PreferSameNode` (1.34) on its node. With
+    /// `balancing.zoneRouting: FromService` the proxies then prefer app pods in their
+    /// own zone as well.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traffic_distribution: Option<TrafficDistribution>,
+}
+
+/// A Service's `trafficDistribution`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrafficDistribution {
+    /// Endpoints in the client's zone first.
+    PreferClose,
+    /// Endpoints in the client's zone first (the newer name of `PreferClose`).
+    PreferSameZone,
+    /// Endpoints on the client's node first, then its zone.
+    PreferSameNode,
+}
+
+impl TrafficDistribution {
+    /// The Service field's value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::PreferClose => "PreferClose",
+            Self::PreferSameZone => "PreferSameZone",
+            Self::PreferSameNode => "PreferSameNode",
+        }
+    }
 }
 
 /// Type of the front Service.
@@ -520,6 +572,8 @@ impl Default for ProxySpec {
             resources: None,
             admin_port: 9901,
             max_in_flight: 0,
+            load_balancer: None,
+            topology_spread_constraints: None,
         }
     }
 }

@@ -20,6 +20,9 @@ const DRAIN_VOLUME: &str = "ballast-bin";
 /// The preStop command's binary.
 pub(super) const DRAIN_BINARY: &str = "/ballast/bin/ballast-drain";
 
+/// CPU and memory requests of the drain helper's init container (memory limit alike).
+pub const DRAIN_HELPER_REQUESTS: (&str, &str) = ("50m", "64Mi");
+
 /// The drain gate in front of the app's termination: an init container copies the
 /// static `ballast-drain` from the ballast image into an emptyDir (so it runs in any
 /// image, distroless included), and the serving container's preStop hook runs it. The
@@ -62,14 +65,24 @@ pub(super) fn apply_drain_gate(
             mount_path: DRAIN_BIN_DIR.to_owned(),
             ..VolumeMount::default()
         }]),
+        // It copies one file, but asks for Autopilot's smallest container as it is
+        // (50m CPU, 52 MiB, 1 to 6.5 GiB per CPU): smaller requests would be raised
+        // there, and none at all would be given Autopilot's defaults (0.5 CPU, 2 GiB).
+        // An init container's requests only count while no app container runs.
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
-                ("cpu".to_owned(), Quantity("10m".to_owned())),
-                ("memory".to_owned(), Quantity("16Mi".to_owned())),
+                (
+                    "cpu".to_owned(),
+                    Quantity(DRAIN_HELPER_REQUESTS.0.to_owned()),
+                ),
+                (
+                    "memory".to_owned(),
+                    Quantity(DRAIN_HELPER_REQUESTS.1.to_owned()),
+                ),
             ])),
             limits: Some(BTreeMap::from([(
                 "memory".to_owned(),
-                Quantity("32Mi".to_owned()),
+                Quantity(DRAIN_HELPER_REQUESTS.1.to_owned()),
             )])),
             ..ResourceRequirements::default()
         }),

@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{
     Capabilities, PodTemplateSpec, SeccompProfile, SecurityContext, Service, ServiceAccount,
     TopologySpreadConstraint,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -17,6 +18,8 @@ use std::collections::BTreeMap;
 
 use crate::validate::ValidatedSpec;
 use app::app_deployment;
+use gke::load_balancer_objects;
+use network_policy::network_policies;
 use pdb::{app_pdb, proxy_pdb};
 use proxy::proxy_deployment;
 use rbac::{proxy_role, proxy_role_binding, proxy_service_account};
@@ -25,10 +28,17 @@ use services::{backends_service, front_service, proxy_admin_service};
 
 pub use app::{BACKEND_SERVING, SLOW_PROBE_PERIOD_SECONDS, slow_probes};
 pub use drain_gate::DRAIN_BIN_DIR;
+pub use gke::{
+    BACKEND_CONFIG_ANNOTATION, BackendConfig, GCPBackendPolicy, HealthCheckPolicy,
+    LoadBalancerObjects, NEG_ANNOTATION, NEG_READINESS_GATE, shutdown_delay,
+};
+pub use network_policy::GOOGLE_HEALTH_CHECK_RANGES;
 pub use proxy::proxy_settings;
 
 mod app;
 mod drain_gate;
+mod gke;
+mod network_policy;
 mod pdb;
 mod proxy;
 mod rbac;
@@ -52,6 +62,8 @@ pub const REVISION_LABEL: &str = "ballast.dev/revision";
 pub struct BuildContext {
     /// Image with `ballast-proxy` and `ballast-drain`.
     pub proxy_image: String,
+    /// The operator's own namespace: its NetworkPolicy peer for the proxies' admin port.
+    pub operator_namespace: String,
 }
 
 /// Everything the operator owns for one BalancedService, in apply order.
@@ -78,11 +90,18 @@ pub struct OwnedObjects {
     pub app_pdb: Option<PodDisruptionBudget>,
     /// Disruption budget of the proxy pods.
     pub proxy_pdb: PodDisruptionBudget,
+    /// What admits the proxies' traffic (none with `networkPolicy.enabled: false`).
+    pub proxy_network_policy: Option<NetworkPolicy>,
+    /// What admits the app pods' traffic, when `networkPolicy` asks for it.
+    pub app_network_policy: Option<NetworkPolicy>,
+    /// GKE's load-balancer objects, with `spec.proxy.loadBalancer`.
+    pub load_balancer: LoadBalancerObjects,
 }
 
 impl OwnedObjects {
-    /// How many objects one BalancedService owns.
-    pub const COUNT: usize = 10;
+    /// How many objects one BalancedService owns at most (the gauge of managed
+    /// objects counts each BalancedService at this).
+    pub const COUNT: usize = 13;
 
     /// The objects in apply order, as JSON documents (for `render` and tests).
     ///
@@ -110,12 +129,18 @@ impl OwnedObjects {
         .into_iter()
         .chain(self.app_pdb.as_ref().map(doc))
         .chain([doc(&self.proxy_pdb)])
+        .chain(self.proxy_network_policy.as_ref().map(doc))
+        .chain(self.app_network_policy.as_ref().map(doc))
+        .chain(self.load_balancer.backend_config.as_ref().map(doc))
+        .chain(self.load_balancer.backend_policy.as_ref().map(doc))
+        .chain(self.load_balancer.health_check_policy.as_ref().map(doc))
         .collect()
     }
 }
 
 /// Builds every owned object from a spec that passed [`crate::validate::validate`].
 pub fn build(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> OwnedObjects {
+    let (proxy_network_policy, app_network_policy) = network_policies(v, ctx);
     OwnedObjects {
         proxy_service_account: proxy_service_account(v),
         proxy_role: proxy_role(v),
@@ -127,6 +152,9 @@ pub fn build(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> OwnedObjects {
         app_deployment: app_deployment(v, ctx),
         app_pdb: v.adopted.is_none().then(|| app_pdb(v)),
         proxy_pdb: proxy_pdb(v),
+        proxy_network_policy,
+        app_network_policy,
+        load_balancer: load_balancer_objects(v),
     }
 }
 
@@ -175,7 +203,8 @@ pub fn proxy_admin_name(v: &ValidatedSpec<'_>) -> String {
     format!("{}-proxy-admin", v.name)
 }
 
-fn backends_name(v: &ValidatedSpec<'_>) -> String {
+/// Name of the headless Service over the app pods that the proxies discover them by.
+pub fn backends_name(v: &ValidatedSpec<'_>) -> String {
     format!("{}-backends", v.name)
 }
 
@@ -242,6 +271,23 @@ fn restricted_container_security() -> SecurityContext {
 }
 
 fn spread(v: &ValidatedSpec<'_>, role: &str) -> Vec<TopologySpreadConstraint> {
+    if role == "proxy"
+        && let Some(own) = &v.bs.spec.proxy.topology_spread_constraints
+    {
+        return own
+            .iter()
+            .cloned()
+            .map(|mut constraint| {
+                constraint
+                    .label_selector
+                    .get_or_insert_with(|| LabelSelector {
+                        match_labels: Some(selector_labels(v.bs, role)),
+                        ..LabelSelector::default()
+                    });
+                constraint
+            })
+            .collect();
+    }
     ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
         .map(|key| TopologySpreadConstraint {
             max_skew: 1,
@@ -258,5 +304,7 @@ fn spread(v: &ValidatedSpec<'_>, role: &str) -> Vec<TopologySpreadConstraint> {
         .to_vec()
 }
 
+#[cfg(test)]
+mod gke_tests;
 #[cfg(test)]
 mod tests;

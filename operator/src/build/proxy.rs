@@ -2,15 +2,15 @@
 
 use ballast_api::settings::{
     AffinitySettings, BackendProtocol, ListenerSettings, LogFormat, OutlierSettings, ProxySettings,
-    RetrySettings, ZoneSettings,
+    RetrySettings, ZoneRouting, ZoneSettings,
 };
-use ballast_api::spec::AppProtocol;
+use ballast_api::spec::{AppProtocol, ZoneRouting as ZoneRoutingSpec};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceFieldSelector,
+    PodReadinessGate, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceFieldSelector,
     ResourceRequirements, SeccompProfile,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -20,16 +20,25 @@ use std::collections::BTreeMap;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use super::gke::{NEG_READINESS_GATE, shutdown_delay};
 use super::{
-    BuildContext, backends_name, common_labels, meta, proxy_name, restricted_container_security,
-    selector_labels, spread,
+    BuildContext, backends_name, common_labels, meta, proxy_admin_name, proxy_name,
+    restricted_container_security, selector_labels, spread,
 };
 use crate::validate::ValidatedSpec;
 
-/// How long the proxy keeps serving after SIGTERM with /ready failing.
-const PROXY_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
-/// How long the proxy then waits for in-flight requests.
+/// How long the proxy waits for in-flight requests once it stopped taking new ones.
 const PROXY_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// What the proxy needs to exit after its drain.
+const PROXY_EXIT: Duration = Duration::from_secs(5);
+
+/// The proxy's default CPU and memory requests and memory limit. Autopilot takes them
+/// as they are: at least 50m CPU and 52 MiB per pod, and 1 to 6.5 GiB of memory per
+/// CPU (128 MiB for 0.1 CPU is 1.25); where limits must equal requests it lowers the
+/// memory limit to 128 MiB, which a proxy stays well under.
+pub const PROXY_REQUESTS: (&str, &str) = ("100m", "128Mi");
+/// The default memory limit of a proxy.
+pub const PROXY_MEMORY_LIMIT: &str = "256Mi";
 
 /// The settings of `ballast-proxy`, from `spec.balancing`, `spec.rollout` and
 /// `spec.proxy`.
@@ -78,17 +87,40 @@ pub fn proxy_settings(v: &ValidatedSpec<'_>) -> ProxySettings {
         },
         warmup: seconds(spec.rollout.warmup_seconds),
         drain_ttl: 2 * seconds(spec.rollout.drain_timeout_seconds),
-        shutdown_delay: PROXY_SHUTDOWN_DELAY,
+        shutdown_delay: shutdown_delay(spec.proxy.load_balancer.as_ref()),
         drain_timeout: PROXY_DRAIN_TIMEOUT,
         log_format: LogFormat::Json,
         affinity: affinity_settings(v),
-        zones: ZoneSettings::default(),
+        zones: zone_settings(v),
     }
 }
 
-/// The proxy's shutdown delay and drain, and 5 s to exit.
-fn proxy_grace_seconds() -> i64 {
-    let shutdown = PROXY_SHUTDOWN_DELAY + PROXY_DRAIN_TIMEOUT + Duration::from_secs(5);
+/// Zone-aware routing: as asked, or (`FromService`) on when the front Service keeps
+/// clients' connections in their zone or node, so the whole path stays there.
+fn zone_settings(v: &ValidatedSpec<'_>) -> ZoneSettings {
+    let spec = &v.bs.spec;
+    let on = match spec.balancing.zone_routing {
+        ZoneRoutingSpec::Off => false,
+        ZoneRoutingSpec::PreferSameZone => true,
+        ZoneRoutingSpec::FromService => spec.service.traffic_distribution.is_some(),
+    };
+    if !on {
+        return ZoneSettings::default();
+    }
+    ZoneSettings {
+        routing: ZoneRouting::PreferSameZone,
+        zone: None,
+        // Its EndpointSlices carry every proxy pod's zone: the proxy's own, and how
+        // the proxies spread.
+        proxy_service: Some(proxy_admin_name(v)),
+    }
+}
+
+/// The proxy's grace period: its shutdown delay (longer behind a Google load
+/// balancer, see [`shutdown_delay`]), its drain, and time to exit.
+pub fn proxy_grace_seconds(v: &ValidatedSpec<'_>) -> i64 {
+    let shutdown =
+        shutdown_delay(v.bs.spec.proxy.load_balancer.as_ref()) + PROXY_DRAIN_TIMEOUT + PROXY_EXIT;
     i64::try_from(shutdown.as_secs()).unwrap_or(i64::MAX)
 }
 
@@ -121,12 +153,12 @@ pub(super) fn proxy_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Dep
             .clone()
             .unwrap_or_else(|| ResourceRequirements {
                 requests: Some(BTreeMap::from([
-                    ("cpu".to_owned(), Quantity("100m".to_owned())),
-                    ("memory".to_owned(), Quantity("64Mi".to_owned())),
+                    ("cpu".to_owned(), Quantity(PROXY_REQUESTS.0.to_owned())),
+                    ("memory".to_owned(), Quantity(PROXY_REQUESTS.1.to_owned())),
                 ])),
                 limits: Some(BTreeMap::from([(
                     "memory".to_owned(),
-                    Quantity("256Mi".to_owned()),
+                    Quantity(PROXY_MEMORY_LIMIT.to_owned()),
                 )])),
                 ..ResourceRequirements::default()
             });
@@ -136,17 +168,9 @@ pub(super) fn proxy_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Dep
         command: Some(vec!["/usr/local/bin/ballast-proxy".to_owned()]),
         args: Some(proxy_settings(v).to_args()),
         env: Some(vec![
-            EnvVar {
-                name: "BALLAST_NAMESPACE".to_owned(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "metadata.namespace".to_owned(),
-                        ..ObjectFieldSelector::default()
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
+            field_env("BALLAST_NAMESPACE", "metadata.namespace"),
+            // The proxy finds itself, hence its zone, in its admin Service's slices.
+            field_env("BALLAST_POD_NAME", "metadata.name"),
             // Sizes the proxy's worker threads: the CPU it asked for, not the node's
             // core count (a proxy without a CPU limit on a 64-core node).
             EnvVar {
@@ -224,7 +248,16 @@ pub(super) fn proxy_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Dep
                 spec: Some(PodSpec {
                     service_account_name: Some(proxy_name(v)),
                     containers: vec![container],
-                    termination_grace_period_seconds: Some(proxy_grace_seconds()),
+                    termination_grace_period_seconds: Some(proxy_grace_seconds(v)),
+                    // GKE's NEG controller sets it once the load balancer's health
+                    // check passes: a new proxy counts as ready (for the rollout of the
+                    // proxies and for the operator) only when the load balancer sends
+                    // to it. GKE injects it too; declaring it keeps it on every pod.
+                    readiness_gates: v.bs.spec.proxy.load_balancer.is_some().then(|| {
+                        vec![PodReadinessGate {
+                            condition_type: NEG_READINESS_GATE.to_owned(),
+                        }]
+                    }),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),
@@ -242,6 +275,21 @@ pub(super) fn proxy_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Dep
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
+    }
+}
+
+/// An environment variable from the pod's own metadata (downward API).
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
     }
 }
 

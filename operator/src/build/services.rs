@@ -115,13 +115,15 @@ pub(super) fn front_service(v: &ValidatedSpec<'_>) -> Service {
         .collect();
     let service = &v.bs.spec.service;
     let mut metadata = meta(v, v.front_name.to_owned());
-    if !service.annotations.is_empty() {
-        metadata.annotations = Some(service.annotations.clone());
+    let annotations = super::gke::front_annotations(v);
+    if !annotations.is_empty() {
+        metadata.annotations = Some(annotations);
     }
     Service {
         metadata,
         spec: Some(ServiceSpec {
             type_: Some(format!("{:?}", service.type_)),
+            traffic_distribution: service.traffic_distribution.map(|t| t.as_str().to_owned()),
             selector: Some(selector_labels(v.bs, "proxy")),
             ports: Some(ports),
             ..ServiceSpec::default()

@@ -10,6 +10,7 @@ use std::time::Duration;
 fn ctx() -> BuildContext {
     BuildContext {
         proxy_image: "ghcr.io/ballast-dev/ballast:test".to_owned(),
+        operator_namespace: "ballast-system".to_owned(),
     }
 }
 
@@ -58,7 +59,8 @@ fn every_object_is_owned_labelled_and_namespaced() {
             "Service",
             "Deployment",
             "PodDisruptionBudget",
-            "PodDisruptionBudget"
+            "PodDisruptionBudget",
+            "NetworkPolicy"
         ],
         "apply order"
     );
@@ -93,6 +95,7 @@ fn every_object_is_owned_labelled_and_namespaced() {
             "demo",
             "demo",
             "demo",
+            "demo-proxy",
             "demo-proxy"
         ]
     );

@@ -19,7 +19,7 @@ const SLICES_PATH: &str = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointsli
 /// The owned objects of an adopting BalancedService, in apply order: no front Service
 /// (the user's is switched, not applied), no app PodDisruptionBudget, and the adopted
 /// Deployment is not read for ownership (it is the user's).
-const OWNED: [usize; 7] = [0, 1, 2, 3, 4, 5, 9];
+const OWNED: [usize; 8] = [0, 1, 2, 3, 4, 5, 9, 10];
 
 /// BalancedService `demo` adopting Deployment `web`, its front Service the user's `web`.
 fn adopting(adopt: bool) -> BalancedService {

@@ -66,6 +66,22 @@ pub(super) async fn check_ownership(
         check!(pdb);
     }
     check!(&objects.proxy_pdb);
+    if let Some(policy) = &objects.proxy_network_policy {
+        check!(policy);
+    }
+    if let Some(policy) = &objects.app_network_policy {
+        check!(policy);
+    }
+    let lb = &objects.load_balancer;
+    if let Some(config) = &lb.backend_config {
+        check!(config);
+    }
+    if let Some(policy) = &lb.backend_policy {
+        check!(policy);
+    }
+    if let Some(policy) = &lb.health_check_policy {
+        check!(policy);
+    }
     if confirmed.len() != known.len() {
         ctx.confirmed
             .lock()
@@ -224,6 +240,24 @@ pub(super) async fn apply(
         target.apply(&owned.budgets, pdb).await?;
     }
     target.apply(&owned.budgets, &objects.proxy_pdb).await?;
+    for policy in [&objects.proxy_network_policy, &objects.app_network_policy]
+        .into_iter()
+        .flatten()
+    {
+        target.apply(&owned.network_policies, policy).await?;
+    }
+    // GKE's kinds exist only on GKE, so they are not watched: applied when their body
+    // changes (an apply on a cluster without them fails with the API server's answer).
+    let lb = &objects.load_balancer;
+    if let Some(config) = &lb.backend_config {
+        target.apply_unwatched(config).await?;
+    }
+    if let Some(policy) = &lb.backend_policy {
+        target.apply_unwatched(policy).await?;
+    }
+    if let Some(policy) = &lb.health_check_policy {
+        target.apply_unwatched(policy).await?;
+    }
     Ok(Observed {
         app,
         proxy: Some(proxy),
@@ -286,9 +320,51 @@ impl Target<'_> {
         {
             return Ok(K::clone(current));
         }
-        let applied = Api::<K>::namespaced(self.ctx.client.clone(), self.namespace)
+        let applied = self.patch(object, kind, &name).await?;
+        self.remember(key, (desired, fingerprint(applied.meta())));
+        Ok(applied)
+    }
+
+    /// Server-side applies `object`, a kind the operator does not watch, unless the
+    /// same body was the last one applied.
+    async fn apply_unwatched<K>(&self, object: &K) -> Result<(), Blocked>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Serialize
+            + DeserializeOwned
+            + Clone
+            + std::fmt::Debug,
+    {
+        let kind = kind_name::<K>();
+        let name = object.meta().name.clone().unwrap_or_default();
+        let desired = body_hash(object);
+        let key = (kind, name.clone());
+        let last = self
+            .ctx
+            .applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&self.owner)
+            .and_then(|m| m.get(&key).copied());
+        if last.is_some_and(|(body, _)| body == desired) {
+            return Ok(());
+        }
+        self.patch(object, kind, &name).await?;
+        self.remember(key, (desired, 0));
+        Ok(())
+    }
+
+    async fn patch<K>(&self, object: &K, kind: &'static str, name: &str) -> Result<K, Blocked>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Serialize
+            + DeserializeOwned
+            + Clone
+            + std::fmt::Debug,
+    {
+        Api::<K>::namespaced(self.ctx.client.clone(), self.namespace)
             .patch(
-                &name,
+                name,
                 &PatchParams::apply(MANAGER).force(),
                 &Patch::Apply(object),
             )
@@ -301,18 +377,20 @@ impl Target<'_> {
                 tracing::warn!(kind, object = %name, error = %message, "apply refused");
                 Blocked::ApplyFailed {
                     kind,
-                    name,
+                    name: name.to_owned(),
                     message,
                 }
-            })?;
+            })
+    }
+
+    fn remember(&self, key: (&'static str, String), applied: (u64, u64)) {
         self.ctx
             .applied
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(self.owner.clone())
             .or_default()
-            .insert(key, (desired, fingerprint(applied.meta())));
-        Ok(applied)
+            .insert(key, applied);
     }
 }
 
@@ -353,6 +431,10 @@ fn kind_name<K: Resource<DynamicType = ()>>() -> &'static str {
         "Role" => "Role",
         "RoleBinding" => "RoleBinding",
         "PodDisruptionBudget" => "PodDisruptionBudget",
+        "NetworkPolicy" => "NetworkPolicy",
+        "BackendConfig" => "BackendConfig",
+        "GCPBackendPolicy" => "GCPBackendPolicy",
+        "HealthCheckPolicy" => "HealthCheckPolicy",
         _ => "object",
     }
 }

@@ -87,7 +87,7 @@ async fn an_unchanged_status_is_not_written_again() {
         .filter(|l| l.starts_with("ballast_operator_api_requests_total{"))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum();
-    assert_eq!(total, 10 + 10 + 1 + 10, "{metrics}");
+    assert_eq!(total, 11 + 11 + 1 + 11, "{metrics}");
 }
 
 #[tokio::test]
@@ -660,4 +660,62 @@ fn event_notes_are_cut_to_what_the_api_accepts() {
     assert!(note.len() <= 1024, "{}", note.len());
     assert!(note.ends_with("..."));
     assert!(note.starts_with("éé"));
+}
+
+#[tokio::test]
+async fn a_neg_on_a_service_of_the_app_pods_and_a_route_to_the_backends_are_reported() {
+    let (ctx, mut api) = context();
+    let bs = balanced_service();
+    let mut pod = app_pod("demo-a", "127.0.0.5", "r1", Some("True"));
+    pod["metadata"]["labels"]["app.kubernetes.io/name"] = "demo".into();
+    api.seed(json!([pod]), json!([]), json!([]));
+    // What the watches of every Service and of the Gateway API routes would hold.
+    let direct: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+        "metadata": {"name": "demo-direct", "namespace": "shop",
+                     "annotations": {"cloud.google.com/neg": "{\"ingress\": true}"}},
+        "spec": {"selector": {"app.kubernetes.io/name": "demo"}, "ports": [{"port": 80}]},
+    }))
+    .unwrap();
+    api.cluster
+        .services
+        .apply_watcher_event(&kube::runtime::watcher::Event::Apply(direct));
+    let route: kube::core::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "shortcut", "namespace": "shop"},
+        "spec": {"rules": [{"backendRefs": [{"name": "demo-backends", "port": 80}]}]},
+    }))
+    .unwrap();
+    api.cluster.routes[0].apply_watcher_event(&kube::runtime::watcher::Event::Apply(route));
+
+    let run = start(&bs, &ctx);
+    serve_apply_only(&mut api, settled()).await;
+    let rest = serve_rest(&mut api).await;
+    finish(run).await.unwrap();
+    let status = rest
+        .iter()
+        .find(|(_, path, _)| path == STATUS_PATH)
+        .map(|(_, _, body)| body["status"].clone())
+        .expect("a status write");
+    assert_condition(&status, "Degraded", "True", "ProxyBypassed");
+    let degraded = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap();
+    let message = degraded["message"].as_str().unwrap();
+    assert!(
+        message.contains("Service demo-direct selects the app pods"),
+        "{message}"
+    );
+    assert!(
+        message.contains("HTTPRoute shop/shortcut sends to the backends Service"),
+        "{message}"
+    );
+    let event = rest
+        .iter()
+        .find(|(_, path, body)| path == EVENTS_PATH && body["reason"] == "ProxyBypassed")
+        .map(|(_, _, body)| body.clone())
+        .expect("a ProxyBypassed Event");
+    assert_eq!(event["type"], "Warning");
 }

@@ -6,6 +6,7 @@ use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::runtime::controller::Controller;
@@ -17,9 +18,10 @@ use std::time::Duration;
 
 use super::{CacheWriters, Context, error_policy, reconcile};
 use crate::build::MANAGER;
-use crate::cache::reflected;
+use crate::cache::{ROUTE_KINDS, reflected, route_resource};
 use crate::proxy_watch;
 use crate::triggers::{PodChanges, coalesce, receiver_stream};
+use kube::core::DynamicObject;
 
 /// Runs the controller until the stream ends (or the future is dropped: leadership
 /// lost). `namespace` limits it to one namespace. `writers` fill `ctx`'s caches.
@@ -62,7 +64,7 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
         futures::stream::select(futures::stream::select(pods, replica_sets), proxy_changes),
         Duration::from_millis(500),
     );
-    let controller = Controller::new(api::<BalancedService>(&client, namespace), config);
+    let controller = Controller::new(api::<BalancedService>(&client, namespace), config.clone());
     let services = controller.store();
     let _ = ctx.watched.set(services.clone());
     let watch_ctx = ctx.clone();
@@ -86,9 +88,11 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
             &deployments,
             writers.deployments,
         ))
+        // Every Service, not only ballast's: one selecting the app pods with a NEG
+        // goes around the proxies (see `bypass`).
         .owns_stream(reflected(
             api::<Service>(&client, namespace),
-            &owned,
+            &config,
             writers.services,
         ))
         .owns_stream(reflected(
@@ -111,6 +115,11 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
             &owned,
             writers.role_bindings,
         ))
+        .owns_stream(reflected(
+            api::<NetworkPolicy>(&client, namespace),
+            &owned,
+            writers.network_policies,
+        ))
         .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -119,9 +128,29 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
                 Err(e) => tracing::debug!(error = %e, "controller event"),
             }
         });
+    let routes = futures::future::join_all(writers.routes.into_iter().zip(ROUTE_KINDS).map(
+        |(writer, (kind, plural))| {
+            let resource = route_resource(kind, plural);
+            let api: Api<DynamicObject> = match namespace {
+                Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+                None => Api::all_with(client.clone(), &resource),
+            };
+            watcher(api, watcher::Config::default())
+                .default_backoff()
+                .reflect(writer)
+                .for_each(move |event| async move {
+                    if let Err(e) = event {
+                        // Where the Gateway API is not installed the list is refused
+                        // with 404, again after each backoff: not worth a warning.
+                        tracing::debug!(kind, error = %e, "route watch failed; retrying");
+                    }
+                })
+        },
+    ));
     tokio::select! {
         () = controller => {}
         () = proxies => tracing::warn!("proxy watch stopped"),
+        _ = routes => tracing::warn!("route watch stopped"),
     }
 }
 

@@ -345,3 +345,35 @@ fn a_workload_ref_without_its_deployment_is_refused() {
         vec!["spec.workloadRef: Deployment \"web\" was not given"]
     );
 }
+
+#[test]
+fn a_neg_on_the_front_service_needs_the_load_balancer_settings() {
+    let mut bs = balanced_service();
+    bs.spec.service.annotations.insert(
+        "cloud.google.com/neg".to_owned(),
+        r#"{"ingress": true}"#.to_owned(),
+    );
+    let found = errors(&bs);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("spec.service.annotations[cloud.google.com/neg]: a Google load balancer sending to the proxies needs spec.proxy.loadBalancer"),
+        "{found:?}"
+    );
+    bs.spec.proxy.load_balancer = Some(ballast_api::spec::LoadBalancerSpec {
+        type_: ballast_api::spec::LoadBalancerType::Ingress,
+        connection_draining_seconds: 30,
+        health_check: ballast_api::spec::LoadBalancerHealthCheck::default(),
+    });
+    assert!(
+        errors(&bs)[0].ends_with(
+            "ballast sets it from spec.proxy.loadBalancer; remove it from spec.service.annotations"
+        ),
+        "set twice"
+    );
+    bs.spec.service.annotations.clear();
+    assert_eq!(errors(&bs), Vec::<String>::new());
+    if let Some(lb) = bs.spec.proxy.load_balancer.as_mut() {
+        lb.health_check.timeout_seconds = lb.health_check.check_interval_seconds + 1;
+    }
+    assert!(errors(&bs)[0].starts_with("spec.proxy.loadBalancer.healthCheck.timeoutSeconds"));
+}

@@ -198,6 +198,7 @@ pub async fn run(cfg: &ScenarioConfig, variant: AdoptVariant) -> Result<Adoption
         &valid,
         &BuildContext {
             proxy_image: "ghcr.io/ballast-dev/ballast:dev".to_owned(),
+            operator_namespace: "ballast-system".to_owned(),
         },
     );
     let admin_port = u16::try_from(bs.spec.proxy.admin_port).map_err(|e| e.to_string())?;

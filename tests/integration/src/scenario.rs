@@ -263,6 +263,7 @@ pub fn operator_objects(yaml: &str) -> Result<OwnedObjects, String> {
         &valid,
         &BuildContext {
             proxy_image: "ghcr.io/ballast-dev/ballast:dev".to_owned(),
+            operator_namespace: "ballast-system".to_owned(),
         },
     ))
 }
