@@ -33,7 +33,7 @@ pub use gke::{
     LoadBalancerObjects, NEG_ANNOTATION, NEG_READINESS_GATE, shutdown_delay,
 };
 pub use network_policy::GOOGLE_HEALTH_CHECK_RANGES;
-pub use proxy::proxy_settings;
+pub use proxy::{proxy_grace_seconds, proxy_settings};
 
 mod app;
 mod drain_gate;
