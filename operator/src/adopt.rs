@@ -267,11 +267,20 @@ pub fn switch_patch(
         .and_then(|s| s.ports.clone())
         .unwrap_or_default();
     let spec = service.spec.clone().unwrap_or_default();
-    let original = match service.annotations().get(ORIGINAL) {
+    // GKE Ingress: the NEG must lead to the proxies, with ballast's BackendConfig.
+    let load_balancer = crate::build::load_balancer_annotations(bs);
+    let mut original = match service.annotations().get(ORIGINAL) {
         // Already switched once (drift being undone): keep the first record.
         Some(text) => serde_json::from_str(text).unwrap_or(Value::Null),
         None => json!({"selector": spec.selector, "ports": spec.ports}),
     };
+    // The values of the annotations ballast sets, as they were before it first set
+    // them (null: absent), for the give-back.
+    for key in load_balancer.keys() {
+        if original["annotations"].get(key).is_none() {
+            original["annotations"][key] = json!(service.annotations().get(key));
+        }
+    }
     let mut selector: BTreeMap<String, Value> = spec
         .selector
         .unwrap_or_default()
@@ -300,11 +309,15 @@ pub fn switch_patch(
         port["targetPort"] = json!(served.target_port);
         ports.push(port);
     }
+    let mut annotations = json!({
+        ADOPTED_BY: bs.name_any(),
+        ORIGINAL: original.to_string(),
+    });
+    for (key, value) in load_balancer {
+        annotations[key] = json!(value);
+    }
     Ok(json!({
-        "metadata": {"annotations": {
-            ADOPTED_BY: bs.name_any(),
-            ORIGINAL: original.to_string(),
-        }},
+        "metadata": {"annotations": annotations},
         "spec": {"selector": selector, "ports": ports},
     }))
 }
@@ -312,6 +325,9 @@ pub fn switch_patch(
 /// True when `service` selects this BalancedService's proxies (switched, not drifted).
 pub fn is_switched(bs: &BalancedService, service: &Service) -> bool {
     service.annotations().get(ADOPTED_BY) == Some(&bs.name_any())
+        && crate::build::load_balancer_annotations(bs)
+            .iter()
+            .all(|(k, v)| service.annotations().get(k) == Some(v))
         && service
             .spec
             .as_ref()
@@ -335,8 +351,14 @@ pub fn return_patch(bs: &BalancedService, service: &Service) -> Value {
             selector.insert(k.clone(), v.clone());
         }
     }
+    let mut annotations = json!({ADOPTED_BY: null, ORIGINAL: null});
+    if let Some(before) = original["annotations"].as_object() {
+        for (key, value) in before {
+            annotations[key] = value.clone();
+        }
+    }
     json!({
-        "metadata": {"annotations": {ADOPTED_BY: null, ORIGINAL: null}},
+        "metadata": {"annotations": annotations},
         "spec": {"selector": selector, "ports": original["ports"]},
     })
 }

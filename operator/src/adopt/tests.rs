@@ -239,3 +239,69 @@ fn giving_back_releases_the_deployment_before_the_service_and_the_proxies_go_las
     assert_eq!(GiveBack::next(true, 0, true, false), AwaitService);
     assert_eq!(GiveBack::next(true, 0, true, true), Done);
 }
+
+#[test]
+fn behind_gke_ingress_the_adopted_service_gets_ballasts_backend_config_and_gets_its_own_back() {
+    use crate::build::{BACKEND_CONFIG_ANNOTATION, NEG_ANNOTATION};
+    use k8s_openapi::api::core::v1::Service;
+    use serde_json::json;
+    let mut bs = crate::fixtures::balanced_service();
+    bs.spec.proxy.load_balancer = Some(ballast_api::spec::LoadBalancerSpec {
+        type_: ballast_api::spec::LoadBalancerType::Ingress,
+        connection_draining_seconds: 30,
+        health_check: ballast_api::spec::LoadBalancerHealthCheck::default(),
+    });
+    // The user's Service, already behind a GKE Ingress with its own NEG.
+    let theirs: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "namespace": "shop",
+                     "annotations": {NEG_ANNOTATION: "{\"ingress\": true}"}},
+        "spec": {"selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }))
+    .unwrap();
+    let built: Service = serde_json::from_value(json!({
+        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }))
+    .unwrap();
+    let patch = switch_patch(&bs, &theirs, &built).unwrap();
+    let annotations = &patch["metadata"]["annotations"];
+    assert_eq!(annotations[NEG_ANNOTATION], r#"{"ingress":true}"#);
+    assert_eq!(
+        annotations[BACKEND_CONFIG_ANNOTATION],
+        r#"{"default":"demo-proxy"}"#
+    );
+    let original: serde_json::Value =
+        serde_json::from_str(annotations[ORIGINAL].as_str().unwrap()).unwrap();
+    assert_eq!(
+        original["annotations"],
+        json!({NEG_ANNOTATION: "{\"ingress\": true}", BACKEND_CONFIG_ANNOTATION: null})
+    );
+    // Switched: what the merge patch made of it.
+    let mut switched = serde_json::to_value(&theirs).unwrap();
+    for (key, value) in annotations.as_object().unwrap() {
+        switched["metadata"]["annotations"][key] = value.clone();
+    }
+    switched["spec"]["selector"] = json!(crate::build::selector_labels(&bs, "proxy"));
+    let switched: Service = serde_json::from_value(switched).unwrap();
+    assert!(is_switched(&bs, &switched));
+    let mut plain = bs.clone();
+    plain.spec.proxy.load_balancer = None;
+    assert!(
+        is_switched(&plain, &switched),
+        "without a load balancer the annotations are not ours to check"
+    );
+    // Given back: the user's own NEG annotation as it was, ballast's BackendConfig gone.
+    let back = return_patch(&bs, &switched);
+    assert_eq!(
+        back["metadata"]["annotations"][NEG_ANNOTATION],
+        "{\"ingress\": true}"
+    );
+    assert!(back["metadata"]["annotations"][BACKEND_CONFIG_ANNOTATION].is_null());
+    assert!(
+        back["metadata"]["annotations"]
+            .as_object()
+            .unwrap()
+            .contains_key(BACKEND_CONFIG_ANNOTATION),
+        "a null in the merge patch removes it"
+    );
+}

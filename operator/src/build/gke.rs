@@ -7,6 +7,7 @@
 //! The kinds are GKE's CRDs, not Kubernetes': only the fields ballast sets are typed
 //! here (client side only; `kube`'s derive, no schema).
 
+use ballast_api::BalancedService;
 use ballast_api::spec::{LoadBalancerSpec, LoadBalancerType};
 use kube::CustomResource;
 use serde::{Deserialize, Serialize};
@@ -185,20 +186,31 @@ pub fn shutdown_delay(load_balancer: Option<&LoadBalancerSpec>) -> Duration {
         .max(PLAIN_SHUTDOWN_DELAY)
 }
 
-/// The front Service's annotations: the user's, plus (GKE Ingress) the NEG and
-/// BackendConfig ones. The Gateway controller makes its NEGs without an annotation.
+/// The front Service's annotations: the user's, plus [`load_balancer_annotations`].
 pub(super) fn front_annotations(v: &ValidatedSpec<'_>) -> BTreeMap<String, String> {
     let mut annotations = v.bs.spec.service.annotations.clone();
-    if let Some(lb) = &v.bs.spec.proxy.load_balancer
-        && lb.type_ == LoadBalancerType::Ingress
-    {
-        annotations.insert(NEG_ANNOTATION.to_owned(), r#"{"ingress":true}"#.to_owned());
-        annotations.insert(
-            BACKEND_CONFIG_ANNOTATION.to_owned(),
-            format!(r#"{{"default":"{}"}}"#, proxy_name(v)),
-        );
-    }
+    annotations.extend(load_balancer_annotations(v.bs));
     annotations
+}
+
+/// What GKE Ingress reads on the front Service (its own or an adopted one): the NEG
+/// and BackendConfig annotations. None for a GKE Gateway, whose controller makes its
+/// NEGs without an annotation, nor without a load balancer.
+pub fn load_balancer_annotations(bs: &BalancedService) -> BTreeMap<String, String> {
+    let Some(lb) = &bs.spec.proxy.load_balancer else {
+        return BTreeMap::new();
+    };
+    if lb.type_ != LoadBalancerType::Ingress {
+        return BTreeMap::new();
+    }
+    let name = bs.metadata.name.as_deref().unwrap_or_default();
+    BTreeMap::from([
+        (NEG_ANNOTATION.to_owned(), r#"{"ingress":true}"#.to_owned()),
+        (
+            BACKEND_CONFIG_ANNOTATION.to_owned(),
+            format!(r#"{{"default":"{name}-proxy"}}"#),
+        ),
+    ])
 }
 
 /// The GKE objects for `spec.proxy.loadBalancer`.

@@ -30,7 +30,8 @@ pub use app::{BACKEND_SERVING, SLOW_PROBE_PERIOD_SECONDS, slow_probes};
 pub use drain_gate::DRAIN_BIN_DIR;
 pub use gke::{
     BACKEND_CONFIG_ANNOTATION, BackendConfig, GCPBackendPolicy, HealthCheckPolicy,
-    LoadBalancerObjects, NEG_ANNOTATION, NEG_READINESS_GATE, shutdown_delay,
+    LoadBalancerObjects, NEG_ANNOTATION, NEG_READINESS_GATE, load_balancer_annotations,
+    shutdown_delay,
 };
 pub use network_policy::GOOGLE_HEALTH_CHECK_RANGES;
 pub use proxy::{proxy_grace_seconds, proxy_settings};
