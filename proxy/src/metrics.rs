@@ -1,7 +1,7 @@
 //! Prometheus metrics. Per-endpoint numbers are read from the registry's atomics at
 //! scrape time (no label lookups on the request path); the rest are plain counters.
 
-use crate::registry::Ports;
+use crate::registry::{Ports, ZoneState};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -44,6 +44,10 @@ pub struct Metrics {
 #[derive(Debug)]
 struct EndpointCollector(Ports);
 
+/// This proxy's zone and the proxies' spread, read at scrape time.
+#[derive(Debug)]
+struct ZoneCollector(Arc<ZoneState>);
+
 /// A per-endpoint metric: name, help, and how to read it.
 type Reading = (
     &'static str,
@@ -54,8 +58,9 @@ type Reading = (
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl Metrics {
-    /// Metrics with the per-endpoint collector reading every port's endpoints.
-    pub fn new(endpoints: Ports) -> Self {
+    /// Metrics with the per-endpoint collector reading every port's endpoints, and
+    /// with zone routing's when `zones` is given.
+    pub fn new(endpoints: Ports, zones: Option<Arc<ZoneState>>) -> Self {
         let mut registry = prometheus_client::registry::Registry::with_prefix("ballast");
         let response_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let retries = Counter::default();
@@ -124,6 +129,14 @@ impl Metrics {
             affinity_moved.clone(),
         );
         registry.register_collector(Box::new(EndpointCollector(endpoints)));
+        if let Some(zones) = zones {
+            registry.register(
+                "zone_requests",
+                "Requests routed with zone routing on, by locality (same or cross zone) and the endpoint's zone",
+                zones.requests.clone(),
+            );
+            registry.register_collector(Box::new(ZoneCollector(zones)));
+        }
         Self {
             registry,
             response_seconds,
@@ -239,6 +252,33 @@ impl Collector for EndpointCollector {
                 let value = i64::try_from(read(&s.1)).unwrap_or(i64::MAX);
                 ConstGauge::new(value).encode(family.encode_family(&labels(s))?)?;
             }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for ZoneCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let locality = self.0.locality.load_full();
+        {
+            let mut family = encoder.encode_descriptor(
+                "zone_info",
+                "1 for this proxy's zone once known (zone routing routes as if off until then)",
+                None,
+                MetricType::Gauge,
+            )?;
+            if let Some(locality) = &locality {
+                ConstGauge::new(1).encode(family.encode_family(&[("zone", &*locality.zone)])?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "zone_proxies",
+            "Proxy pods per zone, from the proxies' Service (absent when unknown)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (zone, n) in locality.iter().flat_map(|l| l.proxies.iter().flatten()) {
+            ConstGauge::new(i64::from(*n)).encode(family.encode_family(&[("zone", &**zone)])?)?;
         }
         Ok(())
     }

@@ -2,14 +2,17 @@
 
 use crate::access_log::AccessLog;
 use crate::admin::Admin;
+use crate::balance::zone::{Locality, Peer};
 use crate::config::Config;
+use crate::config::ZoneConfig;
 use crate::discovery::{self, PortFeed};
 use crate::endpoint::EndpointSet;
 use crate::forward::{Proxy, ProxyConfig};
 use crate::load::RetryBudget;
 use crate::metrics::Metrics;
-use crate::registry::{Port, Ports, Registry};
+use crate::registry::{Port, Ports, Registry, ZoneRouting, ZoneState};
 use crate::workers::Workers;
+use ballast_api::settings::ZoneRouting as ZoneMode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -143,21 +146,33 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     })?;
 
     // One registry per listener: each port's endpoints are balanced, ejected and pooled
-    // apart, and the admin API sums a pod's ports.
+    // apart, and the admin API sums a pod's ports. Zone routing's locality is shared.
+    let zones =
+        (config.zones.routing == ZoneMode::PreferSameZone).then(|| Arc::new(ZoneState::default()));
     let ports = Ports::new(
         config
             .listeners
             .iter()
-            .map(|listener| Port {
-                name: listener.port_name.clone(),
-                registry: Arc::new(Registry::new(config.balancer.clone())),
+            .map(|listener| {
+                let registry = Registry::new(config.balancer.clone());
+                let registry = match &zones {
+                    Some(zones) => registry.with_zone_routing(ZoneRouting::new(
+                        zones.clone(),
+                        listener.port_name.clone(),
+                    )),
+                    None => registry,
+                };
+                Port {
+                    name: listener.port_name.clone(),
+                    registry: Arc::new(registry),
+                }
             })
             .collect(),
     );
     let Some(registry) = ports.iter().next().map(|p| p.registry.clone()) else {
         return Err(StartError::NoListener);
     };
-    let metrics = Arc::new(Metrics::new(ports.clone()));
+    let metrics = Arc::new(Metrics::new(ports.clone(), zones.clone()));
     let ready = Arc::new(AtomicBool::new(false));
     let proxy = Proxy::new(
         registry.clone(),
@@ -226,6 +241,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             proxy.for_port(port.registry.clone(), listener.connect),
         ));
     }
+    if let Some(zones) = zones {
+        let namespace = match &config.source {
+            discovery::Source::Kubernetes { namespace, .. } => namespace.clone(),
+            _ => None,
+        };
+        tokio::spawn(learn_zone(config.zones.clone(), namespace, zones));
+    }
     let source = config.source.clone();
     tokio::spawn(async move {
         if let Err(e) = discovery::run(source, feeds).await {
@@ -278,6 +300,78 @@ async fn feed(
                 ready.store(true, Relaxed);
             }
         }
+    }
+}
+
+/// Finds this proxy's zone and the proxies' spread for zone routing: from `--zone`
+/// alone once, or from the proxies' Service for as long as the proxy runs. Routing is
+/// as if off until the zone is known; it is logged when it becomes known or changes.
+async fn learn_zone(zones: ZoneConfig, namespace: Option<String>, state: Arc<ZoneState>) {
+    let Some(service) = zones.proxy_service.clone() else {
+        if let Some(zone) = zones.zone {
+            tracing::info!(
+                zone,
+                "zone routing on in zone {zone} (--zone); the proxies' spread is unknown, assumed even over the zones with endpoints"
+            );
+            state.locality.store(Some(Arc::new(Locality {
+                zone: zone.into(),
+                proxies: None,
+            })));
+        }
+        return;
+    };
+    let (tx, mut rx) = watch::channel(EndpointSet::default());
+    let watched = service.clone();
+    tokio::spawn(async move {
+        if let Err(e) = discovery::run_proxies(&watched, namespace.as_deref(), tx).await {
+            tracing::error!(service = watched, error = %e, "cannot watch the proxies' Service; zone routing stays off");
+        }
+    });
+    // A pod's zone does not change: once known it stays, even when the pod is no longer
+    // listed (terminating, a slice being rewritten).
+    let mut zone = zones.zone.clone();
+    let mut current: Option<Arc<Locality>> = None;
+    let mut waiting_logged = false;
+    while rx.changed().await.is_ok() {
+        let peers = rx.borrow_and_update().clone();
+        let Some(locality) = Locality::from_peers(
+            peers.iter().map(|e| Peer {
+                pod: e.name.as_deref(),
+                zone: e.zone.as_deref(),
+            }),
+            zones.pod_name.as_deref(),
+            zone.as_deref(),
+        ) else {
+            if !waiting_logged {
+                waiting_logged = true;
+                tracing::warn!(
+                    service,
+                    pod = zones.pod_name.as_deref().unwrap_or("-"),
+                    proxies = peers.len(),
+                    "this proxy's pod is not listed with a zone in the proxies' Service yet; zone routing waits for it"
+                );
+            }
+            continue;
+        };
+        if current.as_deref() == Some(&locality) {
+            continue;
+        }
+        let spread = locality
+            .proxies
+            .iter()
+            .flatten()
+            .map(|(z, n)| format!("{z}={n}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        if current.as_ref().map(|c| &c.zone) != Some(&locality.zone) {
+            tracing::info!(zone = %locality.zone, proxies = spread, "zone routing on in zone {}", locality.zone);
+        } else {
+            tracing::debug!(zone = %locality.zone, proxies = spread, "proxies' spread over the zones changed");
+        }
+        zone = Some(locality.zone.to_string());
+        let locality = Arc::new(locality);
+        state.locality.store(Some(locality.clone()));
+        current = Some(locality);
     }
 }
 

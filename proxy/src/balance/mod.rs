@@ -5,12 +5,14 @@
 //! Session affinity's consistent hash with bounded loads,
 //! [`affinity::BoundedLoadHash`], is one more [`Select`]: it walks the ring over the same
 //! candidates and hands over to the configured algorithm when no endpoint on it is
-//! under its bound.
+//! under its bound. Zone-aware routing ([`zone`]) decides the zone before the
+//! algorithm chooses within it.
 
 pub mod affinity;
 mod least_request;
 mod p2c;
 mod round_robin;
+pub mod zone;
 
 pub(crate) use p2c::Cost;
 
@@ -61,6 +63,12 @@ impl Balancer {
             Algorithm::LeastRequest => Self::LeastRequest(least_request::LeastRequest),
             Algorithm::RoundRobin => Self::RoundRobin(round_robin::RoundRobin::default()),
         }
+    }
+
+    /// Whether its cost has a latency term (peak-EWMA): zone routing then weighs an
+    /// endpoint's capacity by its latency too, not only by its slow-start weight.
+    pub fn prices_latency(&self) -> bool {
+        matches!(self, Self::P2cEwma(_))
     }
 }
 

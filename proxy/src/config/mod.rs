@@ -12,7 +12,7 @@ pub use resolve::{default_workers, parse_duration};
 use crate::discovery::Source;
 use crate::pool::{BackendProtocol, ConnectConfig};
 use crate::registry::{Algorithm, BalancerConfig};
-use ballast_api::settings::{LogFormat, SameSite};
+use ballast_api::settings::{LogFormat, SameSite, ZoneRouting};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -69,6 +69,29 @@ pub struct Settings {
     #[arg(long, env = "BALLAST_ALGORITHM")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<Algorithm>,
+    /// Zone-aware routing: off, or prefer-same-zone (the endpoints in this proxy's zone
+    /// while they can carry its share of the traffic, the rest spilled to the zones with
+    /// spare capacity, so no zone's pods sit idle; needs --zone or --proxy-service)
+    /// [default: off].
+    #[arg(long, env = "BALLAST_ZONE_ROUTING")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone_routing: Option<ZoneRouting>,
+    /// This proxy's topology zone, overriding what --proxy-service says. Alone, the
+    /// proxies are assumed spread evenly over the zones that have endpoints.
+    #[arg(long, env = "BALLAST_ZONE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The Service over every proxy replica (the admin Service, publishNotReadyAddresses)
+    /// in --namespace: its EndpointSlices give this proxy's zone (the endpoint of pod
+    /// --pod-name) and how many proxies run in each zone. Needs --kube-service.
+    #[arg(long, env = "BALLAST_PROXY_SERVICE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_service: Option<String>,
+    /// This proxy's own pod name, to find its endpoint in --proxy-service (the
+    /// operator sets it from the downward API).
+    #[arg(long, env = "BALLAST_POD_NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
     /// Protocol to the backends of the one listener without --port: http1 or h2c (also
     /// for gRPC) [default: http1].
     #[arg(long, env = "BALLAST_BACKEND_PROTOCOL")]
@@ -227,6 +250,19 @@ pub struct Listener {
     pub connect: ConnectConfig,
 }
 
+/// Zone-aware routing as configured.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ZoneConfig {
+    /// On or off.
+    pub routing: ZoneRouting,
+    /// This proxy's zone, when given.
+    pub zone: Option<String>,
+    /// The proxies' Service, whose EndpointSlices give the zones of every proxy.
+    pub proxy_service: Option<String>,
+    /// This proxy's pod name.
+    pub pod_name: Option<String>,
+}
+
 /// Validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -270,6 +306,8 @@ pub struct Config {
     pub access_log: Option<crate::access_log::Destination>,
     /// Keep query strings in the access log.
     pub access_log_query: bool,
+    /// Zone-aware routing.
+    pub zones: ZoneConfig,
 }
 
 /// A configuration that cannot be used; `Display` prints one line per problem.

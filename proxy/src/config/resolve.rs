@@ -1,11 +1,11 @@
 //! From the settings as given to a checked [`Config`] with defaults applied.
 
-use super::{Config, InvalidConfig, Listener, Settings};
+use super::{Config, InvalidConfig, Listener, Settings, ZoneConfig};
 use crate::discovery::Source;
 use crate::load::EjectionPolicy;
 use crate::pool::{BackendProtocol, ConnectConfig};
 use crate::registry::{Algorithm, BalancerConfig};
-use ballast_api::settings::{ListenerSettings, SameSite};
+use ballast_api::settings::{ListenerSettings, SameSite, ZoneRouting};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -190,6 +190,7 @@ impl Settings {
             cookie_same_site: same_site,
             trust_forwarded_for: self.affinity_trust_forwarded_for.unwrap_or(false),
         });
+        let zones = self.zones(&mut problems);
         let sources = [
             self.endpoints_file.is_some(),
             self.endpoints.is_some(),
@@ -258,6 +259,7 @@ impl Settings {
                     path => crate::access_log::Destination::File(path.into()),
                 }),
                 access_log_query: self.access_log_query.unwrap_or(false),
+                zones,
             }),
             _ => Err(InvalidConfig(problems)),
         }
@@ -288,6 +290,41 @@ impl Settings {
                 service: service.clone(),
                 namespace: self.namespace.clone(),
             })
+    }
+
+    /// Zone routing: on, it needs a way to learn this proxy's zone.
+    fn zones(&self, problems: &mut Vec<String>) -> ZoneConfig {
+        let zones = ZoneConfig {
+            routing: self.zone_routing.unwrap_or_default(),
+            zone: self.zone.clone(),
+            proxy_service: self.proxy_service.clone(),
+            pod_name: self.pod_name.clone().filter(|p| !p.is_empty()),
+        };
+        for (flag, value) in [
+            ("--zone", &zones.zone),
+            ("--proxy-service", &zones.proxy_service),
+        ] {
+            if value.as_deref() == Some("") {
+                problems.push(format!("{flag}: must not be empty"));
+            }
+        }
+        if zones.proxy_service.is_some() && self.kube_service.is_none() {
+            problems.push(
+                "--proxy-service needs Kubernetes discovery (--kube-service): the proxies' zones come from EndpointSlices".to_owned(),
+            );
+        }
+        if zones.routing == ZoneRouting::PreferSameZone {
+            match (&zones.zone, &zones.proxy_service, &zones.pod_name) {
+                (None, None, _) => problems.push(
+                    "--zone-routing=prefer-same-zone needs --zone or --proxy-service: without either this proxy can never learn its zone".to_owned(),
+                ),
+                (None, Some(_), None) => problems.push(
+                    "--proxy-service finds this proxy's zone by its pod name: set BALLAST_POD_NAME (--pod-name) or --zone".to_owned(),
+                ),
+                _ => {}
+            }
+        }
+        zones
     }
 
     /// The client listeners: one per `--port`, else the one `--listen` describes. Their

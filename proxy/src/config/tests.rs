@@ -2,7 +2,7 @@ use super::*;
 use crate::balance::affinity::KeySource;
 use ballast_api::settings::{
     AffinitySettings, ListenerSettings, LogFormat, OutlierSettings, ProxySettings, RetrySettings,
-    SameSite, ZoneSettings,
+    SameSite, ZoneRouting, ZoneSettings,
 };
 use clap::Parser;
 use std::time::Duration;
@@ -163,7 +163,11 @@ fn operator_settings() -> ProxySettings {
             cookie_same_site: SameSite::Strict,
             trust_forwarded_for: true,
         }),
-        zones: ZoneSettings::default(),
+        zones: ZoneSettings {
+            routing: ZoneRouting::PreferSameZone,
+            zone: Some("zone-a".to_owned()),
+            proxy_service: Some("web-proxy-admin".to_owned()),
+        },
     }
 }
 
@@ -229,7 +233,11 @@ fn settings_of(config: &Config) -> ProxySettings {
             cookie_same_site: a.cookie_same_site,
             trust_forwarded_for: a.trust_forwarded_for,
         }),
-        zones: ZoneSettings::default(),
+        zones: ZoneSettings {
+            routing: config.zones.routing,
+            zone: config.zones.zone.clone(),
+            proxy_service: config.zones.proxy_service.clone(),
+        },
     }
 }
 
@@ -257,9 +265,109 @@ fn the_proxy_parses_every_setting_the_operator_renders_to_the_same_value() {
         response_timeout: Some(Duration::from_secs(60)),
         stream_idle_timeout: None,
         max_in_flight: None,
+        zones: ZoneSettings::default(),
         ..operator_settings()
     };
     assert_eq!(settings_of(&parse_and_resolve(&plain.to_args())), plain);
+    assert!(
+        !plain.to_args().iter().any(|a| a.contains("zone")),
+        "zone routing off renders no zone flag: {:?}",
+        plain.to_args()
+    );
+
+    // What the operator runs: the proxies' Service and the pod name from the downward
+    // API (BALLAST_POD_NAME, the same setting as --pod-name), no --zone.
+    let learned = ProxySettings {
+        zones: ZoneSettings {
+            zone: None,
+            ..operator_settings().zones
+        },
+        ..operator_settings()
+    };
+    let mut args = learned.to_args();
+    args.push("--pod-name=web-proxy-7d9f-x2v4q".to_owned());
+    let config = parse_and_resolve(&args);
+    assert_eq!(settings_of(&config), learned);
+    assert_eq!(
+        config.zones.pod_name.as_deref(),
+        Some("web-proxy-7d9f-x2v4q")
+    );
+}
+
+#[test]
+fn zone_routing_refuses_what_could_never_learn_the_zone() {
+    let refused = |args: &[&str]| {
+        Settings::parse_from(std::iter::once("ballast-proxy").chain(args.iter().copied()))
+            .resolve()
+            .unwrap_err()
+            .to_string()
+    };
+    let text = refused(&[
+        "--kube-service=web-backends",
+        "--zone-routing=prefer-same-zone",
+    ]);
+    assert!(
+        text.contains("--zone-routing=prefer-same-zone needs --zone or --proxy-service"),
+        "{text}"
+    );
+    let text = refused(&[
+        "--kube-service=web-backends",
+        "--zone-routing=prefer-same-zone",
+        "--proxy-service=web-proxy-admin",
+    ]);
+    assert!(text.contains("set BALLAST_POD_NAME (--pod-name)"), "{text}");
+    let text = refused(&[
+        "--endpoints=127.0.0.2:80",
+        "--zone-routing=prefer-same-zone",
+        "--proxy-service=web-proxy-admin",
+        "--pod-name=web-proxy-1",
+    ]);
+    assert!(
+        text.contains("--proxy-service needs Kubernetes discovery (--kube-service)"),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        Settings::try_parse_from(["ballast-proxy", "--zone-routing=nearest"]).is_err(),
+        "an unknown mode is refused by the parser"
+    );
+
+    // --zone alone is enough (the spread is then assumed even), with any source.
+    let config = parse_and_resolve(&[
+        "--endpoints=127.0.0.2:80".to_owned(),
+        "--zone-routing=prefer-same-zone".to_owned(),
+        "--zone=zone-b".to_owned(),
+    ]);
+    assert_eq!(config.zones.routing, ZoneRouting::PreferSameZone);
+    assert_eq!(config.zones.zone.as_deref(), Some("zone-b"));
+    // Off by default.
+    let config = parse_and_resolve(&["--endpoints=127.0.0.2:80".to_owned()]);
+    assert_eq!(config.zones, ZoneConfig::default());
+
+    // The file takes the flags' long names as keys, as for every setting.
+    let dir = std::env::temp_dir().join(format!("ballast-zone-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("proxy.yaml");
+    std::fs::write(
+        &file,
+        "kube-service: web-backends\nzone-routing: prefer-same-zone\nproxy-service: web-proxy-admin\npod-name: web-proxy-1\n",
+    )
+    .unwrap();
+    let config = Settings::parse_from(["ballast-proxy", "--config", file.to_str().unwrap()])
+        .with_file()
+        .unwrap()
+        .resolve()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        config.zones,
+        ZoneConfig {
+            routing: ZoneRouting::PreferSameZone,
+            zone: None,
+            proxy_service: Some("web-proxy-admin".to_owned()),
+            pod_name: Some("web-proxy-1".to_owned()),
+        }
+    );
 }
 
 #[test]

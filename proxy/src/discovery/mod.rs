@@ -46,6 +46,29 @@ pub enum DiscoveryError {
     KubeClient(#[source] kube::Error),
 }
 
+/// Publishes the endpoints of the proxies' own Service (`--proxy-service`: every proxy
+/// pod, with its name and zone, on the Service's first port) into `tx` until its
+/// receiver is gone, with the same watch as [`run`]'s Kubernetes source. Zone-aware
+/// routing reads this proxy's zone and the proxies' spread from it.
+///
+/// # Errors
+/// Only when the Kubernetes client cannot be configured.
+pub async fn run_proxies(
+    service: &str,
+    namespace: Option<&str>,
+    tx: watch::Sender<EndpointSet>,
+) -> Result<(), DiscoveryError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(DiscoveryError::KubeClient)?;
+    let feed = PortFeed {
+        port_name: None,
+        tx,
+    };
+    watch_endpoint_slices(client, service, namespace, vec![feed]).await;
+    Ok(())
+}
+
 /// Publishes endpoint sets from `source` into every port's feed until the receivers
 /// are gone. A source that fails transiently keeps the last good set and retries.
 ///

@@ -195,6 +195,27 @@ impl EndpointState {
         }
     }
 
+    /// What zone routing weighs this endpoint by (see
+    /// [`crate::balance::zone::capacity`]): with `latency`, its peak-EWMA estimate in
+    /// nanoseconds when one is fresh (sampled within `load::STALE_AFTER`); and its
+    /// slow-start weight. The per-request price without the load term: the requests
+    /// pending on it are this proxy's own placement, not what the endpoint can carry
+    /// (counting them would push traffic away from wherever this proxy sends it).
+    pub(crate) fn zone_inputs(
+        &self,
+        now: Instant,
+        warmup: Duration,
+        latency: bool,
+    ) -> (Option<f64>, f64) {
+        let weight = self.weight(now, warmup);
+        if !latency {
+            return (None, weight);
+        }
+        let ewma = *lock(&self.ewma);
+        let fresh = ewma.is_sampled() && !ewma.is_stale(now);
+        (fresh.then(|| ewma.estimate(now)), weight)
+    }
+
     /// Bookkeeping after this endpoint won a selection at `cost`.
     pub(crate) fn picked(&self, cost: Cost) {
         if cost.probe {

@@ -10,6 +10,7 @@
 mod drain;
 mod endpoint;
 mod ports;
+mod zones;
 
 pub use ballast_api::admin::{
     DrainReason, DrainRecord, DrainReport, EndpointReport, EndpointStatus, OpenCounts,
@@ -18,13 +19,13 @@ pub use ballast_api::settings::Algorithm;
 pub use drain::DrainMark;
 pub use endpoint::EndpointState;
 pub use ports::{Port, Ports};
+pub use zones::{ZoneLabels, ZoneRouting, ZoneState};
 
 use crate::balance::affinity::BoundedLoadHash;
 use crate::balance::{Balancer, Pick, Select};
 use crate::endpoint::EndpointSet;
 use crate::load::{EjectionPolicy, may_eject};
 use arc_swap::ArcSwap;
-use smallvec::SmallVec;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -56,6 +57,8 @@ pub struct Snapshot {
     pub endpoints: Vec<Arc<EndpointState>>,
     /// Consistent-hash ring over `endpoints` (session affinity).
     pub ring: crate::balance::affinity::Ring,
+    /// The zones of `endpoints` (empty without zone routing).
+    pub zones: zones::ZoneTable,
 }
 
 impl Snapshot {
@@ -88,6 +91,8 @@ pub struct Registry {
     anchor: (Instant, SystemTime),
     /// Finished drains, newest last.
     history: Mutex<VecDeque<DrainRecord>>,
+    /// Zone-aware routing, when on.
+    zones: Option<ZoneRouting>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -112,7 +117,15 @@ impl Registry {
             updates: AtomicU64::new(0),
             picks: AtomicU64::new(0),
             history: Mutex::new(VecDeque::new()),
+            zones: None,
         }
+    }
+
+    /// This registry with zone-aware routing: each selection first decides the zone
+    /// (see [`crate::balance::zone`]), once this proxy's zone is known.
+    pub fn with_zone_routing(mut self, zones: ZoneRouting) -> Self {
+        self.zones = Some(zones);
+        self
     }
 
     /// Balancer settings.
@@ -184,11 +197,15 @@ impl Registry {
             }
         }
         self.forget_idle(&mut all, now, |address| set.contains(address));
+        let zones = self.zones.as_ref().map_or_else(Default::default, |z| {
+            z.table(set.iter().map(|e| e.zone.as_deref()))
+        });
         self.snapshot.store(Arc::new(Snapshot {
             ring: crate::balance::affinity::Ring::new(
                 &listed.iter().map(|e| e.address).collect::<Vec<_>>(),
             ),
             endpoints: listed,
+            zones,
         }));
     }
 
@@ -212,8 +229,9 @@ impl Registry {
         self.pick(now, tried, Some((key, load_factor)))
     }
 
-    /// The one selection path: the registry filters the candidates, the algorithm (or
-    /// the consistent hash in front of it) chooses among them.
+    /// The one selection path: the registry filters the candidates, zone routing (when
+    /// on) narrows them to one zone, and the algorithm (or the consistent hash in front
+    /// of it) chooses among them.
     fn pick(
         &self,
         now: Instant,
@@ -225,7 +243,7 @@ impl Registry {
         let eligible =
             |e: &EndpointState| !e.is_draining() && e.ready.load(Relaxed) && !e.is_ejected(now);
         // On the stack up to 32 endpoints: no allocation per request for most services.
-        let mut candidates: SmallVec<[&Arc<EndpointState>; 32]> = snapshot
+        let mut candidates: zones::Candidates<'_> = snapshot
             .endpoints
             .iter()
             .filter(untried)
@@ -242,6 +260,24 @@ impl Registry {
                 })
                 .collect();
         }
+        let draw = || fastrand::Rng::with_seed(self.seed.fetch_add(SEED_STEP, Relaxed));
+        // Zone routing narrows the candidates to one zone first. Not for an affinity
+        // key: its home endpoint is the same from every proxy in every zone.
+        let mut rng = None;
+        let mut counted = None;
+        if let Some(zones) = &self.zones
+            && affinity.is_none()
+            && !candidates.is_empty()
+        {
+            let (warmup, latency) = (self.config.warmup, self.balancer.prices_latency());
+            counted = zones.narrow(
+                &snapshot.zones,
+                &snapshot.endpoints,
+                &mut candidates,
+                |e| e.zone_inputs(now, warmup, latency),
+                rng.insert(draw()),
+            );
+        }
         let picks = self.picks.fetch_add(1, Relaxed) + 1;
         let chosen = match candidates.len() {
             0 => return None,
@@ -251,7 +287,7 @@ impl Registry {
                     now,
                     warmup: self.config.warmup,
                     picks,
-                    rng: fastrand::Rng::with_seed(self.seed.fetch_add(SEED_STEP, Relaxed)),
+                    rng: rng.unwrap_or_else(draw),
                 };
                 match affinity {
                     Some((key, load_factor)) => BoundedLoadHash {
@@ -266,6 +302,9 @@ impl Registry {
                 }
             }
         };
+        if let Some(counted) = counted {
+            counted.count(&snapshot.endpoints, chosen);
+        }
         chosen.last_picked.store(picks, Relaxed);
         let moved = affinity.is_some_and(|(key, _)| {
             snapshot
