@@ -8,6 +8,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::json;
+use std::time::Duration;
 
 fn ctx() -> BuildContext {
     BuildContext {
@@ -498,4 +499,40 @@ fn every_container_ballast_adds_runs_on_autopilot_as_it_is() {
         autopilot_takes(&too_little_memory).is_err(),
         "0.6 GiB per CPU"
     );
+}
+
+#[test]
+fn the_proxy_accepts_the_zone_routing_the_operator_renders_with_its_pod_name() {
+    use clap::Parser;
+    let bs = with_spec(json!({"balancing": {"zoneRouting": "PreferSameZone"},
+                              "proxy": {"loadBalancer": {"type": "Ingress"}}}));
+    let pod = proxy_pod(&objects(&bs));
+    let container = &pod.containers[0];
+    let args = container.args.clone().unwrap();
+    let env: Vec<&str> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|e| e.name.as_str())
+        .collect();
+    assert!(env.contains(&"BALLAST_POD_NAME"), "{env:?}");
+    // What the downward API hands the proxy in BALLAST_POD_NAME, as its flag.
+    let given = std::iter::once("ballast-proxy".to_owned())
+        .chain(args.iter().cloned())
+        .chain(["--pod-name=demo-proxy-7d4b9-x2x9q".to_owned()]);
+    let config = ballast_proxy::config::Settings::try_parse_from(given)
+        .unwrap_or_else(|e| panic!("the proxy refuses {args:?}: {e}"))
+        .resolve()
+        .unwrap_or_else(|e| panic!("the proxy refuses {args:?}: {e}"));
+    assert_eq!(config.shutdown_delay, Duration::from_secs(45));
+    // Without the pod name it could never learn its zone, and says so at startup.
+    let without = std::iter::once("ballast-proxy".to_owned()).chain(args.iter().cloned());
+    if std::env::var_os("BALLAST_POD_NAME").is_none() {
+        assert!(
+            ballast_proxy::config::Settings::try_parse_from(without)
+                .unwrap()
+                .resolve()
+                .is_err()
+        );
+    }
 }
