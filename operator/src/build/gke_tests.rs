@@ -190,8 +190,8 @@ fn behind_a_gke_gateway_the_policies_attach_to_the_front_service() {
     assert_eq!(arg(&pod.containers[0], "shutdown-delay"), Some("75s"));
     assert_eq!(pod.termination_grace_period_seconds, Some(110));
     assert!(
-        pod.readiness_gates.is_some(),
-        "Gateway NEGs gate readiness too"
+        pod.readiness_gates.is_none(),
+        "no gate GKE would not set for a Gateway's standalone NEGs"
     );
 }
 

@@ -4,7 +4,7 @@ use ballast_api::settings::{
     AffinitySettings, BackendProtocol, ListenerSettings, LogFormat, OutlierSettings, ProxySettings,
     RetrySettings, ZoneRouting, ZoneSettings,
 };
-use ballast_api::spec::{AppProtocol, ZoneRouting as ZoneRoutingSpec};
+use ballast_api::spec::{AppProtocol, LoadBalancerType, ZoneRouting as ZoneRoutingSpec};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
@@ -252,12 +252,22 @@ pub(super) fn proxy_deployment(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> Dep
                     // GKE's NEG controller sets it once the load balancer's health
                     // check passes: a new proxy counts as ready (for the rollout of the
                     // proxies and for the operator) only when the load balancer sends
-                    // to it. GKE injects it too; declaring it keeps it on every pod.
-                    readiness_gates: v.bs.spec.proxy.load_balancer.is_some().then(|| {
-                        vec![PodReadinessGate {
-                            condition_type: NEG_READINESS_GATE.to_owned(),
-                        }]
-                    }),
+                    // to it. GKE injects it into the pods of an Ingress's NEG; declaring
+                    // it keeps it on every proxy pod. Not for a Gateway: its NEGs are
+                    // standalone ones, whose readiness GKE does not report this way,
+                    // and a gate nobody sets would keep the proxies unready.
+                    readiness_gates: v
+                        .bs
+                        .spec
+                        .proxy
+                        .load_balancer
+                        .as_ref()
+                        .filter(|lb| lb.type_ == LoadBalancerType::Ingress)
+                        .map(|_| {
+                            vec![PodReadinessGate {
+                                condition_type: NEG_READINESS_GATE.to_owned(),
+                            }]
+                        }),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),

@@ -308,14 +308,7 @@ impl Target<'_> {
         let desired = body_hash(object);
         let key = (kind, name.clone());
         let current = live.get(&ObjectRef::new(&name).within(self.namespace));
-        let last = self
-            .ctx
-            .applied
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&self.owner)
-            .and_then(|m| m.get(&key).copied());
-        if let (Some(current), Some(last)) = (&current, last)
+        if let (Some(current), Some(last)) = (&current, self.last_applied(&key))
             && last == (desired, fingerprint(current.meta()))
         {
             return Ok(K::clone(current));
@@ -339,14 +332,10 @@ impl Target<'_> {
         let name = object.meta().name.clone().unwrap_or_default();
         let desired = body_hash(object);
         let key = (kind, name.clone());
-        let last = self
-            .ctx
-            .applied
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&self.owner)
-            .and_then(|m| m.get(&key).copied());
-        if last.is_some_and(|(body, _)| body == desired) {
+        if self
+            .last_applied(&key)
+            .is_some_and(|(body, _)| body == desired)
+        {
             return Ok(());
         }
         self.patch(object, kind, &name).await?;
@@ -381,6 +370,16 @@ impl Target<'_> {
                     message,
                 }
             })
+    }
+
+    /// The body hash and fingerprint of the last apply of `key`.
+    fn last_applied(&self, key: &(&'static str, String)) -> Option<(u64, u64)> {
+        self.ctx
+            .applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&self.owner)
+            .and_then(|m| m.get(key).copied())
     }
 
     fn remember(&self, key: (&'static str, String), applied: (u64, u64)) {
