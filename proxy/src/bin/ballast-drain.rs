@@ -19,6 +19,7 @@ use std::time::Duration;
 #[command(
     name = "ballast-drain",
     version,
+    override_usage = "ballast-drain [OPTIONS] --proxies <PROXIES> [-- <THEN>...]\n       ballast-drain install DIR",
     after_help = "ballast-drain install DIR: copy this binary into DIR"
 )]
 struct Args {
