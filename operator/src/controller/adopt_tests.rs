@@ -398,7 +398,7 @@ async fn a_deployment_and_its_service_are_adopted_once_the_proxies_route_to_ever
     );
     finish(run).await.unwrap();
     api.assert_idle().await;
-    proxy.running.shutdown().await;
+    proxy.shutdown().await;
 }
 
 #[tokio::test]
@@ -562,7 +562,7 @@ async fn the_first_rollout_retires_and_drains_an_old_pod_before_a_new_pod_opens(
     serve_status_and_events(&mut api).await;
     finish(run).await.unwrap();
     api.assert_idle().await;
-    proxy.running.shutdown().await;
+    proxy.shutdown().await;
 }
 
 /// One give-back reconcile up to its status write: reads the Deployment (`deployment`)
@@ -807,5 +807,5 @@ async fn a_switched_service_someone_reverted_is_switched_again() {
     );
     finish(run).await.unwrap();
     api.assert_idle().await;
-    proxy.running.shutdown().await;
+    proxy.shutdown().await;
 }

@@ -429,8 +429,8 @@ async fn a_new_pod_turns_routable_once_every_ready_proxy_lists_it() {
         "no pod condition written: {rest:?}"
     );
     finish(run).await.unwrap();
-    a.running.shutdown().await;
-    b.running.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,7 +523,7 @@ async fn a_forced_drain_over_the_threshold_pauses_the_deployment() {
         "{reasons:?}"
     );
     finish(run).await.unwrap();
-    proxy.running.shutdown().await;
+    proxy.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,7 +581,7 @@ async fn with_rollback_the_previous_template_is_restored_instead() {
         .collect();
     assert!(reasons.contains(&"RolledBack".to_owned()), "{reasons:?}");
     finish(run).await.unwrap();
-    proxy.running.shutdown().await;
+    proxy.shutdown().await;
 }
 
 #[tokio::test]

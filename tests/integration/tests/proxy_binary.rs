@@ -125,6 +125,7 @@ async fn websocket_echo_through_the_proxy_and_sigterm_exits_cleanly() {
         Some(0),
         "exit 0 after SIGTERM"
     );
+    let _ = std::fs::remove_file(&log);
 }
 
 #[test]
