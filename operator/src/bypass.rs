@@ -50,13 +50,13 @@ fn asks_for_neg(value: &str) -> bool {
 
 /// The Services (other than the front Service, which selects the proxies) that have
 /// a NEG and select any of the app pods, whose labels are `app_pods`.
-pub fn neg_services(
-    services: &[Service],
+pub fn neg_services<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
     front: &str,
     app_pods: &[BTreeMap<String, String>],
 ) -> Vec<Bypass> {
     services
-        .iter()
+        .into_iter()
         .filter(|s| s.metadata.name.as_deref() != Some(front))
         .filter(|s| {
             s.metadata
@@ -80,14 +80,14 @@ pub fn neg_services(
 }
 
 /// The routes of `kind` (in `namespace`) with a backendRef to the Service `backends`.
-pub fn routes_to(
-    routes: &[DynamicObject],
+pub fn routes_to<'a>(
+    routes: impl IntoIterator<Item = &'a DynamicObject>,
     kind: &str,
     namespace: &str,
     backends: &str,
 ) -> Vec<Bypass> {
     routes
-        .iter()
+        .into_iter()
         .filter(|route| {
             let route_namespace = route.metadata.namespace.as_deref().unwrap_or(namespace);
             let rules = route.data["spec"]["rules"].as_array();

@@ -169,15 +169,15 @@ impl Caches {
     }
 
     /// The routes of each kind in `namespace`.
-    pub(crate) fn routes_in(&self, namespace: &str) -> Vec<(&'static str, Vec<DynamicObject>)> {
+    pub(crate) fn routes_in(
+        &self,
+        namespace: &str,
+    ) -> Vec<(&'static str, Vec<Arc<DynamicObject>>)> {
         self.routes
             .iter()
             .map(|(kind, store)| {
-                let routes = store
-                    .state_filter(|r| r.metadata.namespace.as_deref() == Some(namespace))
-                    .iter()
-                    .map(|r| DynamicObject::clone(r))
-                    .collect();
+                let routes =
+                    store.state_filter(|r| r.metadata.namespace.as_deref() == Some(namespace));
                 (*kind, routes)
             })
             .collect()

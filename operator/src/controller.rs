@@ -675,23 +675,25 @@ fn bypasses(
     valid: &ValidatedSpec<'_>,
     namespace: &str,
 ) -> Vec<crate::bypass::Bypass> {
-    let services: Vec<_> = ctx
-        .caches
-        .services_in(namespace)
-        .iter()
-        .map(|s| k8s_openapi::api::core::v1::Service::clone(s))
-        .collect();
+    let services = ctx.caches.services_in(namespace);
     let app_pods: Vec<_> = ctx
         .caches
         .pods_of(valid.bs, namespace, "app")
         .iter()
         .filter_map(|p| p.metadata.labels.clone())
         .collect();
-    let mut found = crate::bypass::neg_services(&services, valid.front_name, &app_pods);
+    let mut found = crate::bypass::neg_services(
+        services.iter().map(AsRef::as_ref),
+        valid.front_name,
+        &app_pods,
+    );
     let backends = crate::build::backends_name(valid);
     for (kind, routes) in ctx.caches.routes_in(namespace) {
         found.extend(crate::bypass::routes_to(
-            &routes, kind, namespace, &backends,
+            routes.iter().map(AsRef::as_ref),
+            kind,
+            namespace,
+            &backends,
         ));
     }
     found

@@ -297,11 +297,7 @@ impl Target<'_> {
     /// then writes nothing. Returns the object as the API server has it.
     async fn apply<K>(&self, live: &Store<K>, object: &K) -> Result<K, Blocked>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Serialize
-            + DeserializeOwned
-            + Clone
-            + std::fmt::Debug,
+        K: Applied,
     {
         let kind = kind_name::<K>();
         let name = object.meta().name.clone().unwrap_or_default();
@@ -322,11 +318,7 @@ impl Target<'_> {
     /// same body was the last one applied.
     async fn apply_unwatched<K>(&self, object: &K) -> Result<(), Blocked>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Serialize
-            + DeserializeOwned
-            + Clone
-            + std::fmt::Debug,
+        K: Applied,
     {
         let kind = kind_name::<K>();
         let name = object.meta().name.clone().unwrap_or_default();
@@ -345,11 +337,7 @@ impl Target<'_> {
 
     async fn patch<K>(&self, object: &K, kind: &'static str, name: &str) -> Result<K, Blocked>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Serialize
-            + DeserializeOwned
-            + Clone
-            + std::fmt::Debug,
+        K: Applied,
     {
         Api::<K>::namespaced(self.ctx.client.clone(), self.namespace)
             .patch(
@@ -391,6 +379,25 @@ impl Target<'_> {
             .or_default()
             .insert(key, applied);
     }
+}
+
+/// What the apply step writes: a namespaced kind, sent and read back as JSON.
+trait Applied:
+    Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+    + Serialize
+    + DeserializeOwned
+    + Clone
+    + std::fmt::Debug
+{
+}
+
+impl<K> Applied for K where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug
+{
 }
 
 /// A hash of what an apply would send.
