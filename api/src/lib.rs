@@ -8,10 +8,12 @@
 //! the proxy's admin API that the operator and the drain helper read, and [`settings`],
 //! the flags the operator passes to the proxy and the drain helper. The proxy depends
 //! on this crate without its default `resource` feature, so it carries neither the
-//! resource types nor their dependencies.
+//! resource types nor their dependencies. [`meta`] names the labels, the pod condition
+//! and the rollout-request annotations the operator and the kubectl plugin share.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod meta;
 #[cfg(feature = "resource")]
 mod resource;
 pub mod settings;

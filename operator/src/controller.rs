@@ -2,6 +2,7 @@
 //! and Event writes talk to the API server.
 
 use ballast_api::BalancedService;
+use ballast_api::meta::RolloutRequest;
 use ballast_api::status::BalancedServiceStatus;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -25,9 +26,9 @@ use crate::rollout::{self, Inputs, Memory, Policy, RolloutAction, Tracked, Waiti
 use crate::status::{Blocked, Observed, compute, transitions};
 use crate::validate::{Limits, ValidatedSpec, validate};
 
-/// Set this annotation (any value) on a BalancedService to resume a rollout ballast
-/// paused; the operator removes it once acted on.
-pub const RESUME_ANNOTATION: &str = "ballast.dev/resume";
+/// Set this annotation (any value) on a BalancedService to resume a paused rollout;
+/// the operator removes it once acted on (see [`RolloutRequest`]).
+pub const RESUME_ANNOTATION: &str = RolloutRequest::Resume.annotation();
 
 /// Longest wait for one proxy's admin answer.
 const PROXY_READ_TIMEOUT: Duration = Duration::from_secs(2);
@@ -101,9 +102,9 @@ pub enum ReconcileError {
     /// Adding or removing the give-back finalizer failed.
     #[error("updating the finalizers failed")]
     Finalizer(#[source] kube::Error),
-    /// Removing the resume annotation failed.
-    #[error("removing the {RESUME_ANNOTATION} annotation failed")]
-    ClearResume(#[source] kube::Error),
+    /// Removing the rollout request annotations (resume, pause, abort) failed.
+    #[error("removing the rollout request annotations failed")]
+    ClearRequests(#[source] kube::Error),
     /// Writing the status failed.
     #[error("writing status failed")]
     PatchStatus(#[source] kube::Error),
@@ -127,7 +128,7 @@ impl ReconcileError {
             Self::PatchService { .. } => "patch_service",
             Self::ReleaseDeployment { .. } => "release_deployment",
             Self::Finalizer(_) => "finalizer",
-            Self::ClearResume(_) => "clear_resume",
+            Self::ClearRequests(_) => "clear_requests",
             Self::PatchStatus(_) => "patch_status",
             Self::MissingNamespace => "missing_namespace",
             Self::CacheClosed => "cache_closed",
@@ -382,9 +383,11 @@ async fn reconcile_inner(bs: &BalancedService, ctx: &Context) -> Result<Action, 
     if status != before {
         write_status(ctx, bs, &namespace, &status).await?;
     }
-    if blocked.is_none() && bs.annotations().contains_key(RESUME_ANNOTATION) {
-        // Acted on (or nothing to resume): remove it so it does not resume the next pause.
-        clear_resume(ctx, bs, &namespace).await?;
+    let requests = RolloutRequest::requested(bs.annotations());
+    if blocked.is_none() && !requests.is_empty() {
+        // Acted on (or answered with an Event): remove them so that a request does not
+        // act again on the next rollout.
+        clear_requests(ctx, bs, &namespace, &requests).await?;
     }
     let mut events = transitions(&before, &status);
     if let Some(tracked) = &observed.tracked {
@@ -441,16 +444,21 @@ async fn write_status(
     Ok(())
 }
 
-/// Removes the resume annotation.
-async fn clear_resume(
+/// Removes the annotations of `requests`.
+async fn clear_requests(
     ctx: &Context,
     bs: &BalancedService,
     namespace: &str,
+    requests: &[RolloutRequest],
 ) -> Result<(), ReconcileError> {
-    let patch = serde_json::json!({"metadata": {"annotations": {RESUME_ANNOTATION: null}}});
+    let removed: serde_json::Map<String, serde_json::Value> = requests
+        .iter()
+        .map(|r| (r.annotation().to_owned(), serde_json::Value::Null))
+        .collect();
+    let patch = serde_json::json!({"metadata": {"annotations": removed}});
     merge_patch(ctx, bs, namespace, &patch)
         .await
-        .map_err(ReconcileError::ClearResume)
+        .map_err(ReconcileError::ClearRequests)
 }
 
 /// A JSON merge patch of the BalancedService itself (its metadata).
@@ -543,7 +551,7 @@ async fn converge(
         &Policy {
             thresholds: &bs.spec.rollout.pause_when,
             generation: bs.metadata.generation.unwrap_or_default(),
-            resume_requested: bs.annotations().contains_key(RESUME_ANNOTATION),
+            request: RolloutRequest::strongest(bs.annotations()),
             now: now_unix,
         },
     );

@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 /// The pod condition of the readiness gate.
-pub const ROUTABLE_CONDITION: &str = "ballast.dev/routable";
+pub const ROUTABLE_CONDITION: &str = ballast_api::meta::ROUTABLE_CONDITION;
 
 /// An app pod, as the gate and the rollout tracking see it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -4,6 +4,7 @@ use ballast_api::BalancedService;
 use ballast_api::status::{BalancedServiceStatus, ProxyStatus};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
 
 use crate::validate::InvalidSpec;
 
@@ -205,10 +206,11 @@ pub fn compute(
             pause
                 .map(|(r, p)| {
                     format!(
-                        "revision {} was rolled back to {}: {}; change the spec or set the {} annotation to try again",
+                        "revision {} was rolled back to {}: {}; to try again change the spec or run `kubectl ballast resume {}` (sets the {} annotation)",
                         r.revision,
                         r.previous_revision.clone().unwrap_or_default(),
                         p.reason,
+                        bs.name_any(),
                         crate::controller::RESUME_ANNOTATION
                     )
                 })
@@ -280,9 +282,10 @@ pub fn compute(
                 false,
                 reason,
                 format!(
-                    "rollout of revision {} {verb}: {}; change the spec or set the {} annotation to resume",
+                    "rollout of revision {} {verb}: {}; to resume change the spec or run `kubectl ballast resume {}` (sets the {} annotation)",
                     r.revision,
                     p.reason,
+                    bs.name_any(),
                     crate::controller::RESUME_ANNOTATION
                 ),
             )

@@ -3,6 +3,7 @@
 //! owned object; a new object is one builder there and one line in [`build`].
 
 use ballast_api::BalancedService;
+use ballast_api::meta::labels;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, PodTemplateSpec, SeccompProfile, SecurityContext, Service, ServiceAccount,
@@ -48,15 +49,15 @@ mod services;
 /// Field manager of every write (server-side apply).
 pub const MANAGER: &str = "ballast-operator";
 /// Label naming the BalancedService an object belongs to.
-pub const SERVICE_LABEL: &str = "ballast.dev/service";
+pub const SERVICE_LABEL: &str = labels::SERVICE;
 /// Label telling app pods from proxy pods.
-pub const ROLE_LABEL: &str = "ballast.dev/role";
+pub const ROLE_LABEL: &str = labels::ROLE;
 /// Label of an adopted Deployment's pods that the backends Service selects (`true`);
 /// a pod the operator takes out of the proxies' rotation before the Deployment
 /// controller deletes it carries another value (see `adopt`).
-pub const BACKEND_LABEL: &str = "ballast.dev/backend";
+pub const BACKEND_LABEL: &str = labels::BACKEND;
 /// Label carrying the app pod template's revision (a hash of the template).
-pub const REVISION_LABEL: &str = "ballast.dev/revision";
+pub const REVISION_LABEL: &str = labels::REVISION;
 
 /// Operator-level settings the builders need.
 #[derive(Clone, Debug)]
@@ -220,7 +221,7 @@ pub fn revision_of(meta: &ObjectMeta) -> Option<&String> {
 }
 
 /// The Deployment controller's label on each ReplicaSet and pod.
-pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+pub const POD_TEMPLATE_HASH: &str = labels::POD_TEMPLATE_HASH;
 
 /// The revision being rolled out: of `spec.template`, or of an adopted Deployment's
 /// newest ReplicaSet (its `deployment.kubernetes.io/revision` is the highest).

@@ -7,7 +7,7 @@ use crate::fixtures::real_proxy::RealProxy;
 use http::{Method, StatusCode};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::watcher;
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn a_settled_service_is_applied_in_order_then_reported_available() {
@@ -522,6 +522,54 @@ async fn a_forced_drain_over_the_threshold_pauses_the_deployment() {
         reasons.contains(&"RolloutResumed".to_owned()),
         "{reasons:?}"
     );
+    finish(run).await.unwrap();
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pause_request_pauses_the_running_rollout_and_is_removed() {
+    let proxy = RealProxy::start("pause-request", &["127.0.0.5:8080", "127.0.0.6:8080"]).await;
+    let (ctx, mut api) = context();
+    let mut bs = balanced_service();
+    let pause = ballast_api::meta::RolloutRequest::Pause.annotation();
+    bs.metadata.annotations = Some([(pause.to_owned(), "2026-12-04T20:00:00Z".to_owned())].into());
+    let new_revision = crate::build::template_revision(bs.spec.template.as_ref().unwrap());
+    let pods = json!([
+        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
+        app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),
+    ]);
+    api.seed(pods, json!([proxy.pod("demo-proxy-a")]), json!([]));
+    let run = start(&bs, &ctx);
+    let app = serve_apply_only(&mut api, settled()).await;
+    assert_eq!(app["spec"]["paused"], true, "the app Deployment is paused");
+    let status = serve_status(&mut api).await;
+    assert_condition(&status, "Progressing", "False", "RolloutPaused");
+    assert_eq!(
+        status["lastRollout"]["paused"]["reason"],
+        "paused on request (ballast.dev/pause)"
+    );
+    let req = api
+        .expect(
+            Method::PATCH,
+            "/apis/ballast.dev/v1alpha1/namespaces/shop/balancedservices/demo",
+        )
+        .await;
+    assert_eq!(
+        req.body(),
+        &json!({"metadata": {"annotations": {pause: null}}})
+    );
+    req.reply(&serde_json::to_value(balanced_service()).unwrap());
+    let events: Vec<Value> = serve_rest(&mut api)
+        .await
+        .into_iter()
+        .filter(|(_, path, _)| path == EVENTS_PATH)
+        .map(|(_, _, body)| body)
+        .collect();
+    let paused = events
+        .iter()
+        .find(|e| e["reason"] == "RolloutPaused")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(paused["type"], "Normal", "the user asked: {paused}");
     finish(run).await.unwrap();
     proxy.shutdown().await;
 }

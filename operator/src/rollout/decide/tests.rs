@@ -28,7 +28,7 @@ fn policy(thresholds: &PauseThresholds, generation: i64, annotated: bool) -> Pol
     Policy {
         thresholds,
         generation,
-        resume_requested: annotated,
+        request: annotated.then_some(RolloutRequest::Resume),
         now: 1_800_000_100.0,
     }
 }
@@ -125,7 +125,8 @@ fn a_spec_change_or_the_annotation_resumes_for_good() {
             decide(&mut t, &policy(&TWO_FORCED, 9, true)),
             RolloutAction::Proceed
         );
-        assert!(t.events.is_empty(), "resumed once");
+        // Resumed once; a second request is answered, not acted on.
+        assert_eq!(reasons(&t), ["RequestIgnored"]);
     }
 }
 
@@ -170,4 +171,132 @@ fn requeue_follows_what_is_awaited() {
         }),
         60
     );
+}
+
+fn requesting(
+    thresholds: &PauseThresholds,
+    generation: i64,
+    request: RolloutRequest,
+) -> Policy<'_> {
+    Policy {
+        request: Some(request),
+        ..policy(thresholds, generation, false)
+    }
+}
+
+#[test]
+fn a_pause_request_pauses_the_running_rollout_until_resumed() {
+    let mut running = tracked(summary(Some("old"), 0));
+    assert_eq!(
+        decide(
+            &mut running,
+            &requesting(&TWO_FORCED, 1, RolloutRequest::Pause)
+        ),
+        RolloutAction::Pause
+    );
+    assert_eq!(reasons(&running), ["RolloutPaused"]);
+    assert!(!running.events[0].warning, "the user asked: not a warning");
+    let pause = running.last_rollout.as_ref().and_then(|s| s.paused.clone());
+    let pause = pause.expect("recorded");
+    assert_eq!(pause.reason, "paused on request (ballast.dev/pause)");
+    assert!(!pause.rolled_back);
+
+    // Holds without the annotation; a second pause changes nothing; resume continues.
+    running.events.clear();
+    assert_eq!(
+        decide(&mut running, &policy(&TWO_FORCED, 1, false)),
+        RolloutAction::Pause
+    );
+    assert_eq!(
+        decide(
+            &mut running,
+            &requesting(&TWO_FORCED, 1, RolloutRequest::Pause)
+        ),
+        RolloutAction::Pause
+    );
+    assert_eq!(reasons(&running), ["RequestIgnored"]);
+    assert_eq!(
+        decide(&mut running, &policy(&TWO_FORCED, 1, true)),
+        RolloutAction::Proceed
+    );
+    assert_eq!(reasons(&running), ["RequestIgnored", "RolloutResumed"]);
+}
+
+#[test]
+fn an_abort_rolls_back_a_running_or_paused_rollout_and_pauses_a_first_one() {
+    let mut running = tracked(summary(Some("old"), 0));
+    let abort = requesting(&TWO_FORCED, 1, RolloutRequest::Abort);
+    let back = RolloutAction::RollBack {
+        revision: "old".into(),
+    };
+    assert_eq!(decide(&mut running, &abort), back);
+    assert_eq!(reasons(&running), ["RolledBack"]);
+    assert_eq!(
+        running.events[0].message,
+        "rolling back to revision old: aborted on request (ballast.dev/abort)"
+    );
+
+    // A rollout the thresholds paused is rolled back on abort; aborting again is a no-op.
+    let mut paused = tracked(summary(Some("old"), 2));
+    assert_eq!(
+        decide(&mut paused, &policy(&TWO_FORCED, 1, false)),
+        RolloutAction::Pause
+    );
+    assert_eq!(decide(&mut paused, &abort), back);
+    assert_eq!(decide(&mut paused, &abort), back);
+    assert_eq!(
+        reasons(&paused),
+        ["RolloutPaused", "RolledBack", "RequestIgnored"]
+    );
+
+    // The first rollout has nothing to go back to: it pauses.
+    let mut first = tracked(summary(None, 0));
+    assert_eq!(decide(&mut first, &abort), RolloutAction::Pause);
+    assert_eq!(reasons(&first), ["RolloutPaused"]);
+}
+
+#[test]
+fn a_request_without_a_running_rollout_is_answered_and_changes_nothing() {
+    let mut none = Tracked::default();
+    assert_eq!(
+        decide(
+            &mut none,
+            &requesting(&TWO_FORCED, 1, RolloutRequest::Pause)
+        ),
+        RolloutAction::Proceed
+    );
+    assert_eq!(none.events[0].reason, "RequestIgnored");
+    assert_eq!(
+        none.events[0].message,
+        "ballast.dev/pause: no rollout in progress (no rollout has run yet)"
+    );
+
+    let mut finished = tracked(RolloutSummary {
+        finished_at: Some(time(1_800_000_050.0)),
+        ..summary(Some("old"), 0)
+    });
+    assert_eq!(
+        decide(
+            &mut finished,
+            &requesting(&TWO_FORCED, 1, RolloutRequest::Abort)
+        ),
+        RolloutAction::Proceed
+    );
+    assert_eq!(
+        finished.events[0].message,
+        "ballast.dev/abort: no rollout in progress (the rollout of revision new has finished)"
+    );
+    assert!(
+        finished
+            .last_rollout
+            .as_ref()
+            .is_some_and(|s| s.paused.is_none())
+    );
+
+    let mut running = tracked(summary(Some("old"), 0));
+    assert_eq!(
+        decide(&mut running, &policy(&TWO_FORCED, 1, true)),
+        RolloutAction::Proceed
+    );
+    assert_eq!(reasons(&running), ["RequestIgnored"]);
 }

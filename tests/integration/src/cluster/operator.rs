@@ -129,7 +129,7 @@ pub fn start(
                 &rollout::Policy {
                     thresholds: &pause_when,
                     generation: 1,
-                    resume_requested: false,
+                    request: None,
                     now,
                 },
             );
