@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One image for all ballast binaries: ballast-operator, ballast-proxy and
-# ballast-drain. The operator runs its proxies (and the drain helper in app
+# ballast-drain (plus the kubectl plugin, kubectl-ballast, to copy out). The operator runs its proxies (and the drain helper in app
 # pods) from this same image, so every part of one release speaks the same
 # protocol version.
 #
@@ -39,9 +39,9 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,id=ballast-target-musl,target=/src/target,sharing=locked \
-    cargo build --release --locked -p ballast-proxy --bin ballast-drain \
+    cargo build --release --locked -p ballast-proxy --bin ballast-drain -p kubectl-ballast \
  && mkdir -p /out \
- && cp target/release/ballast-drain /out/
+ && cp target/release/ballast-drain target/release/kubectl-ballast /out/
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS demo-app
 COPY --from=build /demo/ /usr/local/bin/
@@ -52,6 +52,8 @@ ENTRYPOINT ["/usr/local/bin/ballast-sample-app"]
 FROM gcr.io/distroless/cc-debian12:nonroot AS ballast
 COPY --from=build /out/ /usr/local/bin/
 COPY --from=build-static /out/ballast-drain /usr/local/bin/ballast-drain
+# The kubectl plugin, static, for copying out onto a user's PATH (see the README).
+COPY --from=build-static /out/kubectl-ballast /usr/local/bin/kubectl-ballast
 # 65532 is distroless' `nonroot`; numeric so runAsNonRoot can verify it.
 USER 65532:65532
 # Pods choose the binary with `command`; without one the image runs the operator.

@@ -45,7 +45,7 @@ done
 # object the API server will hold.
 bash .ci/merge-adopted.sh config/samples/adopt-deployment.yaml \
   "$rendered/adopt-deployment.yaml" >"$rendered/adopt-deployment-merged.yaml"
-bash .ci/validate-manifests.sh "${samples[@]}" "$rendered"/*.yaml
+bash .ci/validate-manifests.sh "${samples[@]}" config/rbac/kubectl_plugin_role.yaml "$rendered"/*.yaml
 
 step "GKE and Gateway API objects (rendered and sampled) against their published CRD schemas"
 bash .ci/validate-crd-kinds.sh "${samples[@]}" "$rendered"/*.yaml
