@@ -168,8 +168,13 @@ async fn read_endpoints(client: &Client, path: &str) -> Result<Vec<EndpointRepor
             "forbidden ({}): `get pods/proxy` is needed (see config/rbac/kubectl_plugin_role.yaml)",
             status.message
         )),
+        Ok(Err(kube::Error::Api(status))) if (502..=504).contains(&status.code) => Err(format!(
+            "the API server could not reach its admin port ({} {}); where NetworkPolicy is \
+             enforced, admit the control plane with spec.networkPolicy.adminFrom",
+            status.code, status.message
+        )),
         Ok(Err(kube::Error::Api(status))) => Err(format!(
-            "the API server could not reach its admin port ({} {})",
+            "the API server answered {} {}",
             status.code, status.message
         )),
         Ok(Err(e)) => Err(e.to_string()),

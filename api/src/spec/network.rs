@@ -2,6 +2,7 @@
 //! balancer sending straight to the proxy pods (`spec.proxy.loadBalancer`), and the
 //! NetworkPolicies that admit exactly ballast's own traffic (`spec.networkPolicy`).
 
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -89,8 +90,8 @@ fn default_connection_draining_seconds() -> i32 {
 /// NetworkPolicies for clusters that enforce them (GKE Dataplane V2, Calico, Cilium).
 /// The proxies' policy admits their client ports from anywhere and their admin port
 /// only from this service's app pods (the drain helper), the operator's namespace,
-/// the Google load balancer's health checkers (with `proxy.loadBalancer`) and
-/// `metricsFrom`. Every rule is an allowance: they keep ballast working in a namespace
+/// the Google load balancer's health checkers (with `proxy.loadBalancer`),
+/// `metricsFrom` and `adminFrom`. Every rule is an allowance: they keep ballast working in a namespace
 /// whose own policies deny by default.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
@@ -114,6 +115,15 @@ pub struct NetworkPolicySpec {
     /// Prometheus, for `/metrics`. Unset: none besides the operator's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_from: Option<LabelSelector>,
+
+    /// More peers that may read the proxies' admin port, as NetworkPolicy peers: the
+    /// control plane, so that `kubectl ballast get` reads the proxies through the API
+    /// server's pod proxy (an `ipBlock` with the control plane's range, or the
+    /// `kube-system` namespace where the API server reaches pods through Konnectivity
+    /// agents), or a scraper outside the cluster.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub admin_from: Vec<NetworkPolicyPeer>,
 }
 
 /// Who may reach the app pods.
@@ -133,6 +143,7 @@ impl Default for NetworkPolicySpec {
             app_ingress: AppIngress::Any,
             egress: false,
             metrics_from: None,
+            admin_from: Vec::new(),
         }
     }
 }

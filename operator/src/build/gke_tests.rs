@@ -359,7 +359,8 @@ fn the_proxies_policy_admits_clients_the_drain_helper_and_the_operator_only() {
 fn asked_for_the_app_pods_admit_only_the_proxies_and_egress_is_allowed_where_denied() {
     let objects = objects(&with_spec(json!({
         "networkPolicy": {"appIngress": "Proxies", "egress": true,
-                          "metricsFrom": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+                          "metricsFrom": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                          "adminFrom": [{"ipBlock": {"cidr": "172.16.0.0/28"}}]},
         "proxy": {"loadBalancer": {"type": "Ingress"}}
     })));
     let (proxies, app) = (proxy_pod_labels(&objects), app_pod_labels(&objects));
@@ -400,13 +401,13 @@ fn asked_for_the_app_pods_admit_only_the_proxies_and_egress_is_allowed_where_den
         .filter_map(|p| p.ip_block.as_ref().map(|b| b.cidr.as_str()))
         .collect();
     assert_eq!(
-        cidrs, GOOGLE_HEALTH_CHECK_RANGES,
+        cidrs[..2],
+        GOOGLE_HEALTH_CHECK_RANGES,
         "the load balancer's health checkers"
     );
+    assert_eq!(cidrs[2], "172.16.0.0/28", "adminFrom: the control plane");
     assert_eq!(
-        admin_from
-            .last()
-            .unwrap()
+        admin_from[admin_from.len() - 2]
             .namespace_selector
             .as_ref()
             .unwrap()

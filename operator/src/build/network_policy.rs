@@ -106,7 +106,7 @@ fn dns() -> NetworkPolicyEgressRule {
 /// `<name>-proxy`: the client ports from anywhere (clients, gateways, the Google load
 /// balancer); the admin port from this service's app pods (the drain helper's
 /// `POST /drain` and reads), the operator's namespace, Google's health checkers when a
-/// load balancer sends to the proxies, and `metricsFrom`. With `egress`: to the app
+/// load balancer sends to the proxies, `metricsFrom` and `adminFrom`. With `egress`: to the app
 /// pods, DNS, and the API server (its address is the cluster's, so by port).
 fn proxy_policy(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> NetworkPolicy {
     let spec = &v.bs.spec.network_policy;
@@ -132,6 +132,7 @@ fn proxy_policy(v: &ValidatedSpec<'_>, ctx: &BuildContext) -> NetworkPolicy {
             ..NetworkPolicyPeer::default()
         });
     }
+    admin_from.extend(spec.admin_from.iter().cloned());
     let admin = NetworkPolicyIngressRule {
         from: Some(admin_from),
         ports: Some(vec![tcp(IntOrString::Int(v.bs.spec.proxy.admin_port))]),
