@@ -17,7 +17,7 @@ async fn main() -> ExitCode {
     let client = match client(cli.context.as_deref()).await {
         Ok(client) => client,
         Err(e) => {
-            eprintln!("error: no cluster to talk to: {}", chain(&*e));
+            eprintln!("error: no cluster to talk to: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -2,8 +2,9 @@
 //!
 //! Needs a cluster, so it is `#[ignore]`d: `cargo test` lists it as ignored with the
 //! reason. Run it with `BALLAST_E2E_KUBECONFIG` naming the cluster's kubeconfig:
-//! `cargo test -p ballast-integration --test e2e -- --ignored --nocapture` (it fails at
-//! once if the variable is unset). Images (built from the repo's Dockerfile with
+//! `cargo build --workspace && cargo test -p ballast-integration --test e2e -- --ignored
+//! --nocapture` (it fails at once if the variable is unset; it runs the workspace's
+//! `kubectl-ballast` too). Images (built from the repo's Dockerfile with
 //! `--provenance=false`, then pushed or `kind load`ed; README "Real-cluster e2e"):
 //!
 //! * `BALLAST_E2E_IMAGE`: the ballast image (default `ghcr.io/ballast-dev/ballast:latest`)
@@ -14,7 +15,8 @@
 //! naive pods (they exit at once on SIGTERM: only the drain gate saves their requests),
 //! waits for `Available`, starts `ballast-load` in a pod, rolls the app to a new
 //! revision, and asserts: no failed request, the rollout complete on status with every
-//! old pod drained and no forced termination.
+//! old pod drained and no forced termination; and that `kubectl ballast` shows the tree
+//! mid-rollout, lists the service and refuses to pause a finished rollout.
 //!
 //! Each run works in a namespace of its own (`ballast-e2e-<time>-<random>`), so a run
 //! started while the last one's namespace is still terminating does not apply into it.
@@ -260,6 +262,23 @@ fn rollout_under_load_on_a_real_cluster() {
         Some(&balanced_service(ns, &app_image, "2")),
     );
     let started = Instant::now();
+    // The kubectl plugin's view mid-rollout, through the API server alone.
+    let tree = plugin(&kubectl, &["get", "demo", "-n", ns, "--interval", "1s"]);
+    println!(
+        "kubectl ballast get demo:\n{}",
+        String::from_utf8_lossy(&tree.stdout)
+    );
+    assert!(
+        tree.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tree.stderr)
+    );
+    let text = String::from_utf8_lossy(&tree.stdout);
+    assert!(
+        text.starts_with(&format!("BalancedService {ns}/demo")),
+        "{text}"
+    );
+    assert!(text.contains("└─ proxies   "), "{text}");
     let mut status = serde_json::Value::Null;
     wait_until(Duration::from_secs(300), "the rollout to complete", || {
         status = kubectl.json(&["-n", ns, "get", "balancedservice", "demo"])["status"].clone();
@@ -309,6 +328,40 @@ fn rollout_under_load_on_a_real_cluster() {
         summary["failed"], 0,
         "no request failed during the rollout: {summary}"
     );
+
+    // The plugin lists it, and refuses to pause a finished rollout (exit 1, no write).
+    let list = plugin(&kubectl, &["list", "-n", ns]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("demo"),
+        "{list:?}"
+    );
+    let pause = plugin(&kubectl, &["pause", "demo", "-n", ns]);
+    assert_eq!(pause.status.code(), Some(1), "{pause:?}");
+    assert!(
+        String::from_utf8_lossy(&pause.stderr).contains("no rollout in progress"),
+        "{pause:?}"
+    );
+}
+
+/// Runs the workspace's `kubectl-ballast` (built next to this test by
+/// `cargo build --workspace`) with the test's kubeconfig.
+fn plugin(kubectl: &Kubectl, args: &[&str]) -> Output {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("kubectl-ballast");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        bin.display()
+    );
+    Command::new(bin)
+        .env("KUBECONFIG", &kubectl.kubeconfig)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// The part of the run that needs no cluster: every run's namespace name is one the API
