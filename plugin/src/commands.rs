@@ -10,6 +10,8 @@ use kube::{Api, Client, ResourceExt};
 use std::io::Write;
 use std::time::Duration;
 
+pub use ballast_process::error_chain;
+
 use crate::cli::{GetArgs, SteerArgs};
 use crate::list;
 use crate::read::{self, ReadError};
@@ -83,7 +85,7 @@ pub async fn get(
             Err(e) if !args.watch => return Err(e.into()),
             Err(e) => {
                 // A watch outlives a hiccup of the API server: say so and look again.
-                writeln!(out, "{}: {}", Timestamp::now(), chain(&e))?;
+                writeln!(out, "{}: {}", Timestamp::now(), error_chain(&e))?;
                 None
             }
         };
@@ -208,16 +210,4 @@ async fn events(client: &Client, namespace: &str, name: &str) -> Result<Vec<Even
             }
             .into()
         })
-}
-
-/// An error with its causes, `: `-separated.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }

@@ -8,7 +8,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use kubectl_ballast::cli::{Cli, Command};
-use kubectl_ballast::commands::{self, CommandError, Screen, chain};
+use kubectl_ballast::commands::{self, CommandError, Screen, error_chain};
 use kubectl_ballast::steer::Operation;
 
 #[tokio::main(flavor = "current_thread")]
@@ -47,7 +47,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(e.exit_code())
         }
     }

@@ -165,6 +165,11 @@ fn about(event: &Value, selector: Option<&String>) -> bool {
     })
 }
 
+/// The objects `keep` accepts (a selector's answer).
+fn pick(items: &[Value], keep: impl Fn(&Value) -> bool) -> Vec<Value> {
+    items.iter().filter(|o| keep(o)).cloned().collect()
+}
+
 fn list(kind: &str, items: Vec<Value>) -> Value {
     json!({"apiVersion": "v1", "kind": format!("{kind}List"), "metadata": {"resourceVersion": "7"}, "items": items})
 }
@@ -285,33 +290,18 @@ fn answer(cluster: &mut Cluster, seen: Seen) -> (u16, String, bool) {
         }
         (&Method::GET, ["apis", "apps", "v1", "namespaces", _, "replicasets"]) => {
             let selector = seen.query.get("labelSelector");
-            let items = cluster
-                .replica_sets
-                .iter()
-                .filter(|o| labelled(o, selector))
-                .cloned()
-                .collect();
-            ok(list("ReplicaSet", items))
+            ok(list(
+                "ReplicaSet",
+                pick(&cluster.replica_sets, |o| labelled(o, selector)),
+            ))
         }
         (&Method::GET, ["api", "v1", "namespaces", _, "pods"]) => {
             let selector = seen.query.get("labelSelector");
-            let items = cluster
-                .pods
-                .iter()
-                .filter(|o| labelled(o, selector))
-                .cloned()
-                .collect();
-            ok(list("Pod", items))
+            ok(list("Pod", pick(&cluster.pods, |o| labelled(o, selector))))
         }
         (&Method::GET, ["api", "v1", "namespaces", _, "events"]) => {
             let selector = seen.query.get("fieldSelector");
-            let items = cluster
-                .events
-                .iter()
-                .filter(|e| about(e, selector))
-                .cloned()
-                .collect();
-            ok(list("Event", items))
+            ok(list("Event", pick(&cluster.events, |e| about(e, selector))))
         }
         (
             &Method::GET,

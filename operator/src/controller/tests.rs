@@ -500,18 +500,7 @@ async fn a_forced_drain_over_the_threshold_pauses_the_deployment() {
     assert!(app["spec"].get("paused").is_none(), "{}", app["spec"]);
     let status = serve_status(&mut api).await;
     assert_eq!(status["lastRollout"]["paused"]["resumed"], true);
-    let req = api
-        .expect(
-            Method::PATCH,
-            "/apis/ballast.dev/v1alpha1/namespaces/shop/balancedservices/demo",
-        )
-        .await;
-    assert_eq!(
-        req.body(),
-        &json!({"metadata": {"annotations": {RESUME_ANNOTATION: null}}})
-    );
-    let object = serde_json::to_value(balanced_service()).unwrap();
-    req.reply(&object);
+    serve_requests_removed(&mut api, &[RESUME_ANNOTATION]).await;
     let reasons: Vec<String> = serve_rest(&mut api)
         .await
         .into_iter()
@@ -548,17 +537,7 @@ async fn the_pause_request_pauses_the_running_rollout_and_is_removed() {
         status["lastRollout"]["paused"]["reason"],
         "paused on request (ballast.dev/pause)"
     );
-    let req = api
-        .expect(
-            Method::PATCH,
-            "/apis/ballast.dev/v1alpha1/namespaces/shop/balancedservices/demo",
-        )
-        .await;
-    assert_eq!(
-        req.body(),
-        &json!({"metadata": {"annotations": {pause: null}}})
-    );
-    req.reply(&serde_json::to_value(balanced_service()).unwrap());
+    serve_requests_removed(&mut api, &[pause]).await;
     let events: Vec<Value> = serve_rest(&mut api)
         .await
         .into_iter()
