@@ -21,7 +21,7 @@ while (($#)); do
 done
 cd "$ROOT"
 if ((BUILD)); then
-    cargo build --locked -p ballast-proxy -p ballast-integration --bins
+    cargo build --locked --workspace --bins
 fi
 OUT=$ROOT/bench/out/rollout-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
