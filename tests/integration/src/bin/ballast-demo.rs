@@ -212,13 +212,6 @@ async fn demo(args: &Args) -> ExitCode {
         started.elapsed().as_secs_f64(),
         scenario::table(&reports)
     );
-    println!(
-        "failed: requests that got a 5xx or no answer. ws broken: WebSocket sessions cut before their end.\n\
-         ws forced: the one session longer than the drain timeout, closed at it (counted on status as forced).\n\
-         balance: busiest pod's requests over the mean, in steady load before/after the rollout.\n\
-         rollout: from the new template until the last old pod stopped; available: until every new pod was available.\n\
-         status: what the BalancedService's status.lastRollout says (pods drained / forced / failed requests)."
-    );
     if let Some(path) = &args.json {
         let lines: Vec<String> = reports.iter().map(|r| json_line(r).to_string()).collect();
         if let Err(e) = std::fs::write(path, lines.join("\n") + "\n") {
@@ -237,6 +230,8 @@ fn json_line(r: &ScenarioReport) -> serde_json::Value {
     serde_json::json!({
         "variant": r.variant.label(),
         "requests": r.load.sent,
+        "load_seconds": r.load_time.as_secs_f64(),
+        "requests_per_second": r.load.sent as f64 / r.load_time.as_secs_f64().max(0.001),
         "failed": r.load.failed,
         "ws_broken": r.load.ws_broken,
         "ws_forced": r.load.ws_long_closed,
