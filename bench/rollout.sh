@@ -21,7 +21,7 @@ while (($#)); do
 done
 cd "$ROOT"
 if ((BUILD)); then
-    cargo build --locked -p ballast-proxy -p ballast-integration --bins
+    cargo build --locked --workspace --bins
 fi
 OUT=$ROOT/bench/out/rollout-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
@@ -46,13 +46,16 @@ def fmt(x, f="{:.2f}"):
     return "-" if x is None else f.format(x)
 base = med(rows.get("ballast", []), "rollout_seconds")
 print(f"Rollout under load, medians of {runs} runs (local cluster stand-in, 8 pods)\n")
-print("| variant | failed requests | broken ws | balance before | balance after | rollout s | rollout vs ballast | proxy rollout s |")
+# The demo's column names (see its legend); "vs ballast" is the rollout's ratio.
+print("| variant | req/s | failed | ws broken | balance | rollout | vs ballast | proxies |")
 print("|---|---|---|---|---|---|---|---|")
 for name, rs in rows.items():
     rollout = med(rs, "rollout_seconds")
     ratio = rollout / base if base and rollout is not None else None
-    print(f"| {name} | {fmt(med(rs, 'failed'), '{:.0f}')} | {fmt(med(rs, 'ws_broken'), '{:.0f}')} "
-          f"| {fmt(med(rs, 'balance_before'))} | {fmt(med(rs, 'balance_after'))} "
-          f"| {fmt(rollout, '{:.1f}')} | {fmt(ratio, '{:.2f}x')} | {fmt(med(rs, 'proxy_rollout_seconds'), '{:.1f}')} |")
+    print(f"| {name} | {fmt(med(rs, 'requests_per_second'), '{:.1f}')} "
+          f"| {fmt(med(rs, 'failed'), '{:.0f}')} | {fmt(med(rs, 'ws_broken'), '{:.0f}')} "
+          f"| {fmt(med(rs, 'balance_before'))}/{fmt(med(rs, 'balance_after'))} "
+          f"| {fmt(rollout, '{:.1f}s')} | {fmt(ratio, '{:.2f}x')} "
+          f"| {fmt(med(rs, 'proxy_rollout_seconds'), '{:.1f}s')} |")
 print(f"\nper run: {', '.join(str(out / f'run-{i}.txt') for i in range(1, runs + 1))}")
 PY

@@ -5,10 +5,11 @@
 #
 #   bash scripts/demo.sh [--pods 8] [--rate 300] [--duration 10] [--seed 1] [--plain] ...
 #
-# Builds with the same (dev) profile as the tests, so running both builds once.
+# Builds every binary the README's way (`cargo build --locked --workspace --bins`, the
+# dev profile), so after that build, or a second run, nothing is compiled again.
 # Every process it starts (pods, proxies) is a child of ballast-demo, stopped by PID
 # when it ends. All traffic stays on 127.0.0.0/8. `--help` lists every flag.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --locked -p ballast-proxy -p ballast-integration --bins
+cargo build --locked --workspace --bins
 exec "${CARGO_TARGET_DIR:-target}/debug/ballast-demo" "$@"

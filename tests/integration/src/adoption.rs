@@ -175,7 +175,7 @@ pub async fn run(cfg: &ScenarioConfig, variant: AdoptVariant) -> Result<Adoption
     for program in ["ballast-proxy", "ballast-drain", "ballast-sample-app"] {
         if !cfg.bin_dir.join(program).exists() {
             return Err(format!(
-                "{} is missing: build it first (cargo build -p ballast-proxy -p ballast-integration)",
+                "{} is missing: build it first (cargo build --locked --workspace --bins)",
                 cfg.bin_dir.join(program).display()
             ));
         }

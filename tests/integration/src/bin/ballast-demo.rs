@@ -116,9 +116,10 @@ async fn demo(args: &Args) -> ExitCode {
         .collect();
 
     println!(
-        "ballast demo: {} pods (exit at once on SIGTERM), {} req/s on {} keep-alive connections, \
-         long requests up to 5 s, WebSockets; a rollout to a new revision, then of the proxies.\n\
-         Three variants run at once on the local cluster stand-in (processes on 127.21-23.*.*).",
+        "ballast demo: {} pods (they exit at once on SIGTERM) under {} req/s on {} keep-alive\n\
+         connections, long requests (up to 5 s) and WebSockets; a rollout to a new revision,\n\
+         then of the proxies. Three variants at once on the local cluster stand-in\n\
+         (processes on 127.21-23.*.*), not Kubernetes.",
         args.pods, args.rate, args.clients
     );
     let interactive = !args.plain && std::io::stdout().is_terminal();
@@ -130,52 +131,31 @@ async fn demo(args: &Args) -> ExitCode {
             .collect();
         tokio::spawn(async move {
             let mut shares = ShareWindows::default();
-            let mut last_plain = Instant::now();
-            let mut phases: Vec<String> = vec![String::new(); lives.len()];
+            let variants: Vec<Variant> = lives.iter().map(|(v, _, _)| *v).collect();
+            let mut progress = Progress::new(variants.len());
             loop {
                 let snapshots: Vec<Live> = lives.iter().map(|(_, _, l)| lock(l).clone()).collect();
                 for (i, s) in snapshots.iter().enumerate() {
                     shares.push(i, &s.load.served_by);
                 }
+                let now = started.elapsed();
+                let plain_lines = progress.step(&variants, &snapshots, now);
                 if interactive {
                     let mut out = String::from("\x1b[H\x1b[J");
+                    out.push_str(POD_LEGEND);
+                    out.push_str("\n\n");
                     for (i, ((variant, about, _), s)) in lives.iter().zip(&snapshots).enumerate() {
-                        out.push_str(&render(*variant, about, s, &shares.share(i), started));
+                        let elapsed = progress.elapsed(i, now);
+                        out.push_str(&render(*variant, about, s, &shares.share(i), elapsed));
                     }
                     print!("{out}");
                     let _ = std::io::stdout().flush();
                 } else {
-                    for (i, ((variant, _, _), s)) in lives.iter().zip(&snapshots).enumerate() {
-                        if s.phase != phases[i] {
-                            phases[i] = s.phase.clone();
-                            println!(
-                                "[{:>5.1}s] {:<20} {}",
-                                started.elapsed().as_secs_f64(),
-                                variant.label(),
-                                s.phase
-                            );
-                        }
-                    }
-                    if last_plain.elapsed() >= Duration::from_secs(10) {
-                        last_plain = Instant::now();
-                        for ((variant, _, _), s) in lives.iter().zip(&snapshots) {
-                            println!(
-                                "[{:>5.1}s] {:<20} requests {} failed {} ws broken {} replaced {}/{}",
-                                started.elapsed().as_secs_f64(),
-                                variant.label(),
-                                s.load.sent,
-                                s.load.failed,
-                                s.load.ws_broken,
-                                s.replaced.0,
-                                s.replaced.1
-                            );
-                        }
+                    for line in plain_lines {
+                        println!("{line}");
                     }
                 }
-                if snapshots
-                    .iter()
-                    .all(|s| s.report.is_some() || s.error.is_some())
-                {
+                if progress.all_finished() {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -212,13 +192,6 @@ async fn demo(args: &Args) -> ExitCode {
         started.elapsed().as_secs_f64(),
         scenario::table(&reports)
     );
-    println!(
-        "failed: requests that got a 5xx or no answer. ws broken: WebSocket sessions cut before their end.\n\
-         ws forced: the one session longer than the drain timeout, closed at it (counted on status as forced).\n\
-         balance: busiest pod's requests over the mean, in steady load before/after the rollout.\n\
-         rollout: from the new template until the last old pod stopped; available: until every new pod was available.\n\
-         status: what the BalancedService's status.lastRollout says (pods drained / forced / failed requests)."
-    );
     if let Some(path) = &args.json {
         let lines: Vec<String> = reports.iter().map(|r| json_line(r).to_string()).collect();
         if let Err(e) = std::fs::write(path, lines.join("\n") + "\n") {
@@ -237,6 +210,8 @@ fn json_line(r: &ScenarioReport) -> serde_json::Value {
     serde_json::json!({
         "variant": r.variant.label(),
         "requests": r.load.sent,
+        "load_seconds": r.load_time.as_secs_f64(),
+        "requests_per_second": r.load.sent as f64 / r.load_time.as_secs_f64().max(0.001),
         "failed": r.load.failed,
         "ws_broken": r.load.ws_broken,
         "ws_forced": r.load.ws_long_closed,
@@ -248,6 +223,97 @@ fn json_line(r: &ScenarioReport) -> serde_json::Value {
         "pods_drained": r.status.as_ref().map(|s| s.pods_drained),
         "forced_terminations": r.status.as_ref().map(|s| s.forced_terminations),
     })
+}
+
+/// What the live view's pod markers and bars mean, shown once above the variants.
+const POD_LEGEND: &str = "pods: + new revision, x terminating, . not ready, no mark: old, ready. \
+                          bar: share of requests, last 2 s (full: 25%)";
+
+/// What the view remembers between frames: when each variant finished (its clock stops
+/// there), the phases already printed, when the counts were printed last.
+#[derive(Debug)]
+struct Progress {
+    finished: Vec<Option<Duration>>,
+    phases: Vec<String>,
+    counts_at: Duration,
+}
+
+impl Progress {
+    /// Counts are printed this often while a variant runs.
+    const COUNTS_EVERY: Duration = Duration::from_secs(10);
+
+    fn new(variants: usize) -> Self {
+        Self {
+            finished: vec![None; variants],
+            phases: vec![String::new(); variants],
+            counts_at: Duration::ZERO,
+        }
+    }
+
+    /// Takes in the variants' state at `now` (since the start) and returns the lines the
+    /// plain output prints: each phase change; every running variant's counts every
+    /// [`Self::COUNTS_EVERY`]; a finished variant's counts once, marked final, and
+    /// nothing more of it.
+    fn step(&mut self, variants: &[Variant], snapshots: &[Live], now: Duration) -> Vec<String> {
+        let counts_due = now.saturating_sub(self.counts_at) >= Self::COUNTS_EVERY;
+        if counts_due {
+            self.counts_at = now;
+        }
+        let mut lines = Vec::new();
+        for (i, (variant, s)) in variants.iter().zip(snapshots).enumerate() {
+            let finished_now =
+                self.finished[i].is_none() && (s.report.is_some() || s.error.is_some());
+            if finished_now {
+                self.finished[i] = Some(now);
+            }
+            let elapsed = self.elapsed(i, now);
+            if s.phase != self.phases[i] {
+                self.phases[i] = s.phase.clone();
+                lines.push(format!(
+                    "[{:>5.1}s] {:<20} {}",
+                    elapsed.as_secs_f64(),
+                    variant.label(),
+                    s.phase
+                ));
+            }
+            if finished_now || (counts_due && self.finished[i].is_none()) {
+                lines.push(counts(*variant, s, elapsed, finished_now));
+            }
+        }
+        lines
+    }
+
+    /// Time since the start for a running variant; when it finished, for a finished one.
+    fn elapsed(&self, variant: usize, now: Duration) -> Duration {
+        self.finished[variant].unwrap_or(now)
+    }
+
+    fn all_finished(&self) -> bool {
+        self.finished.iter().all(Option::is_some)
+    }
+}
+
+/// A plain-output line with a variant's counts so far (`last`: it has finished).
+fn counts(variant: Variant, live: &Live, elapsed: Duration, last: bool) -> String {
+    let l = &live.load;
+    format!(
+        "[{:>5.1}s] {:<20} {}requests {} failed {} ws broken {}{}",
+        elapsed.as_secs_f64(),
+        variant.label(),
+        if last { "final: " } else { "" },
+        l.sent,
+        l.failed,
+        l.ws_broken,
+        old_pods_stopped(live),
+    )
+}
+
+/// `  old pods stopped N/M` once the app rollout has started, else nothing.
+fn old_pods_stopped(live: &Live) -> String {
+    match live.replaced {
+        (_, 0) => String::new(),
+        (stopped, replicas) => format!("  old pods stopped {stopped}/{replicas}"),
+    }
 }
 
 /// Requests served per pod, as the clients counted them at one moment.
@@ -304,7 +370,7 @@ fn render(
     about: &str,
     live: &Live,
     share: &BTreeMap<String, f64>,
-    started: Instant,
+    elapsed: Duration,
 ) -> String {
     let mut out = String::new();
     let l = &live.load;
@@ -315,7 +381,7 @@ fn render(
     out.push_str(&format!(
         "\x1b[1m{:<20}\x1b[0m {about}\n  {:>5.1}s  {phase}\n",
         variant.label(),
-        started.elapsed().as_secs_f64()
+        elapsed.as_secs_f64()
     ));
     let failed = if l.failures_total() > 0 {
         format!("\x1b[31mfailed {}\x1b[0m", l.failed)
@@ -323,13 +389,12 @@ fn render(
         format!("failed {}", l.failed)
     };
     out.push_str(&format!(
-        "  requests {:<6} {failed}  websockets {} ok / {} broken / {} forced  old pods stopped {}/{}{}\n",
+        "  requests {:<6} {failed}  ws {} ok / {} broken / {} forced{}{}\n",
         l.sent,
         l.ws_completed,
         l.ws_broken,
         l.ws_long_closed,
-        live.replaced.0,
-        live.replaced.1,
+        old_pods_stopped(live),
         if live.proxies.1 > 0 {
             format!("  proxies ready {}/{}", live.proxies.0, live.proxies.1)
         } else {
@@ -361,12 +426,13 @@ fn render(
                 [n, revision, _] => format!("{revision}-{n}"),
                 _ => p.name.clone(),
             };
-            format!("{mark}{short:<9} {} {:>4.1}%", bar(s), s * 100.0)
+            format!("{mark}{short:<9} {} {:>5.1}%", bar(s), s * 100.0)
         })
         .collect();
-    for pair in cells.chunks(3) {
+    // Three pods a line: 120 columns.
+    for row in cells.chunks(3) {
         out.push_str("  ");
-        out.push_str(&pair.join("   "));
+        out.push_str(&row.join("  "));
         out.push('\n');
     }
     for (pod, in_flight, connections) in &live.draining {
@@ -377,3 +443,7 @@ fn render(
     out.push('\n');
     out
 }
+
+#[cfg(test)]
+#[path = "ballast-demo/tests.rs"]
+mod tests;

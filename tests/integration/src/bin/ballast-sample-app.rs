@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use ballast_api::settings::LogFormat;
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use futures::{SinkExt, StreamExt};
@@ -62,7 +63,9 @@ enum ShutdownMode {
     about = "Sample backend pod for ballast tests and demos"
 )]
 struct Args {
-    /// Address to listen on; port 0 picks a free port (the bound address is printed).
+    /// Address to listen on; port 0 picks a free port. The bound address is printed on
+    /// stdout (`listening on ADDR`), or with `--log-format json` only in the `listening`
+    /// log line (`addr`), so that everything the app writes is JSON.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// Pod name reported in `x-served-by` and the JSON body (default: the bound address).
@@ -81,6 +84,10 @@ struct Args {
     /// File created (containing the bound address) once listening, removed on shutdown.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Log format on stderr: text (coloured only on a terminal) or json (one object per
+    /// line, for a cluster's log pipeline).
+    #[arg(long, env = "BALLAST_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Debug)]
@@ -134,9 +141,8 @@ impl hyper::body::Body for Download {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    ballast_process::init_logging(ballast_api::settings::LogFormat::Text);
-
     let args = Args::parse();
+    ballast_process::init_logging(args.log_format);
     let listener = TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     let pod = args.pod.clone().unwrap_or_else(|| addr.to_string());
@@ -152,7 +158,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if let Some(path) = &args.ready_file {
         std::fs::write(path, format!("{addr}\n"))?;
     }
-    println!("listening on {addr}");
+    if args.log_format == LogFormat::Text {
+        println!("listening on {addr}");
+    }
     info!(%addr, pod = %state.pod, mode = ?args.shutdown, "listening");
 
     let builder = auto::Builder::new(TokioExecutor::new());

@@ -42,6 +42,9 @@ use crate::cluster::{Deployment, pod::Pod};
 use crate::l4::L4Balancer;
 use crate::load::{Load, LoadPlan, LoadStats};
 pub use crate::workspace_bin_dir as bin_dir_of_current_exe;
+pub use table::{MAX_WIDTH, table};
+
+mod table;
 
 /// The proxies' admin port in the generated spec.
 const ADMIN_PORT: u16 = 9901;
@@ -125,6 +128,9 @@ pub struct ScenarioReport {
     pub variant: Variant,
     /// What the clients saw.
     pub load: LoadStats,
+    /// How long the load ran, from its start until it was stopped (each variant runs
+    /// as long as its rollouts take).
+    pub load_time: Duration,
     /// Busiest pod's share over the mean, steady load before the rollout.
     pub balance_before: Option<f64>,
     /// The same after it (new pods).
@@ -553,7 +559,7 @@ pub(crate) async fn stage(
     for program in ["ballast-proxy", "ballast-drain", "ballast-sample-app"] {
         if !cfg.bin_dir.join(program).exists() {
             return Err(format!(
-                "{} is missing: build it first (cargo build -p ballast-proxy -p ballast-integration)",
+                "{} is missing: build it first (cargo build --locked --workspace --bins)",
                 cfg.bin_dir.join(program).display()
             ));
         }
@@ -671,6 +677,7 @@ async fn run_inner(
         proxy_next,
     } = stage(variant, cfg, live, None).await?;
 
+    let load_started = Instant::now();
     let load = Arc::new(Load::start(&LoadPlan {
         target: front.addr,
         rate: cfg.rate,
@@ -761,6 +768,7 @@ async fn run_inner(
     refresher.abort();
     let _ = refresher.await;
     let load = Arc::try_unwrap(load).map_err(|_| "the load is still shared".to_owned())?;
+    let load_time = load_started.elapsed();
     let stats = load.stop().await;
     // One more whole round of the operator stand-in, so status has the last drains.
     if let Some(status) = &status
@@ -788,6 +796,7 @@ async fn run_inner(
     let report = ScenarioReport {
         variant,
         load: stats,
+        load_time,
         balance_before,
         balance_after,
         rollout,
@@ -838,106 +847,4 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
 /// Removes a scratch directory (best effort).
 pub fn remove_dir(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
-}
-
-fn seconds(d: Duration) -> String {
-    format!("{:.1}s", d.as_secs_f64())
-}
-
-fn ratio(x: Option<f64>) -> String {
-    x.map_or_else(|| "-".to_owned(), |x| format!("{x:.2}"))
-}
-
-/// The side-by-side table of finished variants, with the rollout-duration ratio of
-/// each to the first.
-pub fn table(reports: &[&ScenarioReport]) -> String {
-    let header = [
-        "variant",
-        "requests",
-        "failed",
-        "ws broken",
-        "ws forced",
-        "balance before",
-        "balance after",
-        "rollout",
-        "vs first",
-        "available",
-        "longest preStop",
-        "proxy rollout",
-        "status: drained/forced/failed",
-    ];
-    let first = reports.first().map(|r| r.rollout.as_secs_f64());
-    let rows: Vec<Vec<String>> = reports
-        .iter()
-        .map(|r| {
-            vec![
-                r.variant.label(),
-                r.load.sent.to_string(),
-                r.load.failed.to_string(),
-                r.load.ws_broken.to_string(),
-                r.load.ws_long_closed.to_string(),
-                ratio(r.balance_before),
-                ratio(r.balance_after),
-                seconds(r.rollout),
-                first.map_or_else(
-                    || "-".to_owned(),
-                    |f| format!("{:.2}x", r.rollout.as_secs_f64() / f.max(0.001)),
-                ),
-                seconds(r.rollout_available),
-                seconds(r.longest_pre_stop),
-                r.proxy_rollout.map_or_else(|| "-".to_owned(), seconds),
-                r.status.as_ref().map_or_else(
-                    || "-".to_owned(),
-                    |s| {
-                        format!(
-                            "{}/{}/{}",
-                            s.pods_drained,
-                            s.forced_terminations,
-                            s.failed_requests.old_revision + s.failed_requests.new_revision
-                        )
-                    },
-                ),
-            ]
-        })
-        .collect();
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([header[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join(" | ")
-    };
-    let mut out = line(header.iter().map(|h| (*h).to_owned()).collect());
-    out.push('\n');
-    out.push_str(
-        &widths
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("-|-"),
-    );
-    for row in rows {
-        out.push('\n');
-        out.push_str(&line(row));
-    }
-    let failures: Vec<String> = reports
-        .iter()
-        .filter(|r| !r.load.failures.is_empty())
-        .map(|r| format!("{}: {:?}", r.variant.label(), r.load.failures))
-        .collect();
-    if !failures.is_empty() {
-        out.push_str("\nfailures by kind: ");
-        out.push_str(&failures.join("; "));
-    }
-    out
 }
