@@ -17,8 +17,17 @@ if ! command -v kubectl >/dev/null 2>&1; then
   # kubectl renders the kustomize tree; Debian calls its client package kubectl.
   apt-get update -qq && apt-get install -y -qq kubectl
 fi
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  # promtool and prometheus for the monitoring tests (tests/integration/tests/
+  # monitoring.rs): Debian's prometheus package has both. (On these machines
+  # policy-rc.d keeps the package's service from starting; the tests start their own.)
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+fi
+# The monitoring tests fail instead of skipping when promtool or prometheus is missing.
+export BALLAST_REQUIRE_PROMETHEUS=1
 cargo --version
 kubectl version --client 2>/dev/null | sed -n 1p
+promtool --version 2>/dev/null | sed -n 1p
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -45,13 +54,21 @@ done
 # object the API server will hold.
 bash .ci/merge-adopted.sh config/samples/adopt-deployment.yaml \
   "$rendered/adopt-deployment.yaml" >"$rendered/adopt-deployment-merged.yaml"
+# config/default with the monitoring component (its dashboard ConfigMap is validated
+# here; its PodMonitor, ServiceMonitor and PrometheusRule by validate-crd-kinds).
+kubectl kustomize config/with-monitoring >"$rendered/with-monitoring.yaml"
 bash .ci/validate-manifests.sh "${samples[@]}" "$rendered"/*.yaml
 
-step "GKE and Gateway API objects (rendered and sampled) against their published CRD schemas"
+step "GKE, Gateway API and Prometheus Operator objects (rendered and sampled) against their published CRD schemas"
 bash .ci/validate-crd-kinds.sh "${samples[@]}" "$rendered"/*.yaml
 # The check must be able to fail: known-bad objects are refused.
 if bash .ci/validate-crd-kinds.sh .ci/fixtures/invalid-gke-kinds.yaml >/dev/null; then
   echo "validate-crd-kinds accepted .ci/fixtures/invalid-gke-kinds.yaml" >&2
+  exit 1
+fi
+refused=$(bash .ci/validate-crd-kinds.sh .ci/fixtures/invalid-monitoring-kinds.yaml | grep -c '^ERROR' || true)
+if ((refused != 2)); then
+  echo "validate-crd-kinds refused $refused of the 2 objects in .ci/fixtures/invalid-monitoring-kinds.yaml" >&2
   exit 1
 fi
 
