@@ -1,10 +1,12 @@
 // Validates the objects of CRD-defined kinds that Kubernetes' own schemas do not
-// cover: GKE's (cloud.google.com, networking.gke.io) and the Gateway API's
-// (gateway.networking.k8s.io), against the validators that @kubernetes-models
+// cover: GKE's (cloud.google.com, networking.gke.io), the Gateway API's
+// (gateway.networking.k8s.io) and the Prometheus Operator's (monitoring.coreos.com),
+// against the validators that @kubernetes-models
 // generates from the published CRDs. Those validators check types, required fields
 // and enums but, like the API server's structural schemas, let unknown fields through
 // (the API server would prune them silently), so every field name under `spec` is
-// also checked against the names the kind's schema declares.
+// also checked against the names the kind's schema declares (except the keys of
+// free-form maps: labels, annotations, matchLabels).
 //
 //   node validate-crd-kinds.mjs NODE_MODULES FILE...
 import { readFileSync, existsSync } from "node:fs";
@@ -19,7 +21,11 @@ const packages = {
   "cloud.google.com": "@kubernetes-models/gke",
   "networking.gke.io": "@kubernetes-models/gke",
   "gateway.networking.k8s.io": "@kubernetes-models/gateway-api",
+  "monitoring.coreos.com": "@kubernetes-models/prometheus-operator",
 };
+
+// Fields whose keys are data, not field names.
+const freeFormMaps = new Set(["labels", "annotations", "matchLabels"]);
 
 // The schema file of a kind and every schema file it imports, as text.
 function schemaText(pkg, group, version, kind) {
@@ -29,6 +35,7 @@ function schemaText(pkg, group, version, kind) {
   const candidates = [
     `${camel(group)}${v}${kind}.js`,
     `IoK8sSigsGatewayApiApis${v}${kind}.js`,
+    `ComGithubPrometheusOperatorPrometheusOperatorPkgApisMonitoring${v}${kind}.js`,
   ];
   const first = candidates.map((c) => path.join(dir, c)).find(existsSync);
   if (!first) return null;
@@ -41,9 +48,15 @@ function schemaText(pkg, group, version, kind) {
     seen.add(file);
     const source = readFileSync(file, "utf8");
     text += source;
-    for (const m of source.matchAll(/(?:from|require\()\s*"(\.{1,2}\/[^"]+)"/g)) {
-      const target = path.resolve(path.dirname(file), m[1]);
-      if (target.startsWith(dir)) queue.push(target.endsWith(".js") ? target : `${target}.js`);
+    // Relative imports, and the shared ones (@kubernetes-models/apimachinery's
+    // LabelSelector, ...) that other packages' schemas import by package name.
+    for (const m of source.matchAll(/(?:from|require\()\s*"((?:\.{1,2}|@kubernetes-models)\/[^"]+)"/g)) {
+      const target = m[1].startsWith(".")
+        ? path.resolve(path.dirname(file), m[1])
+        : path.join(modules, m[1]);
+      if (target.startsWith(modules) && target.includes("_schemas")) {
+        queue.push(target.endsWith(".js") ? target : `${target}.js`);
+      }
     }
   }
   return text;
@@ -56,7 +69,7 @@ function* fieldNames(value, at) {
   } else if (value && typeof value === "object") {
     for (const [key, inner] of Object.entries(value)) {
       yield [key, `${at}.${key}`];
-      yield* fieldNames(inner, `${at}.${key}`);
+      if (!freeFormMaps.has(key)) yield* fieldNames(inner, `${at}.${key}`);
     }
   }
 }

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Validates the GKE and Gateway API objects in the given files (the render output
-# of the GKE samples, the samples' own routes) against the schemas generated from
-# the published CRDs (npm @kubernetes-models/gke and /gateway-api, pinned), which
-# kubernetes-validate does not have. See validate-crd-kinds.mjs.
+# Validates the GKE, Gateway API and Prometheus Operator objects in the given files
+# (the render output of the GKE samples, the samples' own routes, the monitoring
+# component's PodMonitor, ServiceMonitor and PrometheusRule) against the schemas
+# generated from the published CRDs (npm @kubernetes-models/gke, /gateway-api and
+# /prometheus-operator, pinned), which kubernetes-validate does not have. See
+# validate-crd-kinds.mjs.
 #
 #   .ci/validate-crd-kinds.sh FILE...
 #
@@ -10,7 +12,7 @@
 #              (default ~/.cache/ballast/npm)
 set -euo pipefail
 
-readonly PACKAGES=(@kubernetes-models/gke@4.6.2 @kubernetes-models/gateway-api@2.0.0 yaml@2.9.1)
+readonly PACKAGES=(@kubernetes-models/gke@4.6.2 @kubernetes-models/gateway-api@2.0.0 @kubernetes-models/prometheus-operator@6.0.0 yaml@2.9.1)
 prefix=${BALLAST_NPM_PREFIX:-$HOME/.cache/ballast/npm}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 

@@ -35,7 +35,7 @@ readonly OLDEST_K8S=1.33
 readonly CUSTOM_GROUPS=ballast.dev
 # Groups of other projects' CRDs, checked by .ci/validate-crd-kinds.sh against
 # their published schemas instead.
-readonly ELSEWHERE_GROUPS=cloud.google.com,networking.gke.io,gateway.networking.k8s.io
+readonly ELSEWHERE_GROUPS=cloud.google.com,networking.gke.io,gateway.networking.k8s.io,monitoring.coreos.com
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${BALLAST_VENV:-$HOME/.cache/ballast/venv}

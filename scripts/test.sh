@@ -17,8 +17,27 @@ if ! command -v kubectl >/dev/null 2>&1; then
   # kubectl renders the kustomize tree; Debian calls its client package kubectl.
   apt-get update -qq && apt-get install -y -qq kubectl
 fi
+# promtool and prometheus for the monitoring tests (tests/integration/tests/
+# monitoring.rs), from Debian's prometheus package: unpacked into a cache rather than
+# installed, so no Prometheus service starts on the machine (the tests start their own,
+# on loopback). Only libc is needed.
+prometheus_dir="${XDG_CACHE_HOME:-$HOME/.cache}/ballast/prometheus"
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  if [ ! -x "$prometheus_dir/usr/bin/prometheus" ]; then
+    download=$(mktemp -d)
+    apt-get update -qq
+    (cd "$download" && apt-get download -qq -o APT::Sandbox::User=root prometheus)
+    mkdir -p "$prometheus_dir"
+    dpkg -x "$download"/prometheus_*.deb "$prometheus_dir"
+    rm -rf "$download"
+  fi
+  export PATH="$prometheus_dir/usr/bin:$PATH"
+fi
+# The monitoring tests fail instead of skipping when promtool or prometheus is missing.
+export BALLAST_REQUIRE_PROMETHEUS=1
 cargo --version
 kubectl version --client 2>/dev/null | sed -n 1p
+promtool --version 2>/dev/null | sed -n 1p
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -45,13 +64,22 @@ done
 # object the API server will hold.
 bash .ci/merge-adopted.sh config/samples/adopt-deployment.yaml \
   "$rendered/adopt-deployment.yaml" >"$rendered/adopt-deployment-merged.yaml"
+# config/default with the monitoring component (its dashboard ConfigMap is validated
+# here; its PodMonitor, ServiceMonitor and PrometheusRule by validate-crd-kinds), and
+# the kubectl plugin's optional ClusterRole.
+kubectl kustomize config/with-monitoring >"$rendered/with-monitoring.yaml"
 bash .ci/validate-manifests.sh "${samples[@]}" config/rbac/kubectl_plugin_role.yaml "$rendered"/*.yaml
 
-step "GKE and Gateway API objects (rendered and sampled) against their published CRD schemas"
+step "GKE, Gateway API and Prometheus Operator objects (rendered and sampled) against their published CRD schemas"
 bash .ci/validate-crd-kinds.sh "${samples[@]}" "$rendered"/*.yaml
 # The check must be able to fail: known-bad objects are refused.
 if bash .ci/validate-crd-kinds.sh .ci/fixtures/invalid-gke-kinds.yaml >/dev/null; then
   echo "validate-crd-kinds accepted .ci/fixtures/invalid-gke-kinds.yaml" >&2
+  exit 1
+fi
+refused=$(bash .ci/validate-crd-kinds.sh .ci/fixtures/invalid-monitoring-kinds.yaml | grep -c '^ERROR' || true)
+if ((refused != 2)); then
+  echo "validate-crd-kinds refused $refused of the 2 objects in .ci/fixtures/invalid-monitoring-kinds.yaml" >&2
   exit 1
 fi
 

@@ -1,11 +1,18 @@
 //! Operator metrics (Prometheus text on the admin port).
 
+use ballast_api::BalancedService;
+use kube::runtime::reflector::Store;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+pub use services::{ExportedServices, GAUGES, Sample, samples};
+
+mod services;
 
 /// Reconcile counts, errors and durations.
 #[derive(Debug)]
@@ -17,6 +24,8 @@ pub struct Metrics {
     services: Gauge,
     objects: Gauge,
     api_requests: Family<[(&'static str, &'static str); 2], Counter>,
+    /// The controller's cache of BalancedServices while this replica leads.
+    watched: services::Watched,
 }
 
 impl Default for Metrics {
@@ -54,8 +63,11 @@ impl Default for Metrics {
             "Requests sent to the Kubernetes API server, by verb and resource",
             api_requests.clone(),
         );
+        let watched = Arc::new(Mutex::new(None));
+        registry.register_collector(Box::new(services::ServiceCollector(watched.clone())));
         Self {
             registry,
+            watched,
             api_requests,
             reconciles,
             failures,
@@ -91,6 +103,17 @@ impl Metrics {
             .inc();
     }
 
+    /// Exports the per-BalancedService gauges ([`GAUGES`]) from `store`, the
+    /// controller's cache, until the returned guard is dropped.
+    pub fn export_services(&self, store: Store<BalancedService>) -> ExportedServices {
+        *self.watched.lock().unwrap_or_else(PoisonError::into_inner) = Some(store);
+        ExportedServices {
+            watched: self.watched.clone(),
+            services: self.services.clone(),
+            objects: self.objects.clone(),
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -100,3 +123,6 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -69,16 +69,7 @@ impl AdminService {
                 text(StatusCode::OK, "ready")
             }
             (&Method::GET, paths::READY) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
-            (&Method::GET, paths::METRICS) => {
-                let mut response = text(StatusCode::OK, &admin.metrics.render());
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                response
-            }
+            (&Method::GET, paths::METRICS) => openmetrics(admin.metrics.render()),
             (&Method::GET, paths::ENDPOINTS) => json(StatusCode::OK, &admin.ports.reports(now)),
             (&Method::POST, paths::DRAIN) => match admin.ports.request_drain(caller, now) {
                 Some(report) => {
@@ -120,6 +111,19 @@ fn not_an_endpoint(caller: std::net::IpAddr) -> Response<ResponseBody> {
     )
 }
 
+/// The exposition as rendered: OpenMetrics ends at `# EOF\n`, and a scraper refuses
+/// anything after it ("unexpected data after # EOF"), even a blank line.
+fn openmetrics(exposition: String) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(exposition));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    response
+}
+
 fn text(status: StatusCode, body: &str) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::full(format!("{body}\n")));
     *response.status_mut() = status;
@@ -146,5 +150,24 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Response
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("encoding failed: {e}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn metrics_end_at_the_openmetrics_eof() {
+        let metrics = Metrics::new(Ports::new(Vec::new()), None);
+        let response = openmetrics(metrics.render());
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(body.ends_with("\n# EOF\n"), "{body:?}");
     }
 }

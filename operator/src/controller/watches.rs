@@ -67,6 +67,8 @@ pub async fn run(ctx: Arc<Context>, writers: CacheWriters, namespace: Option<&st
     let controller = Controller::new(api::<BalancedService>(&client, namespace), config.clone());
     let services = controller.store();
     let _ = ctx.watched.set(services.clone());
+    // Until this future is dropped (leadership lost, shutdown): no stale series after.
+    let _exported = ctx.metrics.export_services(services.clone());
     let watch_ctx = ctx.clone();
     let proxies = async move {
         watch_ctx

@@ -158,6 +158,7 @@ pub mod cluster;
 pub mod failing_release;
 pub mod l4;
 pub mod load;
+pub mod monitoring;
 pub mod scenario;
 
 /// Locks `m`, taking the data of a poisoned lock as it is (a panicked test thread has
