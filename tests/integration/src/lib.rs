@@ -160,6 +160,7 @@ pub mod l4;
 pub mod load;
 pub mod monitoring;
 pub mod scenario;
+pub mod slices;
 
 /// Locks `m`, taking the data of a poisoned lock as it is (a panicked test thread has
 /// already failed its test).

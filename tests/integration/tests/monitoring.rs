@@ -23,7 +23,7 @@ use ballast_integration::apiserver::ApiServer;
 use ballast_integration::monitoring::{
     dashboard_queries, exported_names, metric_names, rule_queries, unexported,
 };
-use ballast_integration::{Process, free_port, workspace_bin};
+use ballast_integration::{Process, free_port, slices, workspace_bin};
 use ballast_operator::api_requests::CountRequests;
 use ballast_operator::metrics::{ExportedServices, Metrics};
 use bytes::Bytes;
@@ -248,57 +248,11 @@ impl Pod {
     }
 
     fn slice(&self) -> Value {
-        json!({
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": format!("web-backends-{}", self.name),
-                "namespace": NS,
-                "labels": {
-                    "kubernetes.io/service-name": "web-backends",
-                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
-                },
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": self.address.port(), "protocol": "TCP"}],
-            "endpoints": [{
-                "addresses": [self.address.ip().to_string()],
-                "conditions": {"ready": true, "serving": true, "terminating": false},
-                "zone": self.zone,
-                "targetRef": {"kind": "Pod", "namespace": NS, "name": self.name},
-            }],
-        })
+        let name = format!("web-backends-{}", self.name);
+        let pod = slices::endpoint(self.address.ip(), NS, self.name, self.zone);
+        let port = ("http", self.address.port());
+        slices::slice(NS, "web-backends", &name, port, vec![pod])
     }
-}
-
-/// The proxies' admin Service slice: this proxy in zone-a, another in zone-b.
-fn proxies_slice(case: u8) -> Value {
-    let endpoint = |last: u8, pod: &str, zone: &str| {
-        json!({
-            "addresses": [Ipv4Addr::new(127, NET, case, last).to_string()],
-            "conditions": {"ready": true, "serving": true, "terminating": false},
-            "zone": zone,
-            "targetRef": {"kind": "Pod", "namespace": NS, "name": pod},
-        })
-    };
-    json!({
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": "web-proxy-admin-x1",
-            "namespace": NS,
-            "labels": {
-                "kubernetes.io/service-name": "web-proxy-admin",
-                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
-            },
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "admin", "port": 9901, "protocol": "TCP"}],
-        "endpoints": [
-            endpoint(100, "web-proxy-a", "zone-a"),
-            endpoint(101, "web-proxy-b", "zone-b"),
-        ],
-    })
 }
 
 /// The BalancedService `shop/web` in the middle of a bad rollout, as the operator's
@@ -371,7 +325,9 @@ impl Scene {
         for pod in &pods {
             server.apply_value(pod.slice()).unwrap();
         }
-        server.apply_value(proxies_slice(case)).unwrap();
+        server
+            .apply_value(slices::two_zone_proxies(NS, NET, case))
+            .unwrap();
         server.apply_value(balanced_service()).unwrap();
         let scratch = Scratch::new(&format!("scene-{case}"));
         let kubeconfig = scratch.0.join("kubeconfig");

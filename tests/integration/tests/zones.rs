@@ -10,12 +10,12 @@
 #![allow(clippy::unwrap_used)]
 
 use ballast_integration::apiserver::ApiServer;
-use ballast_integration::{Process, free_port, workspace_bin};
+use ballast_integration::{Process, free_port, slices, workspace_bin};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -64,58 +64,11 @@ impl Pod {
 
     /// Its EndpointSlice (one per pod: each listens on its own port), with its zone.
     fn slice(&self) -> Value {
-        json!({
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": format!("web-backends-{}", self.name),
-                "namespace": NS,
-                "labels": {
-                    "kubernetes.io/service-name": "web-backends",
-                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
-                },
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": self.address.port(), "protocol": "TCP"}],
-            "endpoints": [{
-                "addresses": [self.address.ip().to_string()],
-                "conditions": {"ready": true, "serving": true, "terminating": false},
-                "zone": self.zone,
-                "targetRef": {"kind": "Pod", "namespace": NS, "name": self.name},
-            }],
-        })
+        let name = format!("web-backends-{}", self.name);
+        let pod = slices::endpoint(self.address.ip(), NS, &self.name, self.zone);
+        let port = ("http", self.address.port());
+        slices::slice(NS, "web-backends", &name, port, vec![pod])
     }
-}
-
-/// The admin Service's EndpointSlice (`publishNotReadyAddresses`): the proxy pods, one
-/// per zone, `web-proxy-a` (this proxy) in zone-a.
-fn proxies_slice(case: u8) -> Value {
-    let endpoint = |last: u8, pod: &str, zone: &str| {
-        json!({
-            "addresses": [Ipv4Addr::new(127, NET, case, last).to_string()],
-            "conditions": {"ready": true, "serving": true, "terminating": false},
-            "zone": zone,
-            "targetRef": {"kind": "Pod", "namespace": NS, "name": pod},
-        })
-    };
-    json!({
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": "web-proxy-admin-x1",
-            "namespace": NS,
-            "labels": {
-                "kubernetes.io/service-name": "web-proxy-admin",
-                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
-            },
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "admin", "port": 9901, "protocol": "TCP"}],
-        "endpoints": [
-            endpoint(100, "web-proxy-a", "zone-a"),
-            endpoint(101, "web-proxy-b", "zone-b"),
-        ],
-    })
 }
 
 /// A proxy in zone-a in front of `pods`, with the API stand-in it discovers them from.
@@ -148,7 +101,9 @@ impl Zoned {
         for pod in &pods {
             server.apply_value(pod.slice()).unwrap();
         }
-        server.apply_value(proxies_slice(case)).unwrap();
+        server
+            .apply_value(slices::two_zone_proxies(NS, NET, case))
+            .unwrap();
         let dir = std::env::temp_dir().join(format!("ballast-zones-{}-{case}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let kubeconfig = dir.join("kubeconfig");
