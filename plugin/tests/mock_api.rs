@@ -394,6 +394,17 @@ fn operator_answers(cluster: &mut Cluster, index: usize) {
     }
 }
 
+/// The BalancedService adopts Deployment `shop-web` (spec.workloadRef), which exists.
+fn adopt(cluster: &mut Cluster) {
+    cluster.services[0]["spec"]["workloadRef"] =
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "shop-web"});
+    cluster.deployments = vec![json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "shop-web", "namespace": "shop"},
+        "spec": {"template": {"metadata": {}}},
+    })];
+}
+
 fn get_args(watch: bool, count: Option<u64>) -> GetArgs {
     GetArgs {
         name: "demo".to_owned(),
@@ -766,15 +777,11 @@ async fn restart_rolls_out_the_same_template_again() {
     // An adopted Deployment keeps its own template: the restart goes there.
     let mut state = cluster(Moment::InProgress);
     state.operator = true;
-    state.services[0]["spec"]["workloadRef"] =
-        json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "shop-web"});
     state.services[0]["spec"]
         .as_object_mut()
         .unwrap()
         .remove("template");
-    state.deployments = vec![
-        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "shop-web", "namespace": "shop"}, "spec": {"template": {"metadata": {}}}}),
-    ];
+    adopt(&mut state);
     let shared = Arc::new(Mutex::new(state));
     steer(&shared, Operation::Restart, Duration::from_secs(10))
         .await
@@ -888,9 +895,6 @@ async fn plugin_rbac_the_shipped_cluster_role_covers_every_request() {
     // Every command, including restart of an adopted Deployment.
     let mut state = cluster(Moment::InProgress);
     state.operator = true;
-    state.deployments = vec![
-        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "shop-web", "namespace": "shop"}, "spec": {"template": {"metadata": {}}}}),
-    ];
     let shared = Arc::new(Mutex::new(state));
     let c = client(&shared);
     commands::get(
@@ -912,8 +916,7 @@ async fn plugin_rbac_the_shipped_cluster_role_covers_every_request() {
     steer(&shared, Operation::Restart, Duration::from_secs(10))
         .await
         .unwrap();
-    shared.lock().unwrap().services[0]["spec"]["workloadRef"] =
-        json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "shop-web"});
+    adopt(&mut shared.lock().unwrap());
     steer(&shared, Operation::Restart, Duration::from_secs(10))
         .await
         .unwrap();
