@@ -405,6 +405,13 @@ fn adopt(cluster: &mut Cluster) {
     })];
 }
 
+/// The cluster at `moment`, with the operator answering the plugin's writes.
+fn answered_by_the_operator(moment: Moment) -> Shared {
+    let mut state = cluster(moment);
+    state.operator = true;
+    Arc::new(Mutex::new(state))
+}
+
 fn get_args(watch: bool, count: Option<u64>) -> GetArgs {
     GetArgs {
         name: "demo".to_owned(),
@@ -635,9 +642,7 @@ async fn get_of_a_missing_service_says_so() {
 
 #[tokio::test]
 async fn pause_asks_the_operator_waits_and_says_what_it_did() {
-    let mut state = cluster(Moment::InProgress);
-    state.operator = true;
-    let shared = Arc::new(Mutex::new(state));
+    let shared = answered_by_the_operator(Moment::InProgress);
     let out = steer(&shared, Operation::Pause, Duration::from_secs(10))
         .await
         .unwrap();
@@ -680,9 +685,7 @@ async fn pause_asks_the_operator_waits_and_says_what_it_did() {
 
 #[tokio::test]
 async fn abort_rolls_back_to_the_previous_revision() {
-    let mut state = cluster(Moment::Paused);
-    state.operator = true;
-    let shared = Arc::new(Mutex::new(state));
+    let shared = answered_by_the_operator(Moment::Paused);
     let out = steer(&shared, Operation::Abort, Duration::from_secs(10))
         .await
         .unwrap();
@@ -751,9 +754,7 @@ async fn a_request_the_operator_does_not_act_on_ends_with_exit_code_2() {
 
 #[tokio::test]
 async fn restart_rolls_out_the_same_template_again() {
-    let mut state = cluster(Moment::InProgress);
-    state.operator = true;
-    let shared = Arc::new(Mutex::new(state));
+    let shared = answered_by_the_operator(Moment::InProgress);
     let out = steer(&shared, Operation::Restart, Duration::from_secs(10))
         .await
         .unwrap();
@@ -893,9 +894,7 @@ async fn plugin_rbac_the_shipped_cluster_role_covers_every_request() {
     };
 
     // Every command, including restart of an adopted Deployment.
-    let mut state = cluster(Moment::InProgress);
-    state.operator = true;
-    let shared = Arc::new(Mutex::new(state));
+    let shared = answered_by_the_operator(Moment::InProgress);
     let c = client(&shared);
     commands::get(
         &c,

@@ -359,10 +359,7 @@ async fn a_new_pod_turns_routable_once_every_ready_proxy_lists_it() {
     let (ctx, mut api) = context();
     let bs = balanced_service();
     let new_revision = crate::build::template_revision(bs.spec.template.as_ref().unwrap());
-    let pods = json!([
-        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
-        app_pod("demo-new", "127.0.0.6", &new_revision, None),
-    ]);
+    let pods = mid_rollout(&new_revision, None);
     let proxies = json!([a.pod("demo-proxy-a"), b.pod("demo-proxy-b")]);
 
     api.seed(pods.clone(), proxies.clone(), json!([]));
@@ -392,10 +389,7 @@ async fn a_new_pod_turns_routable_once_every_ready_proxy_lists_it() {
     b.list(&["127.0.0.5:8080", "127.0.0.6:8080"]).await;
     let mut bs = bs;
     bs.status = Some(serde_json::from_value(status).unwrap());
-    let pods = json!([
-        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
-        app_pod("demo-new", "127.0.0.6", &new_revision, Some("False")),
-    ]);
+    let pods = mid_rollout(&new_revision, Some("False"));
     api.seed(pods.clone(), proxies.clone(), json!([]));
     let run = start(&bs, &ctx);
     serve_apply_only(&mut api, settled()).await;
@@ -416,10 +410,7 @@ async fn a_new_pod_turns_routable_once_every_ready_proxy_lists_it() {
                  "ports": [{"name": "admin", "containerPort": 9}]}]},
         "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
     });
-    let pods = json!([
-        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
-        app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),
-    ]);
+    let pods = mid_rollout(&new_revision, Some("True"));
     api.seed(pods, json!([a.pod("demo-proxy-a"), gone]), json!([]));
     let run = start(&bs, &ctx);
     serve_apply_only(&mut api, settled()).await;
@@ -440,10 +431,7 @@ async fn a_forced_drain_over_the_threshold_pauses_the_deployment() {
     let mut bs = balanced_service();
     bs.spec.rollout.pause_when.forced_drains = Some(1);
     let new_revision = crate::build::template_revision(bs.spec.template.as_ref().unwrap());
-    let pods = json!([
-        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
-        app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),
-    ]);
+    let pods = mid_rollout(&new_revision, Some("True"));
     let proxies = json!([proxy.pod("demo-proxy-a")]);
     // The old pod drains with a request still open, and its helper gives up.
     let registry = &proxy.running.registry;
@@ -490,10 +478,7 @@ async fn a_forced_drain_over_the_threshold_pauses_the_deployment() {
     // The resume annotation resumes it (and is removed); the Deployment is unpaused.
     bs.status = Some(serde_json::from_value(status).unwrap());
     bs.metadata.annotations = Some([(RESUME_ANNOTATION.to_owned(), "yes".to_owned())].into());
-    let pods = json!([
-        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
-        app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),
-    ]);
+    let pods = mid_rollout(&new_revision, Some("True"));
     api.seed(pods, json!([proxy.pod("demo-proxy-a")]), json!([]));
     let run = start(&bs, &ctx);
     let app = serve_apply_only(&mut api, settled()).await;
@@ -523,10 +508,7 @@ async fn the_pause_request_pauses_the_running_rollout_and_is_removed() {
     let pause = ballast_api::meta::RolloutRequest::Pause.annotation();
     bs.metadata.annotations = Some([(pause.to_owned(), "2026-12-04T20:00:00Z".to_owned())].into());
     let new_revision = crate::build::template_revision(bs.spec.template.as_ref().unwrap());
-    let pods = json!([
-        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
-        app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),
-    ]);
+    let pods = mid_rollout(&new_revision, Some("True"));
     api.seed(pods, json!([proxy.pod("demo-proxy-a")]), json!([]));
     let run = start(&bs, &ctx);
     let app = serve_apply_only(&mut api, settled()).await;
@@ -561,10 +543,7 @@ async fn with_rollback_the_previous_template_is_restored_instead() {
     bs.spec.rollout.pause_when.forced_drains = Some(1);
     bs.spec.rollout.pause_when.rollback = true;
     let new_revision = crate::build::template_revision(bs.spec.template.as_ref().unwrap());
-    let pods = json!([
-        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
-        app_pod("demo-new", "127.0.0.6", &new_revision, Some("True")),
-    ]);
+    let pods = mid_rollout(&new_revision, Some("True"));
     let registry = &proxy.running.registry;
     let old: std::net::SocketAddr = "127.0.0.5:8080".parse().unwrap();
     registry
@@ -745,4 +724,13 @@ async fn a_neg_on_a_service_of_the_app_pods_and_a_route_to_the_backends_are_repo
         .map(|(_, _, body)| body.clone())
         .expect("a ProxyBypassed Event");
     assert_eq!(event["type"], "Warning");
+}
+
+/// A rollout under way: the old revision's pod (routable) at 127.0.0.5 and a new one at
+/// 127.0.0.6 whose gate condition is `routable`.
+fn mid_rollout(new_revision: &str, routable: Option<&str>) -> Value {
+    json!([
+        app_pod("demo-old", "127.0.0.5", "old", Some("True")),
+        app_pod("demo-new", "127.0.0.6", new_revision, routable),
+    ])
 }
